@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make app` and `make test`.
+# The virtual environment lives in .venv; torch is installed first (the local CPU build when no torch is
+# present), so the package's `torch` requirement never pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: app test test-all setup lint clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+app: $(STAMP)
+	$(BIN)/streamlit run app.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "" --ignore-glob="*gpu*"
+
+lint: $(STAMP)
+	$(BIN)/ruff check asff_viz tests app.py
+
+clean-venv:
+	rm -rf $(VENV)

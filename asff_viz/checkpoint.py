@@ -1,0 +1,397 @@
+"""Checkpoints: the project's own format, the official ASFF layout (explicit key remap), Darknet `.weights`.
+
+Everything is read with `torch.load(..., weights_only=True)`: a file that needs arbitrary unpickling is refused,
+never loaded another way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .class_names import COCO_CLASSES
+from .config import ModelConfig
+
+FORMAT_NAME = "asff_viz"
+FORMAT_VERSION = 1
+OFFICIAL_INPUT_SIZE = 608
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, the problem and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint file safely (weights_only) into a dict, with a clear error for every bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file. Check the path, or omit it to use the "
+                              "embedded default model.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (an interrupted download or copy?). Fetch it again.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused: the file holds pickled Python objects beyond tensors and plain containers, "
+            f"which could run arbitrary code when loaded ({_first_line(error)}). Only weights are accepted; "
+            "if you trust its origin, load it yourself and re-save just its state_dict."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(error)}. "
+            "Fetch or save it again."
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict or an asff_viz checkpoint), "
+                              f"found {type(data).__name__}.")
+    return data
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Remove wrapper prefixes left by DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`)."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        cleaned[key] = value
+    return cleaned
+
+
+# ------------------------------------------------------------------------------------ official key remapping
+
+# Official `module_list` indices of the Darknet-53 backbone.
+_BACKBONE = {0: "backbone.stem"}
+for _stage in range(1, 6):
+    _BACKBONE[2 * _stage - 1] = f"backbone.dark{_stage}.downsample"
+    _BACKBONE[2 * _stage] = f"backbone.dark{_stage}.residual"
+
+# Official `module_list` indices after the backbone, per layout. Parameter-free layers (SPP, upsample,
+# DropBlock) keep their slots inside our Sequentials so the neck's indices line up with the official order.
+_NECK_ASFF = {
+    **{11 + i: f"neck.level0.{i}" for i in range(7)},
+    18: "neck.lateral1",
+    **{20 + i: f"neck.level1.{i}" for i in range(5)},
+    25: "neck.lateral2",
+    **{27 + i: f"neck.level2.{i}" for i in range(6)},
+}
+_NECK_BASELINE = {
+    **{11 + i: f"neck.level0.{i}" for i in range(7)},
+    18: "fusion.levels.0.expand",
+    19: "head.levels.0",
+    20: "neck.lateral1",
+    **{22 + i: f"neck.level1.{i}" for i in range(5)},
+    27: "fusion.levels.1.expand",
+    28: "head.levels.1",
+    29: "neck.lateral2",
+    **{31 + i: f"neck.level2.{i}" for i in range(6)},
+    37: "head.levels.2",
+}
+_FUSION_PARTS = {
+    0: {"stride_level_1": "resize.1", "stride_level_2": "resize.2.1"},
+    1: {"compress_level_0": "resize.0.0", "stride_level_2": "resize.2"},
+    2: {"compress_level_0": "resize.0.0"},
+}
+_FUSION_COMMON = {"expand": "expand", "weight_levels": "weight_logits",
+                  **{f"weight_level_{k}": f"weight_convs.{k}" for k in range(3)}}
+_HEAD_PARTS = {
+    "guide_wh": "guide_wh",
+    "Feature_adaption.conv_offset": "adaption.conv_offset",
+    "Feature_adaption.dconv": "adaption.dconv",
+    "Feature_adaption.rfb": "adaption.rfb",
+    "conv": "predict",
+}
+
+
+def _map_parts(rest: str, table: dict[str, str]) -> str | None:
+    for official, ours in sorted(table.items(), key=lambda item: -len(item[0])):
+        if rest == official or rest.startswith(official + "."):
+            return ours + rest[len(official):]
+    return None
+
+
+def _map_unit_suffix(rest: str) -> str:
+    """Inside a module: `module_list.<b>.<0|1>` (resblock) and `batch_norm` (add_conv) to our names."""
+    rest = re.sub(r"(^|\.)module_list\.(\d+)\.0\.", r"\1blocks.\2.reduce.", rest)
+    rest = re.sub(r"(^|\.)module_list\.(\d+)\.1\.", r"\1blocks.\2.expand.", rest)
+    return rest.replace("batch_norm.", "bn.")
+
+
+def official_key_to_project(key: str, layout: str) -> str | None:
+    """Our parameter name for an official state_dict key (layout 'asff' or 'baseline'); None if unknown."""
+    match = re.match(r"module_list\.(\d+)\.(.+)$", key)
+    if match:
+        index, rest = int(match.group(1)), match.group(2)
+        table = {**_BACKBONE, **(_NECK_BASELINE if layout == "baseline" else _NECK_ASFF)}
+        if index not in table:
+            return None
+        target = table[index]
+        if target.startswith("head."):
+            mapped = _map_parts(rest, _HEAD_PARTS)
+            return None if mapped is None else f"{target}.{mapped}"
+        return f"{target}.{_map_unit_suffix(rest)}"
+    match = re.match(r"level_(\d)_(fusion|header)\.(.+)$", key)
+    if match:
+        level, kind, rest = int(match.group(1)), match.group(2), match.group(3)
+        if kind == "header":
+            mapped = _map_parts(rest, _HEAD_PARTS)
+            return None if mapped is None else f"head.levels.{level}.{mapped}"
+        mapped = _map_parts(rest, {**_FUSION_COMMON, **_FUSION_PARTS.get(level, {})})
+        return None if mapped is None else f"fusion.levels.{level}.{_map_unit_suffix(mapped)}"
+    return None
+
+
+def is_official_state_dict(state_dict: dict) -> bool:
+    return any(key.startswith("module_list.") for key in state_dict)
+
+
+def official_config(state_dict: dict) -> ModelConfig:
+    """The model config an official state_dict needs: variant, class count and width from its keys and shapes."""
+    if any(key.startswith("level_0_fusion.") for key in state_dict):
+        fusion, head_key = "asff", "level_0_header.conv.weight"
+    elif "module_list.37.conv.weight" in state_dict:
+        fusion, head_key = "baseline", "module_list.37.conv.weight"
+    else:
+        raise CheckpointError("state_dict has `module_list.*` keys but neither the ASFF (`level_0_fusion.*`) nor "
+                              "the baseline (`module_list.37.*`) head: not a YOLOv3 Darknet checkpoint of the "
+                              "official code (MobileNet models are not supported).")
+    if head_key not in state_dict:
+        raise CheckpointError(f"official state_dict lacks `{head_key}` (the level-0 prediction conv)")
+    outputs = state_dict[head_key].shape[0]
+    if outputs % 4 or outputs // 4 <= 5:
+        raise CheckpointError(f"`{head_key}` has {outputs} outputs, not 4 * (5 + classes)")
+    rfb = any(".rfb." in key for key in state_dict)
+    stem = state_dict.get("module_list.0.conv.weight")
+    width = 1.0 if stem is None or stem.shape[0] == 32 else stem.shape[0] / 32
+    return ModelConfig(num_classes=outputs // 4 - 5, fusion=fusion, rfb=rfb, width=width)
+
+
+def remap_official_state_dict(state_dict: dict) -> tuple[ModelConfig, dict]:
+    """Official key layout to ours. Returns the config it needs and the remapped state_dict.
+
+    Raises CheckpointError listing the keys with no counterpart.
+    """
+    state_dict = strip_prefixes(state_dict)
+    config = official_config(state_dict)
+    layout = "baseline" if config.fusion == "baseline" else "asff"
+    remapped, unknown = {}, []
+    for key, value in state_dict.items():
+        target = official_key_to_project(key, layout)
+        if target is None:
+            unknown.append(key)
+        else:
+            remapped[target] = value
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} official keys have no place in the {config.variant} model: "
+                              f"{_summarize(unknown)}")
+    return config, remapped
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _summarize(keys: list[str], limit: int = 6) -> str:
+    """A short list of keys, grouped by their first two components, e.g. `head.levels (12 keys)`."""
+    keys = sorted(keys)
+    groups: dict[str, int] = {}
+    for key in keys:
+        prefix = ".".join(key.split(".")[:3])
+        groups[prefix] = groups.get(prefix, 0) + 1
+    parts = [f"{prefix}.* ({count})" if count > 1 else prefix for prefix, count in list(groups.items())[:limit]]
+    more = len(groups) - limit
+    return ", ".join(parts) + (f", and {more} more groups" if more > 0 else "")
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Load with every key and shape checked; the error names missing, unexpected and mismatched keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_summarize(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_summarize(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:3])}")
+    if problems:
+        raise CheckpointError(f"{source}: does not fit the model ({model.config.variant if hasattr(model, 'config') else type(model).__name__}"
+                              f"): " + "; ".join(problems) + ". Is it a checkpoint of another architecture or "
+                              "class count?")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def parse_checkpoint(data: dict, source: str = "checkpoint") -> tuple[ModelConfig, dict, dict]:
+    """Split a loaded checkpoint into (config, state_dict, metadata), for both formats."""
+    if data.get("format") == FORMAT_NAME:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{source}: asff_viz checkpoint format version {version}, this version reads "
+                                  f"{FORMAT_VERSION}. Convert it with a matching asff_viz version.")
+        try:
+            config = ModelConfig.from_dict(dict(data["config"]))
+            state_dict = data["model"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{source}: malformed asff_viz checkpoint: {error}") from None
+        metadata = dict(data.get("metadata") or {})
+        metadata.setdefault("variant", config.variant)
+        return config, strip_prefixes(state_dict), metadata
+    for wrapper in ("state_dict", "model"):  # official state_dicts saved inside a small wrapper dict
+        if isinstance(data.get(wrapper), dict) and is_official_state_dict(strip_prefixes(data[wrapper])):
+            data = data[wrapper]
+            break
+    if is_official_state_dict(strip_prefixes(data)):
+        try:
+            config, state_dict = remap_official_state_dict(data)
+        except CheckpointError as error:
+            raise CheckpointError(f"{source}: {error}") from None
+        class_names = list(COCO_CLASSES) if config.num_classes == 80 else [
+            f"class_{i}" for i in range(config.num_classes)]
+        metadata = {"class_names": class_names, "input_size": OFFICIAL_INPUT_SIZE, "variant": config.variant,
+                    "origin": "official"}
+        return config, state_dict, metadata
+    keys = list(data)[:5]
+    raise CheckpointError(f"{source}: neither an asff_viz checkpoint nor an official ASFF state_dict "
+                          f"(first keys: {keys}). Pass a YOLOv3-ASFF checkpoint.")
+
+
+def default_checkpoint_path() -> Path:
+    """The embedded default model shipped in the repository's `checkpoints/` folder."""
+    return Path(__file__).resolve().parent.parent / "checkpoints" / "asff_synthetic.pt"
+
+
+def load_model(weights: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
+    """A YOLOv3-ASFF model in eval mode, from an official or an asff_viz checkpoint.
+
+    `weights=None` loads the embedded default (`checkpoints/asff_synthetic.pt`). The model's `metadata`
+    holds class_names, input_size, variant, and the checkpoint path and sha256.
+    """
+    from .models import build_model  # local: keeps `import asff_viz.checkpoint` light for tools
+
+    path = Path(weights) if weights is not None else default_checkpoint_path()
+    if weights is None and not path.is_file():
+        raise CheckpointError(f"the embedded default model {path} is missing from this installation; pass "
+                              "weights=PATH (an official ASFF checkpoint or an asff_viz checkpoint).")
+    config, state_dict, metadata = parse_checkpoint(read_checkpoint(path), str(path))
+    model = build_model(config)
+    load_state_dict_strict(model, state_dict, str(path))
+    metadata.update(checkpoint=str(path), sha256=file_sha256(path))
+    metadata.setdefault("class_names", [f"class_{i}" for i in range(config.num_classes)])
+    metadata.setdefault("input_size", OFFICIAL_INPUT_SIZE)
+    if len(metadata["class_names"]) != config.num_classes:
+        raise CheckpointError(f"{path}: metadata names {len(metadata['class_names'])} classes but the model "
+                              f"predicts {config.num_classes}.")
+    model.metadata = metadata
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_dict(model: nn.Module, metadata: dict | None = None, **extra) -> dict:
+    """The asff_viz checkpoint of `model`: plain dicts and tensors only, loadable with weights_only=True."""
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
+            "model": state_dict, "metadata": dict(metadata or {}), **extra}
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict | None = None, **extra) -> None:
+    """Write `model` (+ metadata and any extra plain-data entries) as an asff_viz checkpoint, atomically."""
+    atomic_save(checkpoint_dict(model, metadata, **extra), path)
+
+
+def convert_official(source: str | os.PathLike, destination: str | os.PathLike,
+                     class_names: list[str] | None = None, input_size: int | None = None) -> dict:
+    """Rewrite an official checkpoint in the asff_viz format. Returns the metadata written."""
+    from .models import build_model
+
+    config, state_dict, metadata = parse_checkpoint(read_checkpoint(source), str(source))
+    if metadata.get("origin") != "official":
+        raise CheckpointError(f"{source}: already an asff_viz checkpoint; nothing to convert.")
+    model = build_model(config)
+    load_state_dict_strict(model, state_dict, str(source))
+    if class_names is not None:
+        metadata["class_names"] = list(class_names)
+    if input_size is not None:
+        metadata["input_size"] = int(input_size)
+    metadata["converted_from"] = {"file": Path(source).name, "sha256": file_sha256(source)}
+    save_checkpoint(destination, model, metadata)
+    return metadata
+
+
+# ---------------------------------------------------------------------------------------------- Darknet
+
+
+def load_darknet_weights(backbone: nn.Module, path: str | os.PathLike) -> int:
+    """Load a Darknet `.weights` file (e.g. `darknet53.conv.74`) into the Darknet-53 backbone.
+
+    The file is a header (major, minor, revision as int32, then `seen` as int64 from version 0.2 on) followed
+    by float32 values; per conv with BN: beta, gamma, running mean, running var, then the conv weight. Only the
+    52 backbone convs are read; later layers (a classifier) are ignored. Returns the number of convs loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such Darknet weights file.")
+    raw = path.read_bytes()
+    if len(raw) < 16:
+        raise CheckpointError(f"{path}: {len(raw)} bytes, too short for a Darknet weights header.")
+    major, minor, _revision = np.frombuffer(raw[:12], dtype=np.int32)
+    header = 20 if (major * 10 + minor) >= 2 and major < 1000 and minor < 1000 else 16
+    values = np.frombuffer(raw[header: header + (len(raw) - header) // 4 * 4], dtype=np.float32)
+    layers = backbone.conv_layers()
+    needed = sum(unit.conv.weight.numel() + 4 * unit.bn.num_features for unit in layers)
+    if values.size < needed:
+        raise CheckpointError(f"{path}: holds {values.size} values, the Darknet-53 backbone needs {needed} "
+                              "(truncated file, or weights of another network/width?).")
+    offset = 0
+    with torch.no_grad():
+        for unit in layers:
+            for tensor in (unit.bn.bias, unit.bn.weight, unit.bn.running_mean, unit.bn.running_var,
+                           unit.conv.weight):
+                count = tensor.numel()
+                tensor.copy_(torch.from_numpy(values[offset: offset + count].copy()).view_as(tensor))
+                offset += count
+    return len(layers)

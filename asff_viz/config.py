@@ -1,0 +1,80 @@
+"""Model configuration: a small dataclass, saved into checkpoints as a plain dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# The anchors of the released Darknet checkpoints. The 9th anchor is (121, 240), not YOLOv3's (373, 326):
+# the official models were trained with it, so their box-size outputs only make sense with it.
+OFFICIAL_ANCHORS: tuple[tuple[int, int], ...] = (
+    (10, 13), (16, 30), (33, 23),
+    (30, 61), (62, 45), (42, 119),
+    (116, 90), (156, 198), (121, 240),
+)
+FUSION_MODES = ("asff", "sum", "concat", "baseline")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a YOLOv3-ASFF model.
+
+    Level 0 is stride 32 (coarsest), level 1 stride 16, level 2 stride 8, as in the official code.
+    `width` scales every channel count and `depth` the number of residual blocks, so that tests and the
+    embedded default can use small models; (1.0, 1.0) is the official network.
+    """
+
+    num_classes: int = 80
+    fusion: str = "asff"
+    rfb: bool = False
+    width: float = 1.0
+    depth: float = 1.0
+    compress_channels: int | None = None
+    anchors: tuple[tuple[int, int], ...] = OFFICIAL_ANCHORS
+    anchor_masks: tuple[tuple[int, ...], ...] = ((6, 7, 8), (3, 4, 5), (0, 1, 2))
+    strides: tuple[int, ...] = (32, 16, 8)
+    dropblock: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {self.num_classes}")
+        if self.width <= 0 or self.depth <= 0:
+            raise ValueError(f"width and depth must be positive, got {self.width}, {self.depth}")
+        self.anchors = tuple(tuple(int(v) for v in a) for a in self.anchors)
+        self.anchor_masks = tuple(tuple(int(v) for v in m) for m in self.anchor_masks)
+        self.strides = tuple(int(s) for s in self.strides)
+
+    @property
+    def fusion_compress_channels(self) -> int:
+        """Channels of each level's weight branch: 16 for ASFF, 8 for ASFF* (rfb), as officially."""
+        if self.compress_channels is not None:
+            return self.compress_channels
+        return 8 if self.rfb else 16
+
+    def channels(self, base: int) -> int:
+        """`base` official channels scaled by `width`, kept a multiple of 8 so the 4 deformable groups split evenly."""
+        if self.width == 1.0:
+            return base
+        return max(8, int(round(base * self.width / 8)) * 8)
+
+    def blocks(self, base: int) -> int:
+        """`base` official residual blocks scaled by `depth` (at least one)."""
+        return max(1, int(round(base * self.depth)))
+
+    @property
+    def variant(self) -> str:
+        """Short name: 'asff', 'asff_rfb', 'baseline', 'sum', 'concat' (with '_rfb' when the RFB head is on)."""
+        return self.fusion + ("_rfb" if self.rfb else "")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**data)

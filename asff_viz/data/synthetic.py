@@ -1,0 +1,677 @@
+"""Synthetic multi-scale detection dataset, written to disk in COCO format.
+
+Every image shows 1-8 objects of eight shape classes (``CLASS_NAMES``) on a cluttered background. The
+class of an object is decided by its shape alone: colours and textures are drawn independently of the
+class, so a detector has to learn shapes. Object sizes are spread log-uniformly from about 8 px to most
+of the image, which exercises all three detection levels (strides 8, 16 and 32) and therefore the
+adaptive fusion between them.
+
+Everything is determined by the seed: image ``index`` of ``split`` is drawn from a numpy Generator seeded
+with ``(seed, split, index)``, so the same seed gives byte-identical files, the train and val splits do not
+depend on each other's size, and images can be rendered in parallel in any order.
+
+Boxes are tight: an object is rendered as a coverage mask at 2-4x supersampling, and its box is the exact
+extent of that mask in continuous pixel coordinates (COCO ``[x, y, w, h]``, floats, ``x`` = left edge of
+the leftmost covered pixel column). ``area`` is the covered area in pixels, as COCO uses the mask area.
+
+Command line::
+
+    python -m asff_viz.data.synthetic --out data/synthetic --seed 0 --train 8000 --val 500 --workers 2
+
+writes ``OUT/annotations/{train,val}.json`` and ``OUT/images/{train,val}/NNNNNN.jpg``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "ring",
+    "cross",
+    "letter_a",
+    "letter_z",
+)
+"""Class names in class-index order; COCO category id = class index + 1."""
+
+SPLIT_CODES = {"train": 0, "val": 1}
+"""Each split's part of the per-image seed ``(seed, split_code, index)``."""
+
+IMAGE_FORMATS = ("jpg", "png")
+
+# Object colours must stand out from the background under them: a minimum Euclidean RGB distance
+# between the object's main colour and the mean colour of the background it covers.
+_MIN_COLOUR_DISTANCE = 110.0
+_COLOUR_TRIES = 16
+_PLACEMENT_TRIES = 30
+# Objects are drawn largest first, smaller ones on top. All later objects together may cover at most
+# this fraction of an earlier object's box, so every object stays recognisable.
+_MAX_COVERED_FRACTION = 0.3
+_GLYPHS = {"letter_a": "A", "letter_z": "Z"}
+_GLYPH_FONTS = (
+    cv2.FONT_HERSHEY_SIMPLEX,
+    cv2.FONT_HERSHEY_DUPLEX,
+    cv2.FONT_HERSHEY_COMPLEX,
+    cv2.FONT_HERSHEY_TRIPLEX,
+)
+_GLYPH_THICKNESSES = (7, 10, 13)
+_glyph_cache: dict[tuple[str, int, int], np.ndarray] = {}
+
+
+class SyntheticImage(NamedTuple):
+    """One rendered image and its ground truth.
+
+    image: (H, W, 3) uint8, RGB.
+    boxes: (N, 4) float64, COCO ``[x, y, w, h]`` in pixels, tight around each drawn object.
+    class_indices: (N,) int64, index into ``CLASS_NAMES``.
+    areas: (N,) float64, covered area of each object in pixels.
+    """
+
+    image: np.ndarray
+    boxes: np.ndarray
+    class_indices: np.ndarray
+    areas: np.ndarray
+
+
+class GeneratedPaths(NamedTuple):
+    """Where ``generate`` wrote a dataset."""
+
+    root: Path
+    train_annotations: Path
+    train_images: Path
+    val_annotations: Path
+    val_images: Path
+
+
+class RenderSettings(NamedTuple):
+    """Knobs of the image renderer (all sizes in pixels).
+
+    size: side of square images, used when min_size/max_size are None.
+    min_size, max_size: when both set, width and height are drawn independently and uniformly from
+        [min_size, max_size], giving varied non-square images.
+    min_objects, max_objects: the number of objects asked for is uniform in this range; fewer are drawn
+        when the overlap rule leaves no room.
+    min_object_size: smallest object side.
+    max_object_fraction: largest object size as a fraction of the shorter image side.
+    max_iou: a placement whose box has a larger IoU with an existing box is rejected.
+    """
+
+    size: int = 320
+    min_size: int | None = None
+    max_size: int | None = None
+    min_objects: int = 1
+    max_objects: int = 8
+    min_object_size: float = 8.0
+    max_object_fraction: float = 0.8
+    max_iou: float = 0.3
+
+
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The Generator that decides image ``index`` of ``split``; independent of every other image."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_CODES)}")
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
+    return np.random.default_rng([seed, SPLIT_CODES[split], index])
+
+
+# --------------------------------------------------------------------------------------------------
+# Colours and textures (float32 RGB arrays in 0..255)
+
+
+def _linear_ramp(height: int, width: int, angle: float) -> np.ndarray:
+    """(H, W) float32 in 0..1 increasing along direction ``angle`` (radians)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    projection = xs * math.cos(angle) + ys * math.sin(angle)
+    span = float(projection.max() - projection.min())
+    return (projection - projection.min()) / max(span, 1e-6)
+
+
+def _contrasting_colour(rng: np.random.Generator, background_mean: np.ndarray) -> np.ndarray:
+    """A random RGB colour far from ``background_mean`` (the farthest of a few tries if none is far enough)."""
+    best_colour, best_distance = None, -1.0
+    for _ in range(_COLOUR_TRIES):
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        distance = float(np.linalg.norm(colour - background_mean))
+        if distance >= _MIN_COLOUR_DISTANCE:
+            return colour
+        if distance > best_distance:
+            best_colour, best_distance = colour, distance
+    # Nothing random was far enough (mid-grey backgrounds): push the best colour away from the mean.
+    direction = best_colour - background_mean
+    norm = float(np.linalg.norm(direction))
+    if norm < 1e-3:
+        direction, norm = np.ones(3, np.float32), math.sqrt(3.0)
+    candidate = background_mean + direction / norm * _MIN_COLOUR_DISTANCE
+    if np.all((candidate >= 0) & (candidate <= 255)):
+        return candidate.astype(np.float32)
+    return np.where(background_mean > 127.5, 0.0, 255.0).astype(np.float32)
+
+
+def _object_texture(
+    rng: np.random.Generator, height: int, width: int, background_mean: np.ndarray
+) -> np.ndarray:
+    """(H, W, 3) float32 fill of an object: solid, stripes, noise or gradient, contrasting the background."""
+    primary = _contrasting_colour(rng, background_mean)
+    # The second colour moves further away from the background, so the whole texture keeps the contrast.
+    away = np.sign(primary - background_mean)
+    away[away == 0] = 1.0
+    secondary = np.clip(primary + away * rng.uniform(40, 90, size=3), 0, 255).astype(np.float32)
+    kind = rng.integers(4)
+    if kind == 0:  # solid
+        return np.broadcast_to(primary, (height, width, 3)).astype(np.float32)
+    if kind == 1:  # stripes
+        period = rng.uniform(2.5, max(3.0, min(height, width) / 3.0))
+        ramp = _linear_ramp(height, width, rng.uniform(0, math.pi))
+        extent = float(np.hypot(height, width))
+        stripes = (np.floor(ramp * extent / period) % 2).astype(np.float32)[..., None]
+        return primary * (1 - stripes) + secondary * stripes
+    if kind == 2:  # noise around the primary colour
+        noise = rng.normal(0.0, rng.uniform(10, 28), size=(height, width, 1)).astype(np.float32)
+        return np.clip(primary + noise, 0, 255)
+    ramp = _linear_ramp(height, width, rng.uniform(0, 2 * math.pi))[..., None]
+    return primary * (1 - ramp) + secondary * ramp
+
+
+def _render_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) float32 cluttered background: smooth colour field, soft blobs, lines, arcs, noise patches.
+
+    Clutter is kept distinct from the object classes: blobs are blurred (no crisp discs or squares),
+    lines are long and thin and arcs are open, so the ground truth stays unambiguous.
+    """
+    # Smooth base: a two-colour gradient, a low-frequency colour field, or a blend of both.
+    colours = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+    ramp = _linear_ramp(height, width, rng.uniform(0, 2 * math.pi))[..., None]
+    gradient = colours[0] * (1 - ramp) + colours[1] * ramp
+    grid = rng.uniform(0, 255, size=(int(rng.integers(2, 7)), int(rng.integers(2, 7)), 3)).astype(np.float32)
+    field = cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+    kind = rng.integers(3)
+    base = gradient if kind == 0 else field if kind == 1 else 0.5 * (gradient + field)
+
+    # Soft blobs, drawn at quarter resolution, blurred and upsampled: cheap and edge-free.
+    low_height, low_width = max(4, height // 4), max(4, width // 4)
+    blob_colour = np.zeros((low_height, low_width, 3), np.float32)
+    blob_alpha = np.zeros((low_height, low_width), np.float32)
+    blob_coverage = np.zeros((low_height, low_width), np.float32)
+    noise_alpha = np.zeros((low_height, low_width), np.float32)
+    for _ in range(int(rng.integers(0, 9))):
+        center = (int(rng.integers(0, low_width)), int(rng.integers(0, low_height)))
+        axes = (
+            int(rng.uniform(0.06, 0.3) * low_width) + 1,
+            int(rng.uniform(0.06, 0.3) * low_height) + 1,
+        )
+        angle = float(rng.uniform(0, 180))
+        if rng.random() < 0.3:  # a patch of background noise texture
+            cv2.ellipse(noise_alpha, center, axes, angle, 0, 360, float(rng.uniform(0.5, 1.0)), -1)
+        else:
+            colour = tuple(float(c) for c in rng.uniform(0, 255, size=3))
+            cv2.ellipse(blob_colour, center, axes, angle, 0, 360, colour, -1)
+            cv2.ellipse(blob_alpha, center, axes, angle, 0, 360, float(rng.uniform(0.35, 0.8)), -1)
+            cv2.ellipse(blob_coverage, center, axes, angle, 0, 360, 1.0, -1)
+    if blob_alpha.any():
+        sigma = float(rng.uniform(2.5, 4.5))  # 10-18 px at full resolution: never a crisp disc
+        # Blurring the colour layer weights it by coverage; dividing by the blurred coverage undoes that,
+        # so blob edges fade in opacity rather than darkening towards black.
+        blurred = [cv2.GaussianBlur(layer, (0, 0), sigma) for layer in (blob_colour, blob_alpha, blob_coverage)]
+        colour_low = blurred[0] / np.maximum(blurred[2], 1e-3)[..., None]
+        colour_full = cv2.resize(colour_low, (width, height), interpolation=cv2.INTER_LINEAR)
+        alpha_full = cv2.resize(blurred[1], (width, height), interpolation=cv2.INTER_LINEAR)[..., None]
+        base = base * (1 - alpha_full) + np.clip(colour_full, 0, 255) * alpha_full
+    if noise_alpha.any():
+        noise_alpha = cv2.GaussianBlur(noise_alpha, (0, 0), 2.0)
+        noise_alpha = cv2.resize(noise_alpha, (width, height), interpolation=cv2.INTER_LINEAR)[..., None]
+        noise = rng.normal(0.0, rng.uniform(18, 40), size=(height, width, 1)).astype(np.float32)
+        base = base + noise_alpha * noise
+
+    base = np.ascontiguousarray(np.clip(base, 0, 255), dtype=np.float32)
+    diagonal = math.hypot(height, width)
+    for _ in range(int(rng.integers(0, 9))):
+        colour = tuple(float(c) for c in rng.uniform(0, 255, size=3))
+        if rng.random() < 0.6:  # a long straight line
+            thickness = int(rng.integers(1, 4))
+            start = rng.uniform(0, 1, size=2) * (width, height)
+            angle = rng.uniform(0, 2 * math.pi)
+            length = rng.uniform(0.3, 1.0) * diagonal
+            end = start + length * np.array([math.cos(angle), math.sin(angle)])
+            cv2.line(base, _point(start), _point(end), colour, thickness, cv2.LINE_AA)
+        else:  # a thin open arc, large enough not to read as a ring
+            thickness = int(rng.integers(1, 3))
+            center = _point(rng.uniform(0, 1, size=2) * (width, height))
+            radius = int(rng.uniform(0.15, 0.6) * min(height, width)) + 2
+            start_angle = float(rng.uniform(0, 360))
+            cv2.ellipse(
+                base,
+                center,
+                (radius, int(radius * rng.uniform(0.5, 1.0)) + 1),
+                float(rng.uniform(0, 180)),
+                start_angle,
+                start_angle + float(rng.uniform(40, 180)),
+                colour,
+                thickness,
+                cv2.LINE_AA,
+            )
+    return base
+
+
+def _point(xy: np.ndarray) -> tuple[int, int]:
+    return int(round(float(xy[0]))), int(round(float(xy[1])))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shape masks. Each returns a (height, width) uint8 mask (0/255) whose shape fills the canvas.
+
+
+def _fill_polygons(height: int, width: int, polygons: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
+    """Draw polygons given in unit-box coordinates (0..1, shared frame) filled with 255 or 0, in order."""
+    mask = np.zeros((height, width), np.uint8)
+    for vertices, value in polygons:
+        # Continuous coordinates (0..width) to pixel-centre coordinates, fixed point with 4 fraction bits.
+        points = vertices * (width, height) - 0.5
+        cv2.fillPoly(mask, [np.round(points * 16).astype(np.int32)], int(value), cv2.LINE_8, 4)
+    return mask
+
+
+def _fit_unit_box(*vertex_sets: np.ndarray) -> list[np.ndarray]:
+    """Scale vertex sets jointly so the first one's bounding box becomes the unit box."""
+    lower = vertex_sets[0].min(axis=0)
+    span = np.maximum(vertex_sets[0].max(axis=0) - lower, 1e-6)
+    return [(vertices - lower) / span for vertices in vertex_sets]
+
+
+def _rotate(vertices: np.ndarray, angle: float) -> np.ndarray:
+    cosine, sine = math.cos(angle), math.sin(angle)
+    return vertices @ np.array([[cosine, sine], [-sine, cosine]])
+
+
+def _regular_polygon(count: int, radii: Sequence[float], phase: float) -> np.ndarray:
+    angles = phase + np.arange(count) * (2 * math.pi / count)
+    radius = np.resize(np.asarray(radii, np.float64), count)
+    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
+
+
+def _glyph_mask(letter: str, font: int, thickness: int) -> np.ndarray:
+    """Cropped uint8 mask of a letter drawn with cv2.putText, cached (glyphs are deterministic)."""
+    key = (letter, font, thickness)
+    if key not in _glyph_cache:
+        scale = 4.0
+        (text_width, text_height), baseline = cv2.getTextSize(letter, font, scale, thickness)
+        pad = thickness * 2
+        canvas = np.zeros((text_height + baseline + 2 * pad, text_width + 2 * pad), np.uint8)
+        cv2.putText(canvas, letter, (pad, pad + text_height), font, scale, 255, thickness, cv2.LINE_AA)
+        _glyph_cache[key] = _crop_to_extent(canvas >= 128)
+    return _glyph_cache[key]
+
+
+def _crop_to_extent(mask: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] * 255).astype(np.uint8)
+
+
+def _shape_mask(class_name: str, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(height, width) uint8 mask of one object of ``class_name`` stretched to fill the canvas."""
+    if class_name == "circle":
+        (outline,) = _fit_unit_box(_regular_polygon(96, [1.0], 0.0))
+        return _fill_polygons(height, width, [(outline, 255)])
+    if class_name == "ring":
+        outer = _regular_polygon(96, [1.0], 0.0)
+        inner = outer * rng.uniform(0.42, 0.62)
+        outer, inner = _fit_unit_box(outer, inner)
+        return _fill_polygons(height, width, [(outer, 255), (inner, 0)])
+    if class_name == "square":
+        corners = _regular_polygon(4, [1.0], math.pi / 4)
+        (corners,) = _fit_unit_box(_rotate(corners, math.radians(rng.uniform(-15, 15))))
+        return _fill_polygons(height, width, [(corners, 255)])
+    if class_name == "triangle":
+        corners = _regular_polygon(3, [1.0], rng.uniform(0, 2 * math.pi))
+        (corners,) = _fit_unit_box(corners)
+        return _fill_polygons(height, width, [(corners, 255)])
+    if class_name == "star":
+        star = _regular_polygon(10, [1.0, rng.uniform(0.4, 0.5)], rng.uniform(0, 2 * math.pi))
+        (star,) = _fit_unit_box(star)
+        return _fill_polygons(height, width, [(star, 255)])
+    if class_name == "cross":
+        arm = rng.uniform(0.22, 0.34)
+        plus = np.array(
+            [[-arm, -1], [arm, -1], [arm, -arm], [1, -arm], [1, arm], [arm, arm],
+             [arm, 1], [-arm, 1], [-arm, arm], [-1, arm], [-1, -arm], [-arm, -arm]],
+            np.float64,
+        )
+        (plus,) = _fit_unit_box(_rotate(plus, math.radians(rng.uniform(-15, 15))))
+        return _fill_polygons(height, width, [(plus, 255)])
+    if class_name in _GLYPHS:
+        font = _GLYPH_FONTS[int(rng.integers(len(_GLYPH_FONTS)))]
+        thickness = _GLYPH_THICKNESSES[int(rng.integers(len(_GLYPH_THICKNESSES)))]
+        glyph = _glyph_mask(_GLYPHS[class_name], font, thickness)
+        angle = float(rng.uniform(-12, 12))
+        glyph_height, glyph_width = glyph.shape
+        pad = max(glyph_height, glyph_width) // 2
+        padded = cv2.copyMakeBorder(glyph, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+        center = (padded.shape[1] / 2.0, padded.shape[0] / 2.0)
+        rotation = cv2.getRotationMatrix2D(center, angle, 1.0)
+        rotated = cv2.warpAffine(padded, rotation, (padded.shape[1], padded.shape[0]), flags=cv2.INTER_LINEAR)
+        rotated = _crop_to_extent(rotated >= 128)
+        stretched = cv2.resize(rotated, (width, height), interpolation=cv2.INTER_LINEAR)
+        return np.where(stretched >= 128, 255, 0).astype(np.uint8)
+    raise ValueError(f"unknown class {class_name!r}; expected one of {CLASS_NAMES}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Placement
+
+
+def _iou_and_covered(box: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IoU of ``box`` with each of ``others`` and the fraction of each other box that ``box`` covers.
+
+    Boxes are (x1, y1, x2, y2), ``others`` is (K, 4).
+    """
+    left = np.maximum(box[0], others[:, 0])
+    top = np.maximum(box[1], others[:, 1])
+    right = np.minimum(box[2], others[:, 2])
+    bottom = np.minimum(box[3], others[:, 3])
+    intersection = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    other_areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    return intersection / (area + other_areas - intersection), intersection / other_areas
+
+
+def _image_size(rng: np.random.Generator, settings: RenderSettings) -> tuple[int, int]:
+    if settings.min_size is None and settings.max_size is None:
+        return settings.size, settings.size
+    low = settings.min_size if settings.min_size is not None else settings.size
+    high = settings.max_size if settings.max_size is not None else settings.size
+    if low > high:
+        raise ValueError(f"min_size {low} is larger than max_size {high}")
+    return int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1))
+
+
+def render_image(seed: int, split: str, index: int, settings: RenderSettings = RenderSettings()) -> SyntheticImage:
+    """Render image ``index`` of ``split`` for ``seed``; pure function of its arguments.
+
+    Returns a ``SyntheticImage`` (RGB uint8 image, COCO xywh boxes, class indices, areas).
+    """
+    if settings.min_objects < 1 or settings.max_objects < settings.min_objects:
+        raise ValueError(
+            f"need 1 <= min_objects <= max_objects, got {settings.min_objects}, {settings.max_objects}"
+        )
+    rng = image_rng(seed, split, index)
+    height, width = _image_size(rng, settings)
+    if min(height, width) < 2 * settings.min_object_size:
+        raise ValueError(
+            f"image size {width}x{height} is too small for objects of at least {settings.min_object_size} px"
+        )
+    canvas = _render_background(rng, height, width)
+
+    count = int(rng.integers(settings.min_objects, settings.max_objects + 1))
+    smallest = math.log(settings.min_object_size)
+    largest = math.log(max(settings.min_object_size, settings.max_object_fraction * min(height, width)))
+    # Largest first: a big object would otherwise be drawn over smaller ones and hide them.
+    sizes = np.sort(np.exp(rng.uniform(smallest, largest, size=count)))[::-1]
+    placed_boxes: list[np.ndarray] = []
+    covered_fractions: list[float] = []  # per placed box, the part of it that later boxes cover
+    boxes, classes, areas = [], [], []
+    for size in sizes:
+        class_index = int(rng.integers(len(CLASS_NAMES)))
+        aspect = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))  # width / height
+        object_width = size * math.sqrt(aspect)
+        object_height = size / math.sqrt(aspect)
+        # Keep the short side at least the minimum and the object inside the image.
+        grow = max(1.0, settings.min_object_size / min(object_width, object_height))
+        patch_width = min(width, math.ceil(object_width * grow))
+        patch_height = min(height, math.ceil(object_height * grow))
+        location = None
+        for _ in range(_PLACEMENT_TRIES):
+            left = int(rng.integers(0, width - patch_width + 1))
+            top = int(rng.integers(0, height - patch_height + 1))
+            candidate = np.array([left, top, left + patch_width, top + patch_height], np.float64)
+            covered = np.zeros(0)
+            if placed_boxes:
+                iou, covered = _iou_and_covered(candidate, np.stack(placed_boxes))
+                if iou.max() > settings.max_iou:
+                    continue
+                if (np.asarray(covered_fractions) + covered).max() > _MAX_COVERED_FRACTION:
+                    continue
+            location = (left, top)
+            break
+        if location is None:
+            continue
+        left, top = location
+
+        # Supersample so small shapes keep their form and the box can be measured to sub-pixel precision.
+        factor = 4 if max(patch_width, patch_height) <= 64 else 2
+        mask = _shape_mask(CLASS_NAMES[class_index], rng, patch_height * factor, patch_width * factor)
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        if rows.size == 0:
+            continue
+        alpha = cv2.resize(mask, (patch_width, patch_height), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        region = canvas[top : top + patch_height, left : left + patch_width]
+        background_mean = region.reshape(-1, 3).mean(axis=0)
+        texture = _object_texture(rng, patch_height, patch_width, background_mean)
+        region[:] = region * (1 - alpha[..., None]) + texture * alpha[..., None]
+
+        x = left + cols[0] / factor
+        y = top + rows[0] / factor
+        box_width = (cols[-1] + 1 - cols[0]) / factor
+        box_height = (rows[-1] + 1 - rows[0]) / factor
+        for placed_index, fraction in enumerate(covered):
+            covered_fractions[placed_index] += float(fraction)
+        placed_boxes.append(np.array([x, y, x + box_width, y + box_height]))
+        covered_fractions.append(0.0)
+        boxes.append([x, y, box_width, box_height])
+        classes.append(class_index)
+        areas.append(float(np.count_nonzero(mask)) / factor**2)
+
+    # Sensor noise over everything, objects included.
+    sigma = rng.uniform(0.0, 8.0)
+    canvas += rng.normal(0.0, sigma, size=(height, width, 1)).astype(np.float32)
+    image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return SyntheticImage(
+        image=image,
+        boxes=np.asarray(boxes, np.float64).reshape(-1, 4),
+        class_indices=np.asarray(classes, np.int64),
+        areas=np.asarray(areas, np.float64),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a dataset
+
+
+def _image_file_name(index: int, image_format: str) -> str:
+    return f"{index:06d}.{image_format}"
+
+
+def _render_and_write(task: tuple) -> tuple:
+    """Worker: render one image, write it, return what the annotation file needs."""
+    seed, split, index, settings, image_dir, image_format, jpeg_quality = task
+    sample = render_image(seed, split, index, settings)
+    path = os.path.join(image_dir, _image_file_name(index, image_format))
+    bgr = cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR)
+    if image_format == "jpg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+    else:
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, encoded = cv2.imencode("." + image_format, bgr, params)
+    if not ok:
+        raise OSError(f"could not encode image {path}")
+    with open(path, "wb") as file:
+        file.write(encoded.tobytes())
+    height, width = sample.image.shape[:2]
+    return index, width, height, sample.boxes.tolist(), sample.class_indices.tolist(), sample.areas.tolist()
+
+
+def _worker_init() -> None:
+    # Workers already run in parallel; OpenCV's own threads would only compete with them.
+    cv2.setNumThreads(1)
+
+
+def _write_split(
+    out_dir: Path,
+    split: str,
+    count: int,
+    seed: int,
+    settings: RenderSettings,
+    workers: int,
+    image_format: str,
+    jpeg_quality: int,
+) -> Path:
+    image_dir = out_dir / "images" / split
+    annotation_path = out_dir / "annotations" / f"{split}.json"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    annotation_path.parent.mkdir(parents=True, exist_ok=True)
+    tasks = [(seed, split, index, settings, str(image_dir), image_format, jpeg_quality) for index in range(count)]
+    if workers > 1 and count > 1:
+        with multiprocessing.get_context().Pool(workers, initializer=_worker_init) as pool:
+            results = list(pool.imap(_render_and_write, tasks, chunksize=max(1, min(32, count // (4 * workers)))))
+    else:
+        results = [_render_and_write(task) for task in tasks]
+
+    images, annotations = [], []
+    for index, width, height, boxes, classes, areas in sorted(results):
+        image_id = index + 1
+        images.append(
+            {"id": image_id, "file_name": _image_file_name(index, image_format), "width": width, "height": height}
+        )
+        for box, class_index, area in zip(boxes, classes, areas):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": class_index + 1,
+                    "bbox": [float(value) for value in box],
+                    "area": round(float(area), 4),
+                    "iscrowd": 0,
+                }
+            )
+    document = {
+        "info": {
+            "description": "asff_viz synthetic shapes",
+            "version": "1",
+            "seed": seed,
+            "split": split,
+            "settings": settings._asdict(),
+        },
+        "licenses": [],
+        "categories": [
+            {"id": index + 1, "name": name, "supercategory": "shape"} for index, name in enumerate(CLASS_NAMES)
+        ],
+        "images": images,
+        "annotations": annotations,
+    }
+    temporary = annotation_path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(document, separators=(",", ":")) + "\n")
+    temporary.replace(annotation_path)
+    logger.info("wrote %d %s images with %d objects to %s", count, split, len(annotations), image_dir)
+    return annotation_path
+
+
+def generate(
+    out_dir: str | os.PathLike,
+    seed: int,
+    train: int,
+    val: int,
+    size: int = 320,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    min_objects: int = 1,
+    max_objects: int = 8,
+    min_object_size: float = 8.0,
+    max_object_fraction: float = 0.8,
+    max_iou: float = 0.3,
+    image_format: str = "jpg",
+    jpeg_quality: int = 95,
+    workers: int = 1,
+) -> GeneratedPaths:
+    """Write a synthetic COCO-format dataset under ``out_dir`` and return its paths.
+
+    Layout: ``out_dir/annotations/{train,val}.json`` and ``out_dir/images/{train,val}/NNNNNN.<format>``.
+    Either split may have 0 images (its annotation file is then valid COCO with empty lists). The output
+    depends only on the arguments (not on ``workers``). See ``RenderSettings`` for the rendering knobs.
+    """
+    if train < 0 or val < 0:
+        raise ValueError(f"image counts must be non-negative, got train={train}, val={val}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    settings = RenderSettings(
+        size=size,
+        min_size=min_size,
+        max_size=max_size,
+        min_objects=min_objects,
+        max_objects=max_objects,
+        min_object_size=min_object_size,
+        max_object_fraction=max_object_fraction,
+        max_iou=max_iou,
+    )
+    root = Path(out_dir)
+    paths = {}
+    for split, count in (("train", train), ("val", val)):
+        paths[split] = _write_split(root, split, count, seed, settings, workers, image_format, jpeg_quality)
+    return GeneratedPaths(
+        root=root,
+        train_annotations=paths["train"],
+        train_images=root / "images" / "train",
+        val_annotations=paths["val"],
+        val_images=root / "images" / "val",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> GeneratedPaths:
+    parser = argparse.ArgumentParser(
+        prog="python -m asff_viz.data.synthetic",
+        description="Write a seeded synthetic multi-scale shape detection dataset in COCO format.",
+    )
+    parser.add_argument("--out", required=True, help="output folder (annotations/ and images/ go inside)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=1000, help="number of training images (may be 0)")
+    parser.add_argument("--val", type=int, default=200, help="number of validation images (may be 0)")
+    parser.add_argument("--size", type=int, default=320, help="side of square images")
+    parser.add_argument("--min-size", type=int, default=None, help="with --max-size: varied non-square images")
+    parser.add_argument("--max-size", type=int, default=None)
+    parser.add_argument("--min-objects", type=int, default=1)
+    parser.add_argument("--max-objects", type=int, default=8)
+    parser.add_argument("--min-object-size", type=float, default=8.0, help="smallest object side in pixels")
+    parser.add_argument("--max-object-fraction", type=float, default=0.8, help="largest object / shorter image side")
+    parser.add_argument("--format", choices=IMAGE_FORMATS, default="jpg", help="jpg (quality 95) or png")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering in parallel")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    paths = generate(
+        args.out,
+        args.seed,
+        args.train,
+        args.val,
+        args.size,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        min_objects=args.min_objects,
+        max_objects=args.max_objects,
+        min_object_size=args.min_object_size,
+        max_object_fraction=args.max_object_fraction,
+        image_format=args.format,
+        workers=args.workers,
+    )
+    logger.info("done in %.1f s: %s", time.perf_counter() - start, paths.root)
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""COCO evaluation from the command line.
+
+    python -m asff_viz.evaluate [--weights W] --annotations VAL.json --images DIR --out OUT \
+        [--size 608] [--conf 0.001] [--nms 0.65] [--device cpu] [--batch-size 8]
+
+Writes OUT/metrics.json ({AP, AP50, AP75, APs, APm, APl} as fractions, plus the settings used) and
+OUT/detections.json (COCO results format, original-image pixels). Without --weights the embedded default
+model is evaluated. --size defaults to the checkpoint's input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .checkpoint import CheckpointError, load_model
+from .coco_eval import evaluate_coco, write_evaluation
+from .data.coco import COCODetection
+from .data.errors import DatasetError
+from .postprocess import EVAL_CONF_THRESHOLD, NMS_THRESHOLD
+
+logger = logging.getLogger("asff_viz.evaluate")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m asff_viz.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default=None, help="checkpoint (asff_viz or official); default: embedded model")
+    parser.add_argument("--annotations", required=True, help="COCO-format annotation JSON")
+    parser.add_argument("--images", required=True, help="folder with the annotation file's images")
+    parser.add_argument("--out", required=True, help="output folder for metrics.json and detections.json")
+    parser.add_argument("--size", type=int, default=None, help="square input size (multiple of 32); "
+                        "default: the checkpoint's input size")
+    parser.add_argument("--conf", type=float, default=EVAL_CONF_THRESHOLD, help="score threshold (obj x class)")
+    parser.add_argument("--nms", type=float, default=NMS_THRESHOLD, help="per-class NMS IoU threshold")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=0, help="data loading processes")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the evaluation; returns the metrics dict (also written to OUT/metrics.json)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        model = load_model(args.weights, device=args.device)
+        dataset = COCODetection(args.annotations, args.images)
+    except (CheckpointError, DatasetError) as error:
+        sys.exit(f"error: {error}")
+    size = args.size or int(model.metadata.get("input_size", 608))
+    if size % 32:
+        sys.exit(f"error: --size must be a multiple of 32, got {size}")
+    if len(dataset.class_names) != model.num_classes:
+        sys.exit(f"error: {args.annotations} has {len(dataset.class_names)} categories but the model predicts "
+                 f"{model.num_classes} classes; evaluate with a checkpoint trained on this category set.")
+    start = time.perf_counter()
+    metrics, results = evaluate_coco(model, dataset, size, conf_threshold=args.conf, nms_threshold=args.nms,
+                                     batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                                     progress=True)
+    elapsed = time.perf_counter() - start
+    extra = {"settings": {"weights": model.metadata.get("checkpoint"), "sha256": model.metadata.get("sha256"),
+                          "annotations": str(args.annotations), "images": len(dataset), "size": size,
+                          "conf_threshold": args.conf, "nms_threshold": args.nms, "detections": len(results),
+                          "seconds": round(elapsed, 2)}}
+    metrics_path, _ = write_evaluation(args.out, metrics, results, extra)
+    summary = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in metrics.items())
+    logger.info("%s (%d images, %d detections, %.1f s) -> %s", summary, len(dataset), len(results), elapsed,
+                metrics_path)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

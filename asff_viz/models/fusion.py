@@ -1,0 +1,115 @@
+"""Adaptively spatial feature fusion (ASFF) and the ablation fusions it is compared with.
+
+Every level l gets all three neck features, resizes them to its own resolution and channel count
+(`resize[k]` maps source k to level l), and combines them. In ASFF mode the combination is a per-pixel
+softmax over the three sources: y^l = sum_k alpha^l_k * R_{k->l}(x^k), with the weights alpha^l the output of
+the named `softmax` submodule, (B, 3, H_l, W_l), channel k for source k. `fused` (an identity) marks the fused
+map before the `expand` conv, so hooks can observe it without any flag in `forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .blocks import ConvBNAct
+
+
+def _resize_paths(level: int, in_channels: tuple[int, int, int]) -> nn.ModuleList:
+    """Official resizing: stride-2 3x3 convs (plus a max pool for 4x) down, 1x1 compress + nearest up."""
+    target = in_channels[level]
+    if level == 0:
+        paths = [
+            nn.Identity(),
+            ConvBNAct(in_channels[1], target, 3, 2),
+            nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1), ConvBNAct(in_channels[2], target, 3, 2)),
+        ]
+    elif level == 1:
+        paths = [
+            nn.Sequential(ConvBNAct(in_channels[0], target, 1), nn.Upsample(scale_factor=2, mode="nearest")),
+            nn.Identity(),
+            ConvBNAct(in_channels[2], target, 3, 2),
+        ]
+    elif level == 2:
+        # Source 1 already has level 2's channel count: the official code upsamples it with no compress conv.
+        paths = [
+            nn.Sequential(ConvBNAct(in_channels[0], target, 1), nn.Upsample(scale_factor=4, mode="nearest")),
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Identity(),
+        ]
+    else:
+        raise ValueError(f"level must be 0, 1 or 2, got {level}")
+    return nn.ModuleList(paths)
+
+
+class LevelFusion(nn.Module):
+    """Fusion into one pyramid level: `mode` 'asff' (learned softmax weights), 'sum' or 'concat'.
+
+    Input: [x0, x1, x2] neck features. Output: (B, out_channels, H_l, W_l).
+    """
+
+    def __init__(self, level: int, in_channels: tuple[int, int, int], out_channels: int, mode: str,
+                 compress_channels: int) -> None:
+        super().__init__()
+        self.level, self.mode = level, mode
+        inter = in_channels[level]
+        self.resize = _resize_paths(level, in_channels)
+        if mode == "asff":
+            self.weight_convs = nn.ModuleList(ConvBNAct(inter, compress_channels, 1) for _ in range(3))
+            self.weight_logits = nn.Conv2d(3 * compress_channels, 3, 1)
+            self.softmax = nn.Softmax(dim=1)
+        elif mode == "concat":
+            self.project = ConvBNAct(3 * inter, inter, 1)
+        elif mode != "sum":
+            raise ValueError(f"unknown fusion mode {mode!r}")
+        self.fused = nn.Identity()
+        self.expand = ConvBNAct(inter, out_channels, 3)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        resized = [path(x) for path, x in zip(self.resize, features)]
+        if self.mode == "asff":
+            logits = self.weight_logits(torch.cat([conv(r) for conv, r in zip(self.weight_convs, resized)], 1))
+            weights = self.softmax(logits)  # (B, 3, H_l, W_l)
+            fused = resized[0] * weights[:, 0:1] + resized[1] * weights[:, 1:2] + resized[2] * weights[:, 2:3]
+        elif self.mode == "sum":
+            fused = resized[0] + resized[1] + resized[2]
+        else:
+            fused = self.project(torch.cat(resized, dim=1))
+        return self.expand(self.fused(fused))
+
+
+class BaselineLevel(nn.Module):
+    """No fusion: the official YOLOv3 baseline's 3x3 pre-head conv (none at stride 8, where the neck ends in one)."""
+
+    def __init__(self, level: int, in_channels: tuple[int, int, int], out_channels: int) -> None:
+        super().__init__()
+        self.level = level
+        channels = in_channels[level]
+        self.expand = ConvBNAct(channels, out_channels, 3) if channels != out_channels else nn.Identity()
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.expand(features[self.level])
+
+
+class Fusion(nn.Module):
+    """The three per-level fusions; `levels[0]` is stride 32. Returns [y0, y1, y2] head inputs."""
+
+    def __init__(self, config: ModelConfig, in_channels: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.mode = config.fusion
+        c = config.channels
+        self.out_channels = (c(1024), c(512), c(256))
+        if config.fusion == "baseline":
+            levels = [BaselineLevel(l, in_channels, self.out_channels[l]) for l in range(3)]
+        else:
+            levels = [LevelFusion(l, in_channels, self.out_channels[l], config.fusion,
+                                  config.fusion_compress_channels) for l in range(3)]
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [level(features) for level in self.levels]
+
+
+def build_fusion(config: ModelConfig, in_channels: tuple[int, int, int]) -> Fusion:
+    return Fusion(config, in_channels)
