@@ -29,8 +29,9 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -41,13 +42,11 @@ from asff_viz.data.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
 # Log wording of each skip reason, in the order they are reported.
 _SKIP_REASONS = {
-    "missing_image": "images whose file is missing",
     "non_positive_box": "boxes with non-positive size",
     "outside_box": "boxes outside their image",
+    "missing_image": "images whose file is missing",
     "malformed_box": "annotations without a valid bbox",
     "unknown_image": "annotations of unknown images",
     "unknown_category": "annotations of unknown categories",

@@ -24,14 +24,17 @@ writes ``OUT/annotations/{train,val}.json`` and ``OUT/images/{train,val}/NNNNNN.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.pool
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -56,9 +59,9 @@ SPLIT_CODES = {"train": 0, "val": 1}
 IMAGE_FORMATS = ("jpg", "png")
 
 # Object colours must stand out from the background under them: a minimum Euclidean RGB distance
-# between the object's main colour and the mean colour of the background it covers.
-_MIN_COLOUR_DISTANCE = 110.0
-_COLOUR_TRIES = 16
+# between the object's main colour and 90% of the background pixels it covers.
+_MIN_COLOUR_DISTANCE = 90.0
+_COLOUR_TRIES = 24
 _PLACEMENT_TRIES = 30
 # Objects are drawn largest first, smaller ones on top. All later objects together may cover at most
 # this fraction of an earlier object's box, so every object stays recognisable.
@@ -70,7 +73,9 @@ _GLYPH_FONTS = (
     cv2.FONT_HERSHEY_COMPLEX,
     cv2.FONT_HERSHEY_TRIPLEX,
 )
-_GLYPH_THICKNESSES = (7, 10, 13)
+# Glyphs are drawn once at a large scale (about 220 px tall) so that big letters keep smooth edges.
+_GLYPH_SCALE = 10.0
+_GLYPH_THICKNESSES = (17, 25, 32)
 _glyph_cache: dict[tuple[str, int, int], np.ndarray] = {}
 
 
@@ -110,6 +115,8 @@ class RenderSettings(NamedTuple):
     min_object_size: smallest object side.
     max_object_fraction: largest object size as a fraction of the shorter image side.
     max_iou: a placement whose box has a larger IoU with an existing box is rejected.
+    max_noise_sigma: sensor noise over the finished image has a standard deviation drawn from
+        U(0, max_noise_sigma) grey levels.
     """
 
     size: int = 320
@@ -120,6 +127,7 @@ class RenderSettings(NamedTuple):
     min_object_size: float = 8.0
     max_object_fraction: float = 0.8
     max_iou: float = 0.3
+    max_noise_sigma: float = 8.0
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -143,32 +151,34 @@ def _linear_ramp(height: int, width: int, angle: float) -> np.ndarray:
     return (projection - projection.min()) / max(span, 1e-6)
 
 
-def _contrasting_colour(rng: np.random.Generator, background_mean: np.ndarray) -> np.ndarray:
-    """A random RGB colour far from ``background_mean`` (the farthest of a few tries if none is far enough)."""
-    best_colour, best_distance = None, -1.0
+def _contrasting_colour(rng: np.random.Generator, background_pixels: np.ndarray) -> np.ndarray:
+    """A random RGB colour far from (nearly) all of ``background_pixels`` (K, 3).
+
+    The 10th percentile of the distances counts, not the distance to the mean colour: an object placed
+    across a boundary (over part of an earlier object, say) must stand out from both sides. When no try
+    is far enough (very colourful backgrounds) the best try is used.
+    """
+    best_colour, best_score = None, -1.0
     for _ in range(_COLOUR_TRIES):
         colour = rng.uniform(0, 255, size=3).astype(np.float32)
-        distance = float(np.linalg.norm(colour - background_mean))
-        if distance >= _MIN_COLOUR_DISTANCE:
+        distances = np.linalg.norm(background_pixels - colour, axis=1)
+        score = float(np.partition(distances, len(distances) // 10)[len(distances) // 10])
+        if score >= _MIN_COLOUR_DISTANCE:
             return colour
-        if distance > best_distance:
-            best_colour, best_distance = colour, distance
-    # Nothing random was far enough (mid-grey backgrounds): push the best colour away from the mean.
-    direction = best_colour - background_mean
-    norm = float(np.linalg.norm(direction))
-    if norm < 1e-3:
-        direction, norm = np.ones(3, np.float32), math.sqrt(3.0)
-    candidate = background_mean + direction / norm * _MIN_COLOUR_DISTANCE
-    if np.all((candidate >= 0) & (candidate <= 255)):
-        return candidate.astype(np.float32)
-    return np.where(background_mean > 127.5, 0.0, 255.0).astype(np.float32)
+        if score > best_score:
+            best_colour, best_score = colour, score
+    return best_colour
 
 
 def _object_texture(
-    rng: np.random.Generator, height: int, width: int, background_mean: np.ndarray
+    rng: np.random.Generator, height: int, width: int, background_pixels: np.ndarray
 ) -> np.ndarray:
-    """(H, W, 3) float32 fill of an object: solid, stripes, noise or gradient, contrasting the background."""
-    primary = _contrasting_colour(rng, background_mean)
+    """(H, W, 3) float32 fill of an object: solid, stripes, noise or gradient, contrasting the background.
+
+    background_pixels: (K, 3) samples of the pixels the object will cover.
+    """
+    primary = _contrasting_colour(rng, background_pixels)
+    background_mean = background_pixels.mean(axis=0)
     # The second colour moves further away from the background, so the whole texture keeps the contrast.
     away = np.sign(primary - background_mean)
     away[away == 0] = 1.0
@@ -183,7 +193,7 @@ def _object_texture(
         stripes = (np.floor(ramp * extent / period) % 2).astype(np.float32)[..., None]
         return primary * (1 - stripes) + secondary * stripes
     if kind == 2:  # noise around the primary colour
-        noise = rng.normal(0.0, rng.uniform(10, 28), size=(height, width, 1)).astype(np.float32)
+        noise = rng.standard_normal((height, width, 1), dtype=np.float32) * np.float32(rng.uniform(10, 28))
         return np.clip(primary + noise, 0, 255)
     ramp = _linear_ramp(height, width, rng.uniform(0, 2 * math.pi))[..., None]
     return primary * (1 - ramp) + secondary * ramp
@@ -236,7 +246,7 @@ def _render_background(rng: np.random.Generator, height: int, width: int) -> np.
     if noise_alpha.any():
         noise_alpha = cv2.GaussianBlur(noise_alpha, (0, 0), 2.0)
         noise_alpha = cv2.resize(noise_alpha, (width, height), interpolation=cv2.INTER_LINEAR)[..., None]
-        noise = rng.normal(0.0, rng.uniform(18, 40), size=(height, width, 1)).astype(np.float32)
+        noise = rng.standard_normal((height, width, 1), dtype=np.float32) * np.float32(rng.uniform(18, 40))
         base = base + noise_alpha * noise
 
     base = np.ascontiguousarray(np.clip(base, 0, 255), dtype=np.float32)
@@ -309,7 +319,7 @@ def _glyph_mask(letter: str, font: int, thickness: int) -> np.ndarray:
     """Cropped uint8 mask of a letter drawn with cv2.putText, cached (glyphs are deterministic)."""
     key = (letter, font, thickness)
     if key not in _glyph_cache:
-        scale = 4.0
+        scale = _GLYPH_SCALE
         (text_width, text_height), baseline = cv2.getTextSize(letter, font, scale, thickness)
         pad = thickness * 2
         canvas = np.zeros((text_height + baseline + 2 * pad, text_width + 2 * pad), np.uint8)
@@ -367,7 +377,9 @@ def _shape_mask(class_name: str, rng: np.random.Generator, height: int, width: i
         rotation = cv2.getRotationMatrix2D(center, angle, 1.0)
         rotated = cv2.warpAffine(padded, rotation, (padded.shape[1], padded.shape[0]), flags=cv2.INTER_LINEAR)
         rotated = _crop_to_extent(rotated >= 128)
-        stretched = cv2.resize(rotated, (width, height), interpolation=cv2.INTER_LINEAR)
+        shrinking = height * width < rotated.shape[0] * rotated.shape[1]
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        stretched = cv2.resize(rotated, (width, height), interpolation=interpolation)
         return np.where(stretched >= 128, 255, 0).astype(np.uint8)
     raise ValueError(f"unknown class {class_name!r}; expected one of {CLASS_NAMES}")
 
@@ -401,11 +413,12 @@ def _image_size(rng: np.random.Generator, settings: RenderSettings) -> tuple[int
     return int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1))
 
 
-def render_image(seed: int, split: str, index: int, settings: RenderSettings = RenderSettings()) -> SyntheticImage:
-    """Render image ``index`` of ``split`` for ``seed``; pure function of its arguments.
+def render_image(seed: int, split: str, index: int, settings: RenderSettings | None = None) -> SyntheticImage:
+    """Render image ``index`` of ``split`` for ``seed`` (default ``RenderSettings()``); pure function of its arguments.
 
     Returns a ``SyntheticImage`` (RGB uint8 image, COCO xywh boxes, class indices, areas).
     """
+    settings = RenderSettings() if settings is None else settings
     if settings.min_objects < 1 or settings.max_objects < settings.min_objects:
         raise ValueError(
             f"need 1 <= min_objects <= max_objects, got {settings.min_objects}, {settings.max_objects}"
@@ -440,12 +453,12 @@ def render_image(seed: int, split: str, index: int, settings: RenderSettings = R
             left = int(rng.integers(0, width - patch_width + 1))
             top = int(rng.integers(0, height - patch_height + 1))
             candidate = np.array([left, top, left + patch_width, top + patch_height], np.float64)
-            covered = np.zeros(0)
+            covered_by_candidate = np.zeros(0)
             if placed_boxes:
-                iou, covered = _iou_and_covered(candidate, np.stack(placed_boxes))
+                iou, covered_by_candidate = _iou_and_covered(candidate, np.stack(placed_boxes))
                 if iou.max() > settings.max_iou:
                     continue
-                if (np.asarray(covered_fractions) + covered).max() > _MAX_COVERED_FRACTION:
+                if (np.asarray(covered_fractions) + covered_by_candidate).max() > _MAX_COVERED_FRACTION:
                     continue
             location = (left, top)
             break
@@ -462,15 +475,18 @@ def render_image(seed: int, split: str, index: int, settings: RenderSettings = R
             continue
         alpha = cv2.resize(mask, (patch_width, patch_height), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
         region = canvas[top : top + patch_height, left : left + patch_width]
-        background_mean = region.reshape(-1, 3).mean(axis=0)
-        texture = _object_texture(rng, patch_height, patch_width, background_mean)
+        under_object = region[alpha > 0.5]
+        if len(under_object) == 0:
+            under_object = region.reshape(-1, 3)
+        under_object = under_object[:: len(under_object) // 256 + 1]  # a few hundred samples are plenty
+        texture = _object_texture(rng, patch_height, patch_width, under_object)
         region[:] = region * (1 - alpha[..., None]) + texture * alpha[..., None]
 
         x = left + cols[0] / factor
         y = top + rows[0] / factor
         box_width = (cols[-1] + 1 - cols[0]) / factor
         box_height = (rows[-1] + 1 - rows[0]) / factor
-        for placed_index, fraction in enumerate(covered):
+        for placed_index, fraction in enumerate(covered_by_candidate):
             covered_fractions[placed_index] += float(fraction)
         placed_boxes.append(np.array([x, y, x + box_width, y + box_height]))
         covered_fractions.append(0.0)
@@ -479,8 +495,8 @@ def render_image(seed: int, split: str, index: int, settings: RenderSettings = R
         areas.append(float(np.count_nonzero(mask)) / factor**2)
 
     # Sensor noise over everything, objects included.
-    sigma = rng.uniform(0.0, 8.0)
-    canvas += rng.normal(0.0, sigma, size=(height, width, 1)).astype(np.float32)
+    sigma = rng.uniform(0.0, settings.max_noise_sigma)
+    canvas += rng.standard_normal((height, width, 1), dtype=np.float32) * np.float32(sigma)
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     return SyntheticImage(
         image=image,
@@ -528,7 +544,7 @@ def _write_split(
     count: int,
     seed: int,
     settings: RenderSettings,
-    workers: int,
+    pool: multiprocessing.pool.Pool | None,
     image_format: str,
     jpeg_quality: int,
 ) -> Path:
@@ -537,9 +553,9 @@ def _write_split(
     image_dir.mkdir(parents=True, exist_ok=True)
     annotation_path.parent.mkdir(parents=True, exist_ok=True)
     tasks = [(seed, split, index, settings, str(image_dir), image_format, jpeg_quality) for index in range(count)]
-    if workers > 1 and count > 1:
-        with multiprocessing.get_context().Pool(workers, initializer=_worker_init) as pool:
-            results = list(pool.imap(_render_and_write, tasks, chunksize=max(1, min(32, count // (4 * workers)))))
+    if pool is not None and count > 1:
+        chunk = max(1, min(16, count // 16))  # few round trips, yet balanced work
+        results = list(pool.imap(_render_and_write, tasks, chunksize=chunk))
     else:
         results = [_render_and_write(task) for task in tasks]
 
@@ -549,7 +565,7 @@ def _write_split(
         images.append(
             {"id": image_id, "file_name": _image_file_name(index, image_format), "width": width, "height": height}
         )
-        for box, class_index, area in zip(boxes, classes, areas):
+        for box, class_index, area in zip(boxes, classes, areas, strict=True):
             annotations.append(
                 {
                     "id": len(annotations) + 1,
@@ -622,8 +638,15 @@ def generate(
     )
     root = Path(out_dir)
     paths = {}
-    for split, count in (("train", train), ("val", val)):
-        paths[split] = _write_split(root, split, count, seed, settings, workers, image_format, jpeg_quality)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if workers > 1 and train + val > 1:
+            # spawn, not fork: in a forked child, cv2.setNumThreads deadlocks once the parent has used
+            # OpenCV's thread pool (seen with opencv 5.0 when generating twice in one process).
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(context.Pool(workers, initializer=_worker_init))
+        for split, count in (("train", train), ("val", val)):
+            paths[split] = _write_split(root, split, count, seed, settings, pool, image_format, jpeg_quality)
     return GeneratedPaths(
         root=root,
         train_annotations=paths["train"],
