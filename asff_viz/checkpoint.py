@@ -11,7 +11,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +51,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path}: refused: the file holds pickled Python objects beyond tensors and plain containers, "
-            f"which could run arbitrary code when loaded ({_first_line(error)}). Only weights are accepted; "
-            "if you trust its origin, load it yourself and re-save just its state_dict."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        detail = _unpickler_detail(error)
+        if "Unsupported global" in detail:
+            raise CheckpointError(
+                f"{path}: refused: loading it would import Python objects beyond tensors and plain containers "
+                f"({detail}), which could run arbitrary code. Only weights are accepted; if you trust its "
+                "origin, load it yourself and re-save just its state_dict."
+            ) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint of plain weights ({detail}); is it a plain "
+                              "pickle, or corrupt? Save it again with torch.save(state_dict).") from None
+    except Exception as error:  # torch.load fails in many ways on damaged files: EOF, zip, KeyError, ...
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(error)}. "
             "Fetch or save it again."
@@ -68,9 +71,28 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return data
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    text = _ANSI_ESCAPE.sub("", str(error)).strip().splitlines()
+    line = text[0].split(". ")[0] if text else ""  # torch appends paragraphs of advice after the first sentence
+    line = line if len(line) <= limit else line[:limit].rstrip() + "..."
+    if not isinstance(error, (RuntimeError, OSError, ValueError)) or not line:
+        line = f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return line
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _unpickler_detail(error: BaseException) -> str:
+    """The informative part of torch's weights-only refusal (e.g. `Unsupported global: GLOBAL os.system ...`).
+
+    torch wraps it in a long text that explains how to load the file unsafely; that advice is not repeated.
+    """
+    text = _ANSI_ESCAPE.sub("", str(error))
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    detail = match.group(1).strip() if match else _first_line(error)
+    detail = re.sub(r"\s+was not an allowed global.*", "", detail)
+    return detail if detail else type(error).__name__
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -216,13 +238,13 @@ def remap_official_state_dict(state_dict: dict) -> tuple[ModelConfig, dict]:
 
 
 def _summarize(keys: list[str], limit: int = 6) -> str:
-    """A short list of keys, grouped by their first two components, e.g. `head.levels (12 keys)`."""
-    keys = sorted(keys)
-    groups: dict[str, int] = {}
-    for key in keys:
-        prefix = ".".join(key.split(".")[:3])
-        groups[prefix] = groups.get(prefix, 0) + 1
-    parts = [f"{prefix}.* ({count})" if count > 1 else prefix for prefix, count in list(groups.items())[:limit]]
+    """A short list of keys, grouped by their first three components: `head.levels.2.* (4)`; a group of one
+    key shows the whole key."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        groups.setdefault(".".join(key.split(".")[:3]), []).append(key)
+    parts = [f"{prefix}.* ({len(members)})" if len(members) > 1 else members[0]
+             for prefix, members in list(groups.items())[:limit]]
     more = len(groups) - limit
     return ", ".join(parts) + (f", and {more} more groups" if more > 0 else "")
 
@@ -242,9 +264,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "ch
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:3])}")
     if problems:
-        raise CheckpointError(f"{source}: does not fit the model ({model.config.variant if hasattr(model, 'config') else type(model).__name__}"
-                              f"): " + "; ".join(problems) + ". Is it a checkpoint of another architecture or "
-                              "class count?")
+        name = model.config.variant if hasattr(model, "config") else type(model).__name__
+        raise CheckpointError(f"{source}: does not fit the model ({name}): " + "; ".join(problems)
+                              + ". Is it a checkpoint of another architecture or class count?")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -260,6 +282,8 @@ def parse_checkpoint(data: dict, source: str = "checkpoint") -> tuple[ModelConfi
             state_dict = data["model"]
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{source}: malformed asff_viz checkpoint: {error}") from None
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise CheckpointError(f"{source}: malformed asff_viz checkpoint: `model` is not a dict of tensors.")
         metadata = dict(data.get("metadata") or {})
         metadata.setdefault("variant", config.variant)
         return config, strip_prefixes(state_dict), metadata
@@ -354,8 +378,13 @@ def convert_official(source: str | os.PathLike, destination: str | os.PathLike,
     model = build_model(config)
     load_state_dict_strict(model, state_dict, str(source))
     if class_names is not None:
-        metadata["class_names"] = list(class_names)
+        if len(class_names) != config.num_classes:
+            raise CheckpointError(f"{source}: the model predicts {config.num_classes} classes but "
+                                  f"{len(class_names)} class names were given; pass one name per class.")
+        metadata["class_names"] = [str(name) for name in class_names]
     if input_size is not None:
+        if int(input_size) <= 0 or int(input_size) % 32:
+            raise CheckpointError(f"input size must be a positive multiple of 32, got {input_size}")
         metadata["input_size"] = int(input_size)
     metadata["converted_from"] = {"file": Path(source).name, "sha256": file_sha256(source)}
     save_checkpoint(destination, model, metadata)

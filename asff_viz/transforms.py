@@ -38,7 +38,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
         raise ImageError(f"{name}: about {header.shape[1] * 8}x{header.shape[0] * 8} pixels, more than the "
                          f"{max_pixels / 1e6:.0f} MP this tool accepts; downscale it first.")
     try:
-        image = cv2.imdecode(buffer, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+        image = _decode_keeping_alpha(buffer)
     except cv2.error as error:
         raise ImageError(f"{name}: cannot be decoded as an image ({error.msg if hasattr(error, 'msg') else error})"
                          ) from None
@@ -48,6 +48,23 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
         raise ImageError(f"{name}: {image.shape[1]}x{image.shape[0]} pixels, more than the "
                          f"{max_pixels / 1e6:.0f} MP this tool accepts; downscale it first.")
     return to_rgb_uint8(image, name)
+
+
+def _decode_keeping_alpha(buffer: np.ndarray) -> np.ndarray | None:
+    """Decode with the EXIF orientation applied, keeping an alpha channel where the file has one.
+
+    OpenCV keeps alpha only with IMREAD_UNCHANGED, and that flag skips the EXIF orientation; any other flag
+    drops alpha (transparent pixels would show their hidden colour, often black). So: JPEG (never alpha) is
+    decoded once, oriented; other formats are first decoded unchanged, and decoded again oriented only when
+    they turn out to have no alpha. (An image with alpha *and* an EXIF rotation is not rotated.)
+    """
+    oriented = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
+    if buffer[:3].tobytes() == b"\xff\xd8\xff":
+        return cv2.imdecode(buffer, oriented)
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if image is not None and image.ndim == 3 and image.shape[2] == 4:
+        return image
+    return cv2.imdecode(buffer, oriented)
 
 
 def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -110,18 +127,32 @@ class ImageTransform:
     def map_to_original(self, grid: np.ndarray, interpolation: str = "nearest") -> np.ndarray:
         """A (H_l, W_l) or (C, H_l, W_l) map over the input -> (H, W) / (C, H, W) over the original image.
 
-        'nearest' keeps every cell a sharp rectangle whose edges land exactly on the cell's image footprint;
-        'linear' interpolates between cell centres.
+        'nearest' keeps every cell a sharp rectangle: original pixel (x, y) takes the value of the cell that
+        contains its centre, cell floor((x + 0.5) * W_l / W). (cv2's INTER_NEAREST uses floor(x * W_l / W),
+        which shifts cell edges by up to one pixel towards the right/bottom.) 'linear' interpolates between cell
+        centres.
         """
-        flag = cv2.INTER_NEAREST if interpolation == "nearest" else cv2.INTER_LINEAR
-        size = (self.original_width, self.original_height)
         grid = np.asarray(grid, dtype=np.float32)
+        if interpolation == "nearest":
+            height, width = grid.shape[-2:]
+            rows = _source_cells(self.original_height, height)
+            cols = _source_cells(self.original_width, width)
+            return np.ascontiguousarray(grid[..., rows[:, None], cols[None, :]])
+        if interpolation != "linear":
+            raise ValueError(f"interpolation must be 'nearest' or 'linear', got {interpolation!r}")
+        size = (self.original_width, self.original_height)
         if grid.ndim == 2:
-            return cv2.resize(grid, size, interpolation=flag)
-        return np.stack([cv2.resize(channel, size, interpolation=flag) for channel in grid])
+            return cv2.resize(grid, size, interpolation=cv2.INTER_LINEAR)
+        return np.stack([cv2.resize(channel, size, interpolation=cv2.INTER_LINEAR) for channel in grid])
 
     def to_dict(self) -> dict:
         return {"original_height": self.original_height, "original_width": self.original_width, "size": self.size}
+
+
+def _source_cells(output_length: int, cells: int) -> np.ndarray:
+    """For each of `output_length` pixels, the index of the cell (out of `cells`) containing its centre."""
+    centres = (np.arange(output_length, dtype=np.float64) + 0.5) * cells / output_length
+    return np.minimum(np.floor(centres).astype(np.int64), cells - 1)
 
 
 def preprocess(image: np.ndarray, size: int) -> tuple[torch.Tensor, ImageTransform]:
@@ -140,9 +171,17 @@ def preprocess(image: np.ndarray, size: int) -> tuple[torch.Tensor, ImageTransfo
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> float32 (H, W, 3) in ImageNet-normalized space."""
-    return ((image.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-            ).astype(np.float32)
+    """RGB uint8 (H, W, 3) -> float32 (H, W, 3) in ImageNet-normalized space.
+
+    The arithmetic is the official `ValTransform`'s, so the result is bit-identical to it: /255 in float32,
+    then the mean and std as float64 tuples applied in place (computed in float64, stored as float32).
+    Rounding the mean and std to float32 first would differ by one ulp on some pixels.
+    """
+    array = image.astype(np.float32)
+    array /= 255.0
+    array -= IMAGENET_MEAN
+    array /= IMAGENET_STD
+    return array
 
 
 def denormalize(tensor: torch.Tensor) -> np.ndarray:

@@ -283,8 +283,9 @@ def to_normalized_tensor(
     """Resize an RGB uint8 image to ``size`` (no letterbox), /255, subtract mean, divide by std: (3, H, W)."""
     resized = cv2.resize(image, _width_height(size), interpolation=interpolation)
     array = resized.astype(np.float32) / 255.0
-    array -= np.asarray(mean, np.float32)
-    array /= np.asarray(std, np.float32)
+    # float64 mean/std applied in place, as the official ValTransform: bit-identical to `transforms.preprocess`.
+    array -= np.asarray(mean, np.float64)
+    array /= np.asarray(std, np.float64)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 

@@ -1,0 +1,229 @@
+"""Detect objects in an image, a folder of images, or a video, and write annotated copies plus JSON records.
+
+    python -m asff_viz.detect --source PATH --out DIR [--weights W] [--size N] [--conf 0.01] [--nms 0.65]
+        [--show-threshold 0.3] [--device cpu]
+
+Writes DIR/<name> (annotated image, same name and format as the source) or DIR/<stem>.mp4 (annotated
+video), and DIR/detections.json: a list with one record per box above --conf, {image, [frame,] bbox
+[x, y, w, h] in original pixels, score, category_id, category_name}. Only boxes scoring at least
+--show-threshold are drawn. Unreadable files and frames are reported and skipped. Exit status 0 when
+anything was processed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .checkpoint import CheckpointError
+from .inference import DetectionResult, Detector
+from .postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
+from .transforms import IMAGE_SUFFIXES, ImageError, read_image
+
+logger = logging.getLogger("asff_viz.detect")
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+SHOW_THRESHOLD = 0.3
+DEFAULT_FPS = 25.0
+
+# Distinct, saturated RGB colours (class k uses PALETTE[k % len(PALETTE)]).
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
+    (255, 225, 25), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
+    (128, 128, 128), (255, 255, 255),
+)
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """The RGB colour of class `label`."""
+    return PALETTE[int(label) % len(PALETTE)]
+
+
+def annotate(image: np.ndarray, result: DetectionResult, show_threshold: float = SHOW_THRESHOLD) -> np.ndarray:
+    """A copy of RGB uint8 `image` with the boxes scoring >= show_threshold drawn, labelled `name score`.
+
+    Line width and text size follow the image size, so labels stay readable on thumbnails and on 4K frames.
+    Boxes are drawn lowest score first, so the best box of a cluster ends up on top.
+    """
+    canvas = np.ascontiguousarray(image).copy()
+    height, width = canvas.shape[:2]
+    shorter = min(height, width)
+    line = max(1, round(shorter / 300))
+    font_scale = max(0.3, shorter / 1000)
+    text_thickness = max(1, round(font_scale * 1.5))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    keep = [i for i, score in enumerate(result.scores.tolist()) if score >= show_threshold]
+    for i in reversed(keep):  # scores are sorted decreasing
+        x1, y1, x2, y2 = result.boxes[i].tolist()
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            continue
+        colour = class_colour(int(result.labels[i]))
+        corner1 = (int(round(max(min(x1, width - 1), 0))), int(round(max(min(y1, height - 1), 0))))
+        corner2 = (int(round(max(min(x2, width - 1), 0))), int(round(max(min(y2, height - 1), 0))))
+        cv2.rectangle(canvas, corner1, corner2, colour, line, cv2.LINE_8)  # crisp: exact class colour
+        text = f"{result.class_names[i]} {float(result.scores[i]):.2f}"
+        (text_width, text_height), baseline = cv2.getTextSize(text, font, font_scale, text_thickness)
+        label_height = text_height + baseline + 2 * line
+        left = min(corner1[0], max(0, width - text_width - 2 * line))
+        # Above the box when there is room, else just inside its top edge.
+        top = corner1[1] - label_height if corner1[1] - label_height >= 0 else corner1[1]
+        cv2.rectangle(canvas, (left, top), (left + text_width + 2 * line, top + label_height), colour, -1)
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        text_colour = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+        cv2.putText(canvas, text, (left + line, top + line + text_height), font, font_scale, text_colour,
+                    text_thickness, cv2.LINE_AA)
+    return canvas
+
+
+def write_image_rgb(path: Path, image: np.ndarray) -> None:
+    """Write an RGB image with OpenCV (which expects BGR); raises ImageError when it cannot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(image[:, :, ::-1])):
+        raise ImageError(f"{path}: OpenCV could not write this file")
+
+
+def find_inputs(source: Path) -> list[Path]:
+    """The image and video files of `source`: the file itself, or a folder's files (sorted, not recursive)."""
+    if source.is_file():
+        return [source]
+    return sorted(p for p in source.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def process_image(detector: Detector, path: Path, out_dir: Path, show_threshold: float) -> list[dict]:
+    """Detect in one image file, write its annotated copy; returns its records. Raises ImageError."""
+    image = read_image(path)
+    result = detector(image)
+    output = out_dir / (path.name if path.suffix.lower() in IMAGE_SUFFIXES else f"{path.stem}.jpg")
+    write_image_rgb(output, annotate(image, result, show_threshold))
+    return result.to_records(path.name)
+
+
+def process_video(detector: Detector, path: Path, out_dir: Path, show_threshold: float) -> list[dict]:
+    """Detect in every frame of a video, write DIR/<stem>.mp4 annotated; records carry the frame index.
+
+    Raises ImageError when no frame can be read.
+    """
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        capture.release()
+        raise ImageError(f"{path}: cannot be opened as a video (corrupt, or a codec OpenCV lacks).")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    fps = fps if math.isfinite(fps) and fps > 0 else DEFAULT_FPS
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    output = out_dir / f"{path.stem}.mp4"
+    writer, records, frame_index = None, [], 0
+    try:
+        with tqdm(total=total, desc=path.name, unit="frame", leave=False) as progress:
+            while True:
+                ok, frame = capture.read()
+                if not ok or frame is None:
+                    break
+                image = np.ascontiguousarray(frame[:, :, ::-1])  # OpenCV frames are BGR
+                result = detector(image)
+                records.extend(result.to_records(path.name, frame=frame_index))
+                if writer is None:
+                    writer = cv2.VideoWriter(str(output), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                             (image.shape[1], image.shape[0]))
+                    if not writer.isOpened():
+                        raise ImageError(f"{output}: OpenCV cannot write an mp4v video here.")
+                writer.write(np.ascontiguousarray(annotate(image, result, show_threshold)[:, :, ::-1]))
+                frame_index += 1
+                progress.update(1)
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+    if frame_index == 0:
+        raise ImageError(f"{path}: no frame could be read (empty or corrupt video).")
+    return records
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m asff_viz.detect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint (asff_viz or official ASFF); default: the embedded model")
+    parser.add_argument("--source", required=True, help="an image, a folder of images, or a video file")
+    parser.add_argument("--out", required=True, help="output folder (created if needed)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="square input size, a multiple of 32; default: the checkpoint's input size")
+    parser.add_argument("--conf", type=float, default=DISPLAY_CONF_THRESHOLD,
+                        help="score threshold (objectness x class probability) for the records")
+    parser.add_argument("--nms", type=float, default=NMS_THRESHOLD, help="per-class NMS IoU threshold")
+    parser.add_argument("--show-threshold", type=float, default=SHOW_THRESHOLD,
+                        help="only boxes scoring at least this are drawn")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run detection; returns the exit status (0 when at least one image or video was processed)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    source, out_dir = Path(args.source), Path(args.out)
+    if not source.exists():
+        return _fail(f"--source {source} does not exist.")
+    inputs = find_inputs(source)
+    if not inputs:
+        return _fail(f"--source {source} holds no images ({', '.join(IMAGE_SUFFIXES)}) or videos "
+                     f"({', '.join(VIDEO_SUFFIXES)}).")
+    source_folder = source if source.is_dir() else source.parent
+    if out_dir.resolve() == source_folder.resolve():
+        return _fail(f"--out {out_dir} is the source folder: the annotated files would overwrite the originals. "
+                     "Choose another output folder.")
+    try:
+        detector = Detector(args.weights, device=args.device, size=args.size, conf_threshold=args.conf,
+                            nms_threshold=args.nms)
+    except CheckpointError as error:
+        return _fail(str(error).replace("pass weights=PATH", "pass --weights PATH"))
+    except ValueError as error:
+        return _fail(str(error))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    records: list[dict] = []
+    processed, skipped = 0, 0
+    with logging_redirect_tqdm():
+        for path in tqdm(inputs, desc="detect", unit="file"):
+            try:
+                if is_video(path):
+                    records.extend(process_video(detector, path, out_dir, args.show_threshold))
+                else:
+                    records.extend(process_image(detector, path, out_dir, args.show_threshold))
+                processed += 1
+            except (ImageError, OSError, cv2.error) as error:
+                skipped += 1
+                lines = str(error).strip().splitlines()
+                message = lines[0] if lines else type(error).__name__
+                logger.warning("skipped %s", message if str(path) in message else f"{path}: {message}")
+    json_path = out_dir / "detections.json"
+    json_path.write_text("[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n"
+                         if records else "[]\n")
+    logger.info("%d of %d files processed (%d skipped), %d detections -> %s", processed, len(inputs), skipped,
+                len(records), json_path)
+    if processed == 0:
+        return _fail(f"none of the {len(inputs)} files in {source} could be processed.")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
