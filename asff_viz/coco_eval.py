@@ -59,7 +59,7 @@ class EvaluationImages(Dataset):
 
 
 def _collate(batch):
-    images, image_ids, sizes = zip(*batch)
+    images, image_ids, sizes = zip(*batch, strict=True)
     return torch.stack(images), list(image_ids), list(sizes)
 
 
@@ -86,7 +86,8 @@ def coco_metrics(coco, results: Sequence[dict], image_ids: Sequence[int] | None 
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    metrics = {name: (None if value < 0 else float(value)) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+    stats = evaluator.stats[: len(METRIC_NAMES)]  # the first 6 of COCOeval's 12 summary numbers
+    metrics = {name: (None if value < 0 else float(value)) for name, value in zip(METRIC_NAMES, stats, strict=True)}
     for name in ("AP", "AP50", "AP75"):  # -1 here means no GT box at all: nothing can be found, so 0
         metrics[name] = metrics[name] or 0.0
     return metrics
@@ -105,12 +106,13 @@ def detections_to_results(detections: Sequence[Detections], image_ids: Sequence[
         category_ids: sorted COCO category ids; class index k is `category_ids[k]`.
     """
     results = []
-    for found, image_id, (height, width) in zip(detections, image_ids, original_sizes):
+    for found, image_id, (height, width) in zip(detections, image_ids, original_sizes, strict=True):
         if len(found) == 0:
             continue
         boxes = found.scaled(width / input_size, height / input_size).boxes.detach().cpu().double().numpy()
         xywh = xyxy_to_coco_bbox(boxes)
-        for box, score, label in zip(xywh.tolist(), found.scores.tolist(), found.labels.tolist()):
+        rows = zip(xywh.tolist(), found.scores.tolist(), found.labels.tolist(), strict=True)
+        for box, score, label in rows:
             results.append({
                 "image_id": int(image_id),
                 "category_id": int(category_ids[int(label)]),

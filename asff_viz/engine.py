@@ -17,7 +17,6 @@ import os
 import random
 import time
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +112,22 @@ def initialize_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def set_objectness_prior(model: nn.Module, probability: float) -> None:
+    """Bias the objectness logits of every slot to `probability` (RetinaNet's prior init; not official).
+
+    With zero bias every one of the 4 * sum(H_l * W_l) positions starts at objectness 0.5, so the first
+    steps are dominated by a huge objectness loss; from-scratch training on short schedules is much more
+    stable when positions start near `probability` (e.g. 0.01).
+    """
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"objectness prior must be in (0, 1), got {probability}")
+    raw = unwrap_model(model)
+    with torch.no_grad():
+        for level in raw.head.levels:
+            bias = level.predict.bias.view(4, -1)  # (slot, 5 + C) rows of the prediction conv
+            bias[:, 4] = -math.log((1.0 - probability) / probability)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -180,6 +195,7 @@ class FusionWeightStatistics:
         self.strides = tuple(self.model.strides)
         self.handles: list = []
         self.captured: dict[int, torch.Tensor] = {}
+        self.hooked_levels: list[int] = []  # kept after exit: which levels had an ASFF softmax
         self.reset()
 
     def reset(self) -> None:
@@ -187,12 +203,14 @@ class FusionWeightStatistics:
         self.sums = torch.zeros(len(self.strides), len(SIZE_RANGES), 3, dtype=torch.float64)
         self.counts = torch.zeros(len(self.strides), len(SIZE_RANGES), dtype=torch.float64)
 
-    def __enter__(self) -> "FusionWeightStatistics":
+    def __enter__(self) -> FusionWeightStatistics:
+        self.hooked_levels = []
         fusion = getattr(self.model, "fusion", None)
         for level, module in enumerate(getattr(fusion, "levels", [])):
             softmax = getattr(module, "softmax", None)
             if softmax is not None:
                 self.handles.append(softmax.register_forward_hook(self._hook(level)))
+                self.hooked_levels.append(level)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -203,7 +221,8 @@ class FusionWeightStatistics:
 
     @property
     def active(self) -> bool:
-        return bool(self.handles)
+        """True when the model has ASFF softmax modules to observe (also after the hooks are removed)."""
+        return bool(self.hooked_levels)
 
     def _hook(self, level: int) -> Callable:
         def hook(module, inputs, output):
@@ -257,6 +276,8 @@ class FusionWeightStatistics:
         """One row per (target level, size): epoch, level, stride, size, boxes, weight_source_{0,1,2}."""
         rows = []
         for level, stride in enumerate(self.strides):
+            if level not in self.hooked_levels:
+                continue
             for size_index, size in enumerate(SIZE_RANGES):
                 count = float(self.counts[level, size_index])
                 means = (self.sums[level, size_index] / count).tolist() if count else [float("nan")] * 3
@@ -310,7 +331,7 @@ class GradientNormTracker:
             return []
         means = (self.sums / self.steps).tolist()
         return [{"epoch": epoch, "layer": name, "grad_norm": mean, "steps": self.steps}
-                for name, mean in zip(self.layer_names, means)]
+                for name, mean in zip(self.layer_names, means, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------- logging
@@ -397,6 +418,8 @@ class EpochOptions:
     max_consecutive_nonfinite: int = 3
     log_interval: int = 10  # iterations between logged scalars
     grad_norm_interval: int = 0  # sample per-layer gradient norms every N steps (0: never)
+    freeze_batchnorm: bool = False  # BatchNorm in eval mode: running statistics fixed, batch-independent
+    clip_grad_norm: float = 0.0  # clip the global gradient norm to this (0: off, the official setting)
     progress: bool = True
 
 
@@ -433,6 +456,10 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
     options = options or EpochOptions()
     device = context.device
     model.train()
+    if options.freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     totals = torch.zeros(len(LOSS_NAMES) + 1, dtype=torch.float64)
     window = torch.zeros(len(LOSS_NAMES) + 2, dtype=torch.float64)  # losses, total, steps (for logging)
     images_seen, steps_done = 0, 0
@@ -444,7 +471,7 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
 
         epochs_text = f"/{num_epochs}" if num_epochs else ""
         bar = tqdm(total=iterations, desc=f"epoch {epoch}{epochs_text}", dynamic_ncols=True, leave=True)
-    buffers = [b for b in unwrap_model(model).buffers() if b.dtype.is_floating_point]
+    buffers = list(unwrap_model(model).buffers())
     try:
         for iteration, batch in enumerate(loader):
             images, labels = batch[0], batch[1]
@@ -461,13 +488,13 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
                 state.consecutive_nonfinite += 1
                 state.skipped_steps += 1
                 with torch.no_grad():
-                    for buffer, saved in zip(buffers, saved_buffers):
+                    for buffer, saved in zip(buffers, saved_buffers, strict=True):
                         buffer.copy_(saved)
                 optimizer.zero_grad(set_to_none=True)
                 if fusion_statistics is not None:
                     fusion_statistics.captured.clear()
                 warnings.warn(f"epoch {epoch} iteration {iteration}: non-finite loss "
-                              f"({ {k: float(v) for k, v in terms.items()} }); step skipped "
+                              f"({ {k: float(v.detach()) for k, v in terms.items()} }); step skipped "
                               f"({state.consecutive_nonfinite} in a row)", RuntimeWarning, stacklevel=2)
                 if state.consecutive_nonfinite >= options.max_consecutive_nonfinite:
                     raise NonFiniteLossError(
@@ -482,10 +509,12 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
                 loss.backward()
             sample_norms = (gradient_norms is not None and options.grad_norm_interval > 0
                             and state.global_step % options.grad_norm_interval == 0)
+            if scaler is not None and (sample_norms or options.clip_grad_norm > 0):
+                scaler.unscale_(optimizer)
             if sample_norms:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                gradient_norms.update()
+                gradient_norms.update()  # before clipping: the norms the loss produces
+            if options.clip_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -499,7 +528,7 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
             steps_done += 1
             batch_images = images.shape[0] * context.world_size
             images_seen += batch_images
-            values = torch.tensor([float(terms[name]) for name in (*LOSS_NAMES, "total")], dtype=torch.float64)
+            values = torch.tensor([float(terms[name].detach()) for name in (*LOSS_NAMES, "total")], dtype=torch.float64)
             totals += values
             window[:-1] += values
             window[-1] += 1
@@ -624,9 +653,3 @@ def grouped_parameters(model: nn.Module, weight_decay: float, decay_norm_and_bia
                 decay.append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-
-def merge_history(history: dict, key: str, row: dict) -> dict:
-    """Append `row` to history[key] (a list), for the record kept in checkpoints."""
-    history = defaultdict(list, history)
-    history[key].append(row)
-    return dict(history)

@@ -114,14 +114,14 @@ class YOLOv3Loss(nn.Module):
         if base_anchors is None:
             base_anchors = [
                 torch.cat([self.anchors[list(mask)], torch.full((1, 2), 4.0 * stride)])
-                for mask, stride in zip(self.anchor_masks, self.strides)
+                for mask, stride in zip(self.anchor_masks, self.strides, strict=True)
             ]
         for level, base in enumerate(base_anchors):
             base = torch.as_tensor(base, dtype=torch.float32).view(SLOTS_PER_CELL, 2)
             self.register_buffer(f"base_anchors_{level}", base, persistent=False)
 
     @classmethod
-    def from_config(cls, config, *, ignore_threshold: float = 0.7, label_smoothing: bool = False) -> "YOLOv3Loss":
+    def from_config(cls, config, *, ignore_threshold: float = 0.7, label_smoothing: bool = False) -> YOLOv3Loss:
         """Build from an `asff_viz.config.ModelConfig` (num_classes, anchors, anchor_masks, strides)."""
         return cls(
             config.num_classes,

@@ -291,7 +291,7 @@ def test_matches_official_loop_values_and_gradients(label_smoothing, seed):
     inputs = [t for o in outputs for t in o]
     ours = torch.autograd.grad(sum(t["total"] for t in per_level), inputs)
     theirs = torch.autograd.grad(sum(sum(t.values()) for t in expected), inputs)
-    for mine, reference in zip(ours, theirs):
+    for mine, reference in zip(ours, theirs, strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
 
 
@@ -306,7 +306,7 @@ class TinyHead(nn.Module):
 
     def forward(self, features):
         outputs = []
-        for feature, predict, guide in zip(features, self.predict, self.guide):
+        for feature, predict, guide in zip(features, self.predict, self.guide, strict=True):
             b, _, h, w = feature.shape
             outputs.append(LevelOutput(predict(feature).view(b, 4, 5 + self.num_classes, h, w),
                                        guide(feature).view(b, 4, 2, h, w)))
