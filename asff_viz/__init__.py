@@ -2,7 +2,10 @@
 
 from .checkpoint import CheckpointError, load_model
 from .config import ModelConfig
+from .inference import DetectionResult, Detector
+from .introspection import Counterfactual, Trace, capture, trace_image
 from .models import build_model
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ModelConfig", "build_model", "load_model", "__version__"]
+__all__ = ["CheckpointError", "Counterfactual", "DetectionResult", "Detector", "ModelConfig", "Trace",
+           "build_model", "capture", "load_model", "trace_image", "__version__"]

@@ -1,0 +1,478 @@
+"""The paper's consistency analysis made measurable: which target level sends which gradient to which source.
+
+ASFF fuses y^l = sum_k alpha^l_k * R_{k->l}(x^k) (alpha: per-pixel softmax weights, R: the resize of source
+level k to target level l). Treating the weights as given, as the paper does, the gradient an objective O
+sends to source feature x^k through the fusion's value path is
+
+    sum_l  J_{R_{k->l}}^T ( alpha^l_k * dO/dy^l ),
+
+one term per target level l, each carried back through the resize. A location that is a positive at one level
+and background at another receives conflicting terms; the learned alpha can switch one of them off.
+
+What the decomposition contains (all computed with `torch.autograd.grad` on tensors captured by
+`asff_viz.capture(keep_graph=True)`, never with module backward hooks), for each source k:
+
+* ``value[l][k]``: the term above for target level l (the paper's quantity);
+* ``weight_branch[l][k]``: the gradient that reaches x^k through level l's weight branch (the 1x1 convs,
+  logits and softmax that compute alpha^l from the resized maps), which the paper's argument leaves out;
+* ``fusion_total[k]``: dO/dx^k through the fusion as a whole, by autograd; it equals
+  sum_l (value[l][k] + weight_branch[l][k]) (the identity the tests check);
+* ``neck_path[k]``: what reaches the neck output x^k through the neck's own top-down path (x^0 feeds x^1 and
+  x^2, x^1 feeds x^2), i.e. total[k] - fusion_total[k]; zero for x^2;
+* ``total[k]``: dO/dx^k by autograd, all paths: value paths + weight branches + neck path.
+
+Conflict is measured on the value-path terms only (see `conflict_statistics`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..postprocess import row_location
+from .capture import LEVEL_NAMES, Counterfactual, as_counterfactual, capture, has_fusion_weights
+
+# ------------------------------------------------------------------------------------------------ objectives
+
+
+def row_scores(outputs: list, row_index: int, class_index: int | None = None) -> tuple[torch.Tensor, int]:
+    """(B,) pre-NMS scores sigmoid(objectness) x sigmoid(class logit) of decoded row `row_index`, and the class.
+
+    Read straight from the raw outputs at the row's level, slot and cell (as `model.decode` orders rows), so
+    no other row is decoded: an overflowing exp() in some far-away box size cannot turn gradients into NaN,
+    and the model's dtype is kept. class_index None = the most probable class of the first image.
+    """
+    grid_sizes = [tuple(int(v) for v in output.prediction.shape[-2:]) for output in outputs]
+    location = row_location(row_index, grid_sizes)
+    logits = outputs[location.level].prediction[:, location.slot, :, location.row, location.col]  # (B, 5 + C)
+    if class_index is None:
+        class_index = int(logits[0, 5:].argmax())
+    return torch.sigmoid(logits[:, 4]) * torch.sigmoid(logits[:, 5 + int(class_index)]), int(class_index)
+
+
+@dataclass(frozen=True)
+class DetectionScore:
+    """The pre-NMS score objectness x class probability of decoded row `row_index` (first image).
+
+    class_index: the class whose probability counts; None = the row's most probable class in this forward.
+    """
+
+    row_index: int
+    class_index: int | None = None
+
+    def __call__(self, model: nn.Module, outputs: list) -> torch.Tensor:
+        return row_scores(outputs, self.row_index, self.class_index)[0][0]
+
+    def describe(self) -> str:
+        suffix = "" if self.class_index is None else f", class {self.class_index}"
+        return f"score of row {self.row_index}{suffix}"
+
+
+@dataclass(frozen=True)
+class SumOfScores:
+    """Sum of objectness x best class probability over `row_indices` (all decoded rows when None)."""
+
+    row_indices: tuple[int, ...] | None = None
+
+    def __call__(self, model: nn.Module, outputs: list) -> torch.Tensor:
+        if self.row_indices is not None:
+            return sum(row_scores(outputs, row)[0][0] for row in self.row_indices)
+        total = 0
+        for output in outputs:
+            probabilities = torch.sigmoid(output.prediction[0, :, 4:])  # (4, 1 + C, H, W)
+            total = total + (probabilities[:, 0] * probabilities[:, 1:].max(dim=1).values).sum()
+        return total
+
+    def describe(self) -> str:
+        return "sum of scores" + ("" if self.row_indices is None else f" of {len(self.row_indices)} rows")
+
+
+@dataclass(frozen=True)
+class TrainingLoss:
+    """The training loss of the image against ground truth, summed over chosen levels and terms.
+
+    labels: (M, 5) rows [class, cx, cy, w, h] in input pixels (or (1, M, 5); a 6th mixup column is allowed).
+    terms: loss terms among "anchor", "iou", "l1", "obj", "cls", or "total". levels: output levels whose loss
+    counts (0 = stride 32). Uses `asff_viz.loss.build_criterion(model.config)`.
+    """
+
+    labels: torch.Tensor | np.ndarray
+    terms: tuple[str, ...] = ("total",)
+    levels: tuple[int, ...] = (0, 1, 2)
+
+    def batched_labels(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        labels = torch.as_tensor(np.asarray(self.labels, dtype=np.float32), device=device)
+        if labels.dim() == 2:
+            labels = labels.unsqueeze(0)
+        if labels.dim() != 3 or labels.shape[0] != 1 or labels.shape[-1] < 5:
+            raise ValueError(f"labels must be (M, 5) [class, cx, cy, w, h] in input pixels, got "
+                             f"{tuple(labels.shape)}")
+        return labels
+
+    def __call__(self, model: nn.Module, outputs: list) -> torch.Tensor:
+        from ..loss import build_criterion  # local: the loss module is only needed for this objective
+
+        criterion = build_criterion(model.config).to(outputs[0].prediction.device)
+        per_level = criterion.loss_per_level(outputs, self.batched_labels(outputs[0].prediction.device))
+        return sum(per_level[level][term] for level in self.levels for term in self.terms)
+
+    def describe(self) -> str:
+        levels = ", ".join(LEVEL_NAMES[level] for level in self.levels)
+        return f"training loss ({'+'.join(self.terms)}) at {levels}"
+
+
+def ground_truth_labels(boxes_xyxy: np.ndarray, class_indices: np.ndarray, transform) -> np.ndarray:
+    """Ground truth in original pixels -> (M, 5) [class, cx, cy, w, h] in input pixels, for `TrainingLoss`.
+
+    boxes_xyxy: (M, 4) x1, y1, x2, y2 in original image pixels; transform: the trace's `ImageTransform`.
+    """
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    scale = np.array([transform.scale_x, transform.scale_y] * 2)
+    boxes = boxes / scale
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    classes = np.asarray(class_indices, dtype=np.float64).reshape(-1, 1)
+    return np.concatenate([classes, centers, sizes], axis=1).astype(np.float32)
+
+
+def ground_truth_cells(labels, config, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Positives and object background of each level from ground truth, by the loss's assignment rule.
+
+    A ground-truth box is a positive at the level whose anchor mask holds its best of the 9 anchors (by
+    centred wh-IoU), in the cell holding its centre. At the other two levels the cell holding its centre is
+    background for it: the conflicting case of the paper. (The loss's ignore rule depends on predictions and
+    is not reproduced.) labels: (M, 5) [class, cx, cy, w, h] input pixels.
+    Returns (positives, background): 3 bool arrays (H_l, W_l) each, level 0 first; a cell positive for one
+    box is never marked background.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    labels = labels.reshape(-1, labels.shape[-1])
+    anchors = np.asarray(config.anchors, dtype=np.float64)
+    grids = [size // stride for stride in config.strides]
+    positives = [np.zeros((g, g), dtype=bool) for g in grids]
+    background = [np.zeros((g, g), dtype=bool) for g in grids]
+    for row in labels:
+        width, height = row[3], row[4]
+        if width <= 0 or height <= 0:
+            continue
+        intersection = np.minimum(width, anchors[:, 0]) * np.minimum(height, anchors[:, 1])
+        iou = intersection / (width * height + anchors.prod(axis=1) - intersection + 1e-16)
+        best = int(iou.argmax())
+        assigned = next(level for level, mask in enumerate(config.anchor_masks) if best in mask)
+        for level, (stride, grid) in enumerate(zip(config.strides, grids, strict=True)):
+            r = min(max(int(row[2] // stride), 0), grid - 1)
+            c = min(max(int(row[1] // stride), 0), grid - 1)
+            (positives if level == assigned else background)[level][r, c] = True
+    background = [b & ~p for b, p in zip(background, positives, strict=True)]
+    return positives, background
+
+
+def resample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A (H, W) bool cell mask onto another grid of the same image: repeat when finer, any() when coarser."""
+    mask = np.asarray(mask, dtype=bool)
+    height, width = mask.shape
+    target_h, target_w = shape
+    if target_h >= height:
+        factor_h, factor_w = target_h // height, target_w // width
+        return np.repeat(np.repeat(mask, factor_h, axis=0), factor_w, axis=1)
+    factor_h, factor_w = height // target_h, width // target_w
+    return mask.reshape(target_h, factor_h, target_w, factor_w).any(axis=(1, 3))
+
+
+# ------------------------------------------------------------------------------------------- decomposition
+
+
+@dataclass
+class GradientDecomposition:
+    """Gradient tensors at the three sources (see the module docstring); batch dimension removed.
+
+    value[l][k], weight_branch[l][k]: (C_k, H_k, W_k). fusion_total[k], neck_path[k], total[k]: (C_k, H_k, W_k).
+    fused_gradient[l]: dO/dy^l (C_l, H_l, W_l). weights[l]: the fusion weights used, (3, H_l, W_l).
+    """
+
+    objective_value: float
+    value: list
+    weight_branch: list
+    fusion_total: list
+    neck_path: list
+    total: list
+    fused_gradient: list
+    weights: list
+    counterfactual: Counterfactual
+
+
+def _as_batch(image_tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    if image_tensor.dim() == 3:
+        image_tensor = image_tensor.unsqueeze(0)
+    if image_tensor.dim() != 4 or image_tensor.shape[0] != 1 or image_tensor.shape[1] != 3:
+        raise ValueError(f"expected one normalized image (3, S, S) or (1, 3, S, S), got {tuple(image_tensor.shape)}")
+    parameter = next(model.parameters())
+    return image_tensor.detach().to(device=parameter.device, dtype=parameter.dtype).clone().requires_grad_(True)
+
+
+def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
+                        counterfactual: Counterfactual | str | None = None, *,
+                        through_offsets: bool = False) -> GradientDecomposition:
+    """Split the gradient of `objective` at the three neck outputs by path (see the module docstring).
+
+    Args:
+        model: an ASFF model, expected in eval mode (its mode and parameters are not changed).
+        image_tensor: (3, S, S) or (1, 3, S, S) normalized image.
+        objective: callable (model, raw outputs) -> scalar tensor, e.g. `DetectionScore(row)`.
+        counterfactual: fusion weights to use instead of the learned ones (e.g. "uniform").
+        through_offsets: also differentiate through the head's deformable offsets, which the model computes
+            from detached guided anchors. Off by default: the analysis is about the gradients training
+            sees, and training stops them there.
+    """
+    # A sum-fusion model is y^l = sum_k R_{k->l}(x^k): the same decomposition with every alpha^l_k = 1.
+    plain_sum = not has_fusion_weights(model) and getattr(getattr(model, "fusion", None), "mode", None) == "sum"
+    if not has_fusion_weights(model) and not plain_sum:
+        raise ValueError(f"the {model.config.variant!r} model has no ASFF fusion to analyse.")
+    from .attribution import gradient_through_offsets  # local: attribution imports this module
+
+    counterfactual = as_counterfactual(counterfactual)
+    images = _as_batch(image_tensor, model)
+    with torch.enable_grad():
+        with capture(model, keep_graph=True, counterfactual=counterfactual) as recorder:
+            if through_offsets:
+                with gradient_through_offsets(model):
+                    outputs = model(images)
+            else:
+                outputs = model(images)
+        value = objective(model, outputs)
+        if value.dim() != 0:
+            raise ValueError(f"the objective must return a scalar, got shape {tuple(value.shape)}")
+        resized = [[recorder.resized[l][k] for k in range(3)] for l in range(3)]
+        inputs = [*recorder.fused, *(r for row in resized for r in row), *recorder.sources, *recorder.neck_outputs]
+        gradients = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+        gradients = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gradients, strict=True)]
+        fused_gradient = gradients[0:3]
+        resized_gradient = [gradients[3 + 3 * l: 6 + 3 * l] for l in range(3)]
+        fusion_total, total = gradients[12:15], gradients[15:18]
+
+        def back_through_resize(level: int, source: int, gradient: torch.Tensor) -> torch.Tensor:
+            result = torch.autograd.grad(resized[level][source], recorder.sources[source], grad_outputs=gradient,
+                                         retain_graph=True, allow_unused=True)[0]
+            return torch.zeros_like(recorder.sources[source]) if result is None else result
+
+        value_terms = [[None] * 3 for _ in range(3)]
+        weight_terms = [[None] * 3 for _ in range(3)]
+        used_weights = [None] * 3
+        for level in range(3):
+            weights = (recorder.fusion_weights[level].detach() if not plain_sum else
+                       fused_gradient[level].new_ones(fused_gradient[level].shape[0], 3,
+                                                      *fused_gradient[level].shape[2:]))
+            used_weights[level] = weights
+            for source in range(3):
+                # dO/dR_{k->l} through the value path: the fused sum multiplies R by alpha^l_k.
+                direct = weights[:, source:source + 1] * fused_gradient[level]
+                value_terms[level][source] = back_through_resize(level, source, direct)[0]
+                weight_terms[level][source] = back_through_resize(
+                    level, source, resized_gradient[level][source] - direct)[0]
+    return GradientDecomposition(
+        objective_value=float(value.detach()),
+        value=value_terms, weight_branch=weight_terms,
+        fusion_total=[g[0].detach() for g in fusion_total],
+        neck_path=[(t - f)[0].detach() for t, f in zip(total, fusion_total, strict=True)],
+        total=[g[0].detach() for g in total],
+        fused_gradient=[g[0].detach() for g in fused_gradient],
+        weights=[w[0].detach() for w in used_weights],
+        counterfactual=counterfactual,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- conflict
+
+
+@dataclass
+class ConflictStatistics:
+    """How the value-path terms of the three target levels agree at each location of one source.
+
+    norms: (3, H, W) per-target norms over channels. cancellation: (H, W) 1 - |sum_l g_l| / sum_l |g_l| in
+    [0, 1]: 0 when the terms point the same way (or only one is present), near 1 when they cancel.
+    cosine, sign_agreement: (3, 3, H, W) pairwise cosine similarity and fraction of channels whose signs
+    agree (NaN where a term is zero). active: (H, W) locations with a non-negligible gradient. conflicting:
+    active locations where two significant terms (each >= `significance` x the largest there) have cosine
+    below `cosine_threshold`. rate: conflicting / active. (Random directions in C channels have cosines of
+    about +-1/sqrt(C), so a threshold of 0 counts near-orthogonal pairs too; `mean_cancellation` weighs
+    each location by its gradient and is the magnitude-aware summary.) mean_cancellation: the cancellation
+    averaged over active locations, weighted by sum_l |g_l|.
+    """
+
+    norms: np.ndarray
+    cancellation: np.ndarray
+    cosine: np.ndarray
+    sign_agreement: np.ndarray
+    active: np.ndarray
+    conflicting: np.ndarray
+    rate: float
+    mean_cancellation: float = 0.0
+
+
+def conflict_statistics(terms: torch.Tensor, significance: float = 0.1, active_fraction: float = 1e-3,
+                        cosine_threshold: float = 0.0) -> ConflictStatistics:
+    """terms: (L, C, H, W) gradient contributions of L target levels to one source -> ConflictStatistics."""
+    terms = terms.detach().double()
+    count = terms.shape[0]
+    norms = terms.norm(dim=1)  # (L, H, W)
+    norm_sum = norms.sum(dim=0)
+    tiny = torch.finfo(torch.float64).tiny
+    cancellation = torch.where(norm_sum > 0, 1 - terms.sum(dim=0).norm(dim=0) / norm_sum.clamp(min=tiny),
+                               torch.zeros_like(norm_sum)).clamp(0, 1)
+    unit = terms / norms.unsqueeze(1).clamp(min=tiny)
+    cosine = torch.einsum("achw,bchw->abhw", unit, unit)
+    present = norms > 0
+    both = present.unsqueeze(0) & present.unsqueeze(1)
+    cosine = torch.where(both, cosine.clamp(-1, 1), torch.full_like(cosine, math.nan))
+    signs = torch.sign(terms)
+    nonzero = (signs.unsqueeze(0) != 0) & (signs.unsqueeze(1) != 0)  # (L, L, C, H, W)
+    agree = ((signs.unsqueeze(0) == signs.unsqueeze(1)) & nonzero).sum(dim=2).double()
+    sign_agreement = torch.where(both, agree / nonzero.sum(dim=2).clamp(min=1), torch.full_like(agree, math.nan))
+    maximum = norm_sum.max()
+    active = norm_sum > active_fraction * maximum if maximum > 0 else torch.zeros_like(norm_sum, dtype=torch.bool)
+    significant = norms >= significance * norms.max(dim=0).values.unsqueeze(0)
+    significant &= present
+    pair = significant.unsqueeze(0) & significant.unsqueeze(1)
+    pair &= ~torch.eye(count, dtype=torch.bool).view(count, count, 1, 1)
+    conflicting = (pair & (torch.nan_to_num(cosine, nan=1.0) < cosine_threshold)).flatten(0, 1).any(dim=0) & active
+    rate = float(conflicting.sum() / active.sum()) if active.any() else 0.0
+    weight = torch.where(active, norm_sum, torch.zeros_like(norm_sum))
+    mean_cancellation = float((cancellation * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
+    return ConflictStatistics(norms.float().numpy(), cancellation.float().numpy(), cosine.float().numpy(),
+                              sign_agreement.float().numpy(), active.numpy(), conflicting.numpy(), rate,
+                              mean_cancellation)
+
+
+# ------------------------------------------------------------------------------------------------- summary
+
+
+@dataclass
+class GradientFlow:
+    """The gradient-flow analysis of one image and objective, as numpy summaries (see `gradient_flow`).
+
+    matrix: (3, 3) Frobenius norms of the value-path terms, row = target level l, column = source level k.
+    weight_branch_matrix: (3, 3) the same for the weight-branch terms.
+    maps[l][k]: (H_k, W_k) per-location channel norm of the value-path term l -> k, at the source's resolution.
+    weight_branch_maps[l][k]: the same for the weight branch.
+    fusion_total_maps, neck_path_maps, total_maps: 3 arrays (H_k, W_k); *_norms: (3,) their Frobenius norms.
+    conflict: 3 `ConflictStatistics`, one per source; conflict_maps[k] = conflict[k].cancellation;
+    conflict_rate: (3,) per source; overall_conflict_rate: conflicting / active over all sources;
+    mean_cancellation: (3,) per source, gradient-weighted mean of the conflict map.
+    positives, background: 3 bool (H_l, W_l) from ground truth (None without it); positives_at_source[k],
+    background_at_source[k]: (3, H_k, W_k) bool, target level l's cells mapped onto source k's grid;
+    conflict_rate_at_objects: (3,) conflict rate among active locations of source k that are a positive of
+    some level (None without ground truth).
+    weights: 3 arrays (3, H_l, W_l), the fusion weights used. strides: per level.
+    """
+
+    objective: str
+    objective_value: float
+    counterfactual: dict
+    matrix: np.ndarray
+    weight_branch_matrix: np.ndarray
+    maps: list
+    weight_branch_maps: list
+    fusion_total_maps: list
+    neck_path_maps: list
+    total_maps: list
+    fusion_total_norms: np.ndarray
+    neck_path_norms: np.ndarray
+    total_norms: np.ndarray
+    conflict: list
+    conflict_rate: np.ndarray
+    overall_conflict_rate: float
+    weights: list
+    strides: tuple
+    positives: list | None = None
+    background: list | None = None
+    positives_at_source: list | None = None
+    background_at_source: list | None = None
+    conflict_rate_at_objects: np.ndarray | None = None
+
+    @property
+    def mean_cancellation(self) -> np.ndarray:
+        return np.array([statistics.mean_cancellation for statistics in self.conflict])
+
+    @property
+    def conflict_maps(self) -> list:
+        return [statistics.cancellation for statistics in self.conflict]
+
+    @property
+    def counterfactual_label(self) -> str:
+        return Counterfactual.from_dict(self.counterfactual).describe()
+
+
+def _norm_map(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().double().norm(dim=0).float().cpu().numpy()
+
+
+def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
+                  counterfactual: Counterfactual | str | None = None, *, ground_truth=None,
+                  significance: float = 0.1, active_fraction: float = 1e-3, cosine_threshold: float = 0.0,
+                  through_offsets: bool = False) -> GradientFlow:
+    """The gradient-flow analysis of `objective` on one image.
+
+    Args:
+        model: an ASFF model (eval mode expected; not modified).
+        image_tensor: (3, S, S) or (1, 3, S, S) normalized image.
+        objective: `DetectionScore(row)`, `SumOfScores()`, `TrainingLoss(labels)`, or any callable
+            (model, raw outputs) -> scalar tensor (with an optional `describe()`).
+        counterfactual: e.g. "uniform" for the plain-sum comparison the paper argues from.
+        ground_truth: (M, 5) [class, cx, cy, w, h] in input pixels to mark positives/background; taken from a
+            `TrainingLoss` objective when not given.
+        significance, active_fraction, cosine_threshold: thresholds of `conflict_statistics`.
+        through_offsets: see `decompose_gradients` (off: the gradients training sees).
+    """
+    decomposition = decompose_gradients(model, image_tensor, objective, counterfactual,
+                                        through_offsets=through_offsets)
+    size = int(image_tensor.shape[-1])
+    value_norm = np.array([[float(decomposition.value[l][k].double().norm()) for k in range(3)] for l in range(3)])
+    weight_norm = np.array([[float(decomposition.weight_branch[l][k].double().norm()) for k in range(3)]
+                            for l in range(3)])
+    conflict = [conflict_statistics(torch.stack([decomposition.value[l][k].cpu() for l in range(3)]),
+                                    significance, active_fraction, cosine_threshold) for k in range(3)]
+    active_total = sum(int(c.active.sum()) for c in conflict)
+    overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else 0.0
+    flow = GradientFlow(
+        objective=objective.describe() if hasattr(objective, "describe") else repr(objective),
+        objective_value=decomposition.objective_value,
+        counterfactual=decomposition.counterfactual.to_dict(),
+        matrix=value_norm, weight_branch_matrix=weight_norm,
+        maps=[[_norm_map(decomposition.value[l][k]) for k in range(3)] for l in range(3)],
+        weight_branch_maps=[[_norm_map(decomposition.weight_branch[l][k]) for k in range(3)] for l in range(3)],
+        fusion_total_maps=[_norm_map(g) for g in decomposition.fusion_total],
+        neck_path_maps=[_norm_map(g) for g in decomposition.neck_path],
+        total_maps=[_norm_map(g) for g in decomposition.total],
+        fusion_total_norms=np.array([float(g.double().norm()) for g in decomposition.fusion_total]),
+        neck_path_norms=np.array([float(g.double().norm()) for g in decomposition.neck_path]),
+        total_norms=np.array([float(g.double().norm()) for g in decomposition.total]),
+        conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]), overall_conflict_rate=overall,
+        weights=[w.float().cpu().numpy() for w in decomposition.weights], strides=tuple(model.strides),
+    )
+    if ground_truth is None and isinstance(objective, TrainingLoss):
+        ground_truth = objective.batched_labels()[0].numpy()
+    if ground_truth is not None:
+        positives, background = ground_truth_cells(np.asarray(ground_truth, dtype=np.float64), model.config, size)
+        flow.positives, flow.background = positives, background
+        flow.positives_at_source, flow.background_at_source, rates = [], [], []
+        for source in range(3):
+            shape = flow.maps[0][source].shape
+            on_source = np.stack([resample_mask(p, shape) for p in positives])
+            flow.positives_at_source.append(on_source)
+            flow.background_at_source.append(np.stack([resample_mask(b, shape) for b in background]))
+            objects = on_source.any(axis=0) & conflict[source].active
+            rates.append(float((conflict[source].conflicting & objects).sum() / objects.sum())
+                         if objects.any() else math.nan)
+        flow.conflict_rate_at_objects = np.array(rates)
+    return flow
+
+
+def compare_with_uniform(model: nn.Module, image_tensor: torch.Tensor, objective, **kwargs
+                         ) -> tuple[GradientFlow, GradientFlow]:
+    """(learned, uniform) gradient flows of the same image and objective: the paper's comparison."""
+    return (gradient_flow(model, image_tensor, objective, None, **kwargs),
+            gradient_flow(model, image_tensor, objective, "uniform", **kwargs))

@@ -1,0 +1,691 @@
+"""Pictures of traces, gradient flows and attributions: pure functions returning figures.
+
+matplotlib functions build a `matplotlib.figure.Figure` directly (never `pyplot`): nothing is shown, no
+global figure state is left behind, and a figure is freed as soon as the caller drops it. `figure_to_png`
+renders one to PNG bytes. plotly functions (suffix `_plotly`) return `plotly.graph_objects.Figure` for the app.
+
+Conventions:
+* Fusion weights are probabilities: always drawn on a fixed 0..1 scale with a colorbar, never stretched to
+  each map's own minimum and maximum. The default colormap, viridis, is perceptually uniform and
+  colour-blind safe; any matplotlib / plotly name can be passed instead.
+* Images are RGB (as `asff_viz.transforms.read_image` returns them); nothing here reorders channels, except
+  for the one PNG encoding through OpenCV, which expects BGR and is converted explicitly.
+* Coordinates are original-image pixels with pixel i spanning [i, i + 1], the convention of the boxes; maps
+  are placed with `ImageTransform.map_to_original`, so each cell covers exactly its footprint on the image.
+* Level 0 is stride 32; in a 3x3 grid rows are target levels and columns source levels (the paper's Figure 3).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+from matplotlib import colors as mcolors
+from matplotlib.cm import ScalarMappable
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
+from .introspection.capture import LEVEL_NAMES, LEVEL_STRIDES
+from .introspection.trace import Trace, fusion_entropy
+
+WEIGHT_CMAP = "viridis"
+ENTROPY_CMAP = "magma"
+CONFLICT_CMAP = "magma"
+GRADIENT_CMAP = "cividis"
+SIGNED_CMAP = "RdBu_r"
+# Okabe-Ito: distinguishable under the common forms of colour blindness.
+CLASS_COLORS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
+SOURCE_COLOR_NAMES = ("red", "green", "blue")
+WEIGHT_LABEL = "fusion weight (0..1)"
+
+
+# ------------------------------------------------------------------------------------------------ arrays
+
+
+def class_color(label: int) -> str:
+    """The colour of class index `label` (cycling through the Okabe-Ito palette)."""
+    return CLASS_COLORS[int(label) % len(CLASS_COLORS)]
+
+
+def composite_rgb(weights: np.ndarray) -> np.ndarray:
+    """(3, H, W) weights -> (H, W, 3) float in [0, 1]: red = source stride 32, green = 16, blue = 8."""
+    return np.clip(np.moveaxis(np.asarray(weights, dtype=np.float32), 0, -1), 0.0, 1.0)
+
+
+def weight_overlay_array(image: np.ndarray, weight_map: np.ndarray, alpha: float = 0.5,
+                         cmap: str = WEIGHT_CMAP) -> np.ndarray:
+    """Blend a (H, W) map in [0, 1] (fixed scale) over an RGB uint8 image -> RGB uint8 (H, W, 3)."""
+    colored = _colormap(cmap)(np.clip(np.asarray(weight_map, dtype=np.float64), 0.0, 1.0))[..., :3]
+    blended = (1.0 - alpha) * (image.astype(np.float64) / 255.0) + alpha * colored
+    return np.clip(np.round(blended * 255.0), 0, 255).astype(np.uint8)
+
+
+def figure_to_png(figure: Figure, dpi: int = 100) -> bytes:
+    """Render a matplotlib figure to PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _colormap(name):
+    from matplotlib import colormaps
+
+    return colormaps[name] if isinstance(name, str) else name
+
+
+def _image_extent(image: np.ndarray) -> tuple[float, float, float, float]:
+    height, width = image.shape[:2]
+    return (0.0, float(width), float(height), 0.0)
+
+
+def _figure_for(image: np.ndarray, rows: int = 1, cols: int = 1, panel_inches: float = 4.0,
+                extra_width: float = 1.0) -> Figure:
+    height, width = image.shape[:2]
+    aspect = height / width
+    return Figure(figsize=(cols * panel_inches + extra_width, rows * panel_inches * aspect + 0.6),
+                  layout="constrained")
+
+
+def _show_image(ax, image: np.ndarray) -> None:
+    ax.imshow(image, extent=_image_extent(image), interpolation="antialiased")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _overlay(ax, image: np.ndarray, values: np.ndarray, *, cmap, vmin: float, vmax: float, alpha: float):
+    return ax.imshow(values, extent=_image_extent(image), cmap=_colormap(cmap), vmin=vmin, vmax=vmax,
+                     alpha=alpha, interpolation="nearest")
+
+
+def _check_level(level: int, name: str = "level") -> int:
+    if level not in (0, 1, 2):
+        raise ValueError(f"{name} must be 0 (stride 32), 1 (stride 16) or 2 (stride 8), got {level!r}")
+    return int(level)
+
+
+def _trace_title(trace: Trace) -> str:
+    counterfactual = trace.counterfactual
+    return "" if counterfactual.is_learned else f" [{counterfactual.describe()}]"
+
+
+# --------------------------------------------------------------------------------------- detections
+
+
+def drawable_box(box_xyxy, image_shape: tuple[int, ...] | None = None) -> tuple[float, float, float, float] | None:
+    """A box clipped to a margin of one image size around the image (None if it has NaN coordinates).
+
+    Untrained or diverging models can predict boxes millions of pixels wide (or infinite, when exp()
+    overflows); drawing them as they are breaks the figure's transforms.
+    """
+    box = np.asarray(box_xyxy, dtype=np.float64)
+    if np.isnan(box).any():
+        return None
+    if image_shape is None:
+        limit_x = limit_y = 1e6
+    else:
+        limit_y, limit_x = float(image_shape[0]), float(image_shape[1])
+    x1, x2 = np.clip(box[[0, 2]], -limit_x, 2 * limit_x)
+    y1, y2 = np.clip(box[[1, 3]], -limit_y, 2 * limit_y)
+    return float(x1), float(y1), float(x2), float(y2)
+
+
+def draw_detections_on(ax, records: Sequence, *, max_detections: int | None = None, score_threshold: float = 0.0,
+                       show_level: bool = True, linewidth: float = 2.0, fontsize: float = 8.0,
+                       image_shape: tuple[int, ...] | None = None) -> int:
+    """Draw `DetectionRecord` boxes (original pixels) with class, score and level on a matplotlib axes.
+
+    image_shape: (H, W, ...) of the image under the boxes, so that labels of boxes reaching past its top or
+    left edge are drawn inside it. Returns the number of boxes drawn.
+    """
+    height, width = (image_shape[0], image_shape[1]) if image_shape is not None else (math.inf, math.inf)
+    drawn = 0
+    for record in records:
+        if record.score < score_threshold:
+            continue
+        if max_detections is not None and drawn >= max_detections:
+            break
+        box = drawable_box(record.box_xyxy, image_shape)
+        if box is None:
+            continue
+        x1, y1, x2, y2 = box
+        color = class_color(record.label)
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth))
+        text = f"{record.class_name} {record.score:.2f}"
+        if show_level:
+            text += f" | s{LEVEL_NAMES[record.level].split()[-1]}"
+        # Above the box's top edge, or just inside it when that edge is at the top of the image.
+        inside = y1 < (0.03 * height if math.isfinite(height) else 0.0)
+        label_x = min(max(x1, 0.0), max(width - 1.0, 0.0))
+        label_y = min(max(y1, 0.0), max(height - 1.0, 0.0))
+        ax.text(label_x, label_y, text, fontsize=fontsize, color="black", va="top" if inside else "bottom",
+                ha="left", clip_on=True, bbox={"facecolor": color, "edgecolor": "none", "pad": 1.0, "alpha": 0.85})
+        drawn += 1
+    return drawn
+
+
+def draw_detections(image: np.ndarray, records: Sequence, *, max_detections: int | None = 50,
+                    score_threshold: float = 0.0, title: str | None = None, panel_inches: float = 6.0) -> Figure:
+    """The RGB image with boxes and labels of `DetectionRecord`s (by decreasing score, up to max_detections)."""
+    figure = _figure_for(image, panel_inches=panel_inches, extra_width=0.0)
+    ax = figure.add_subplot()
+    _show_image(ax, image)
+    count = draw_detections_on(ax, records, max_detections=max_detections, score_threshold=score_threshold,
+                               image_shape=image.shape)
+    ax.set_xlim(0, image.shape[1])
+    ax.set_ylim(image.shape[0], 0)
+    ax.set_title(title if title is not None else f"{count} detections")
+    return figure
+
+
+# ------------------------------------------------------------------------------------ fusion weights
+
+
+def weight_overlay(trace: Trace, level: int, source: int, alpha: float = 0.5, cmap: str = WEIGHT_CMAP, *,
+                   show_detections: bool = False, interpolation: str = "nearest", panel_inches: float = 5.0) -> Figure:
+    """One fusion weight map alpha^level_source over the original image, fixed 0..1 scale, with colorbar."""
+    level, source = _check_level(level), _check_level(source, "source")
+    figure = _figure_for(trace.image, panel_inches=panel_inches)
+    ax = figure.add_subplot()
+    _show_image(ax, trace.image)
+    weights = trace.weights_on_original(level, interpolation)[source]
+    mappable = _overlay(ax, trace.image, weights, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha)
+    if show_detections:
+        draw_detections_on(ax, [r for r in trace.detections if r.level == level], max_detections=20,
+                           image_shape=trace.image.shape)
+        ax.set_xlim(0, trace.image.shape[1])
+        ax.set_ylim(trace.image.shape[0], 0)
+    figure.colorbar(mappable, ax=ax, label=WEIGHT_LABEL, fraction=0.046, pad=0.02)
+    ax.set_title(f"level {LEVEL_NAMES[level]}: weight of source {LEVEL_NAMES[source]}{_trace_title(trace)}")
+    return figure
+
+
+def figure3_grid(trace: Trace, alpha: float = 0.5, cmap: str = WEIGHT_CMAP, *, weights: list | None = None,
+                 panel_inches: float = 3.0) -> Figure:
+    """The paper's Figure 3: 3x3 weight overlays, row = target level, column = source level, one 0..1 colorbar.
+
+    weights: 3 arrays (3, H_l, W_l) to draw instead of `trace.fusion_weights` (e.g. `trace.learned_weights`).
+    """
+    weights = trace.fusion_weights if weights is None else weights
+    figure = _figure_for(trace.image, 3, 3, panel_inches=panel_inches)
+    axes = figure.subplots(3, 3, squeeze=False)
+    mappable = None
+    for level in range(3):
+        on_image = trace.transform.map_to_original(weights[level], "nearest")
+        for source in range(3):
+            ax = axes[level][source]
+            _show_image(ax, trace.image)
+            mappable = _overlay(ax, trace.image, on_image[source], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha)
+            if level == 0:
+                ax.set_title(f"source {LEVEL_NAMES[source]}", fontsize=10)
+            if source == 0:
+                ax.set_ylabel(f"target {LEVEL_NAMES[level]}", fontsize=10)
+    figure.colorbar(mappable, ax=axes, label=WEIGHT_LABEL, shrink=0.8)
+    figure.suptitle(f"ASFF fusion weights{_trace_title(trace)}")
+    return figure
+
+
+def rgb_composite(trace: Trace, level: int, *, alpha: float = 0.75, panel_inches: float = 5.0) -> Figure:
+    """The three weights of `level` as one RGB picture (red = stride 32, green = 16, blue = 8 source).
+
+    Pure red/green/blue = one source chosen; mixed colours = a blend. `alpha` blends it over the image
+    (1.0 = the composite alone). Red/green is hard for some readers: `figure3_grid` shows the same data.
+    """
+    level = _check_level(level)
+    composite = composite_rgb(trace.weights_on_original(level, "nearest"))
+    blended = (1.0 - alpha) * trace.image.astype(np.float32) / 255.0 + alpha * composite
+    figure = _figure_for(trace.image, panel_inches=panel_inches, extra_width=0.0)
+    ax = figure.add_subplot()
+    ax.imshow(np.clip(blended, 0.0, 1.0), extent=_image_extent(trace.image), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    handles = [Patch(facecolor=color, label=f"source {name}")
+               for color, name in zip(SOURCE_COLOR_NAMES, LEVEL_NAMES, strict=True)]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
+    ax.set_title(f"level {LEVEL_NAMES[level]}: weights as RGB{_trace_title(trace)}")
+    return figure
+
+
+def entropy_map(trace: Trace, level: int, *, alpha: float = 0.6, cmap: str = ENTROPY_CMAP,
+                panel_inches: float = 5.0) -> Figure:
+    """How decided the fusion of `level` is: entropy of its weights / log 3 (0 = one source, 1 = uniform)."""
+    level = _check_level(level)
+    entropy = trace.transform.map_to_original(fusion_entropy(trace.fusion_weights[level]), "nearest")
+    figure = _figure_for(trace.image, panel_inches=panel_inches)
+    ax = figure.add_subplot()
+    _show_image(ax, trace.image)
+    mappable = _overlay(ax, trace.image, entropy, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha)
+    figure.colorbar(mappable, ax=ax, label="entropy / log 3 (0 = one source, 1 = uniform)", fraction=0.046, pad=0.02)
+    ax.set_title(f"level {LEVEL_NAMES[level]}: fusion entropy{_trace_title(trace)}")
+    return figure
+
+
+def counterfactual_comparison(traces: Sequence[Trace], *, max_detections: int = 20,
+                              score_threshold: float = 0.1, panel_inches: float = 4.0) -> Figure:
+    """Detections of the same image under several counterfactuals, side by side (titles name each)."""
+    if not traces:
+        raise ValueError("counterfactual_comparison needs at least one trace")
+    image = traces[0].image
+    figure = _figure_for(image, 1, len(traces), panel_inches=panel_inches, extra_width=0.0)
+    axes = figure.subplots(1, len(traces), squeeze=False)[0]
+    for ax, trace in zip(axes, traces, strict=True):
+        _show_image(ax, trace.image)
+        count = draw_detections_on(ax, trace.detections, max_detections=max_detections,
+                                   score_threshold=score_threshold, image_shape=trace.image.shape)
+        ax.set_xlim(0, image.shape[1])
+        ax.set_ylim(image.shape[0], 0)
+        ax.set_title(f"{trace.counterfactual.describe()}\n{count} boxes >= {score_threshold:g}", fontsize=9)
+    return figure
+
+
+# ------------------------------------------------------------------------------------- gradient flow
+
+
+def gradient_flow_matrix(flow, *, cmap: str = GRADIENT_CMAP, log_scale: bool = False,
+                         include_weight_branch: bool = False) -> Figure:
+    """The 3x3 matrix of value-path gradient norms (row = target level, column = source level), annotated.
+
+    With include_weight_branch, a second panel shows the weight-branch norms on the same colour scale.
+    """
+    matrices = [("value path", flow.matrix)]
+    if include_weight_branch:
+        matrices.append(("weight branch", flow.weight_branch_matrix))
+    figure = Figure(figsize=(4.2 * len(matrices) + 0.8, 4.0), layout="constrained")
+    axes = figure.subplots(1, len(matrices), squeeze=False)[0]
+    top = max(float(np.max(m)) for _, m in matrices) or 1.0
+    positive = [float(v) for _, m in matrices for v in np.ravel(m) if v > 0]
+    norm = (mcolors.LogNorm(vmin=min(positive), vmax=top) if log_scale and positive
+            else mcolors.Normalize(vmin=0.0, vmax=top))
+    mappable = None
+    for ax, (name, matrix) in zip(axes, matrices, strict=True):
+        mappable = ax.imshow(matrix, cmap=_colormap(cmap), norm=norm)
+        for (row, col), value in np.ndenumerate(matrix):
+            shade = norm(value) if value > 0 or not log_scale else 0.0
+            ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=9,
+                    color="black" if shade > 0.6 else "white")
+        ax.set_xticks(range(3), [f"src {n}" for n in LEVEL_NAMES], fontsize=8)
+        ax.set_yticks(range(3), [f"tgt {n}" for n in LEVEL_NAMES], fontsize=8)
+        ax.set_title(name, fontsize=10)
+    figure.colorbar(mappable, ax=list(axes), label="gradient norm")
+    figure.suptitle(f"{flow.objective} ({flow.counterfactual_label})", fontsize=10)
+    return figure
+
+
+def gradient_flow_maps(flow, *, trace: Trace | None = None, cmap: str = GRADIENT_CMAP, alpha: float = 0.6,
+                       panel_inches: float = 3.0) -> Figure:
+    """3x3 maps of value-path gradient norms at each source's resolution (row = target, column = source).
+
+    Each column (one source) shares its colour scale, 0 to that source's largest value, so the three target
+    levels' contributions to one source compare directly. With `trace`, the maps lie on its image.
+    """
+    image = trace.image if trace is not None else None
+    reference = image if image is not None else np.zeros((1, 1, 3), np.uint8)
+    figure = _figure_for(reference, 3, 3, panel_inches=panel_inches)
+    axes = figure.subplots(3, 3, squeeze=False)
+    for source in range(3):
+        top = max(float(flow.maps[level][source].max()) for level in range(3)) or 1.0
+        mappable = None
+        for level in range(3):
+            ax = axes[level][source]
+            values = flow.maps[level][source]
+            if trace is not None:
+                _show_image(ax, image)
+                mappable = _overlay(ax, image, trace.transform.map_to_original(values, "nearest"), cmap=cmap,
+                                    vmin=0.0, vmax=top, alpha=alpha)
+            else:
+                mappable = ax.imshow(values, cmap=_colormap(cmap), vmin=0.0, vmax=top, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if level == 0:
+                ax.set_title(f"source {LEVEL_NAMES[source]}", fontsize=10)
+            if source == 0:
+                ax.set_ylabel(f"from target {LEVEL_NAMES[level]}", fontsize=10)
+        figure.colorbar(mappable, ax=axes[:, source].tolist(), location="bottom", shrink=0.8, label="gradient norm")
+    figure.suptitle(f"value-path gradient: {flow.objective} ({flow.counterfactual_label})", fontsize=10)
+    return figure
+
+
+_POSITIVE_MARKERS = ("s", "^", "o")
+
+
+def conflict_maps(flows: Sequence, *, trace: Trace | None = None, cmap: str = CONFLICT_CMAP, alpha: float = 0.7,
+                  panel_inches: float = 3.0) -> Figure:
+    """Conflict (cancellation, fixed 0..1 scale) per source for one or more flows (e.g. learned, uniform).
+
+    Rows are flows, columns sources; each title gives the conflict rate and the gradient-weighted mean
+    cancellation. Ground-truth positives of each target level, mapped onto the source's grid, are marked
+    (square = stride 32, triangle = 16, circle = 8) when the flow has ground truth. With `trace`, the maps
+    lie on its image (flows and trace must come from the same image and input size).
+    """
+    if not isinstance(flows, (list, tuple)):
+        flows = [flows]
+    reference = trace.image if trace is not None else np.zeros((1, 1, 3), np.uint8)
+    figure = _figure_for(reference, len(flows), 3, panel_inches=panel_inches)
+    axes = figure.subplots(len(flows), 3, squeeze=False)
+    mappable = None
+    for row, flow in enumerate(flows):
+        for source in range(3):
+            ax = axes[row][source]
+            conflict = flow.conflict[source]
+            cells = conflict.cancellation.shape[0]
+            if trace is not None:
+                _show_image(ax, trace.image)
+                mappable = _overlay(ax, trace.image, trace.transform.map_to_original(conflict.cancellation, "nearest"),
+                                    cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha)
+                cell_w, cell_h = trace.image.shape[1] / cells, trace.image.shape[0] / cells
+            else:
+                mappable = ax.imshow(conflict.cancellation, cmap=_colormap(cmap), vmin=0.0, vmax=1.0,
+                                     interpolation="nearest", extent=(0, cells, cells, 0))
+                cell_w = cell_h = 1.0
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if flow.positives_at_source is not None:
+                for level in range(3):
+                    ys, xs = np.nonzero(flow.positives_at_source[source][level])
+                    if len(xs):
+                        ax.scatter((xs + 0.5) * cell_w, (ys + 0.5) * cell_h, marker=_POSITIVE_MARKERS[level], s=18,
+                                   facecolors="none", edgecolors="#56B4E9", linewidths=1.0,
+                                   label=f"positive at {LEVEL_NAMES[level]}")
+            ax.set_title(f"source {LEVEL_NAMES[source]}: conflict {conflict.rate:.0%}, "
+                         f"cancel {conflict.mean_cancellation:.2f}", fontsize=8)
+            if source == 0:
+                ax.set_ylabel(flow.counterfactual_label, fontsize=9)
+    handles, labels = [], []
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    figure.colorbar(mappable, ax=axes, label="cancellation 1 - |sum g| / sum |g|", shrink=0.8)
+    figure.suptitle(f"gradient conflict: {flows[0].objective}", fontsize=10)
+    return figure
+
+
+# -------------------------------------------------------------------------------------- attributions
+
+
+def attribution_overlay(image: np.ndarray, attribution, transform, *, alpha: float = 0.8, cmap: str | None = None,
+                        clip_percentile: float | None = 99.5, box_xyxy=None, title: str | None = None,
+                        panel_inches: float = 5.0) -> Figure:
+    """An `Attribution` over the original image, opaque where it is strong and clear where it is near zero.
+
+    Signed maps (integrated gradients) use a diverging colormap symmetric about 0; non-negative maps
+    (saliency, Grad-CAM) go from 0. Attributions are not probabilities: the scale is the `clip_percentile`
+    percentile of |value| (None: the maximum), stated on the colorbar; pixel attributions are spiky, and the
+    maximum alone would leave almost every pixel invisible. The cell of a fusion-weight attribution
+    (`attribution.cell`) and an optional box (original pixels, e.g. the detection's) are outlined.
+    """
+    values = attribution.to_original(transform, "nearest" if attribution.grid is not None else "linear")
+    magnitude = np.abs(values)
+    scale = float(np.percentile(magnitude, clip_percentile) if clip_percentile is not None else magnitude.max())
+    scale = scale or float(magnitude.max()) or 1.0
+    signed = attribution.signed
+    norm = mcolors.Normalize(-scale, scale) if signed else mcolors.Normalize(0.0, scale)
+    colormap = _colormap(cmap or (SIGNED_CMAP if signed else WEIGHT_CMAP))
+    overlay = colormap(norm(values))
+    overlay[..., 3] = alpha * np.clip(magnitude / scale, 0.0, 1.0)
+    figure = _figure_for(image, panel_inches=panel_inches)
+    ax = figure.add_subplot()
+    _show_image(ax, image)
+    ax.imshow(overlay, extent=_image_extent(image), interpolation="nearest")
+    clipped = "" if clip_percentile is None else f", clipped at the {clip_percentile:g}th percentile of |value|"
+    figure.colorbar(ScalarMappable(norm, colormap), ax=ax, label=f"{attribution.method}{clipped}", fraction=0.046,
+                    pad=0.02)
+    outline = {"fill": False, "linewidth": 1.5, "edgecolor": "black"}
+    cell = getattr(attribution, "cell", None)
+    if cell is not None and attribution.level is not None:
+        stride = LEVEL_STRIDES[attribution.level]
+        row, col = cell
+        ax.add_patch(Rectangle((col * stride * transform.scale_x, row * stride * transform.scale_y),
+                               stride * transform.scale_x, stride * transform.scale_y, **outline))
+    if box_xyxy is not None:
+        box = drawable_box(box_xyxy, image.shape)
+        if box is not None:
+            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], linestyle="--", **outline))
+    ax.set_xlim(0, image.shape[1])
+    ax.set_ylim(image.shape[0], 0)
+    ax.set_title(title if title is not None else attribution.target, fontsize=9)
+    return figure
+
+
+def grad_cam_figure(image: np.ndarray, attributions: Sequence, transform, *, alpha: float = 0.55,
+                    cmap: str = WEIGHT_CMAP, panel_inches: float = 3.5) -> Figure:
+    """Grad-CAM of each level side by side, on one colour scale (0 to the largest value of all levels)."""
+    figure = _figure_for(image, 1, len(attributions), panel_inches=panel_inches)
+    axes = figure.subplots(1, len(attributions), squeeze=False)[0]
+    top = max(float(a.grid.max()) for a in attributions) or 1.0
+    mappable = None
+    for ax, attribution in zip(axes, attributions, strict=True):
+        _show_image(ax, image)
+        mappable = _overlay(ax, image, attribution.to_original(transform, "nearest"), cmap=cmap, vmin=0.0, vmax=top,
+                            alpha=alpha)
+        ax.set_title(f"Grad-CAM {LEVEL_NAMES[attribution.level]}", fontsize=9)
+    figure.colorbar(mappable, ax=list(axes), label=f"Grad-CAM (max {top:.3g})", shrink=0.8)
+    return figure
+
+
+# -------------------------------------------------------------------------------------------- plotly
+
+
+def image_data_uri(image: np.ndarray, image_format: str = "png", jpeg_quality: int = 90) -> str:
+    """RGB uint8 (H, W, 3) -> 'data:image/png;base64,...' (or jpeg: smaller, lossy).
+
+    OpenCV encodes BGR, hence the explicit RGB -> BGR conversion before encoding.
+    """
+    if image_format not in ("png", "jpeg"):
+        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+    bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
+    if image_format == "png":
+        ok, encoded = cv2.imencode(".png", bgr)
+    else:
+        ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+    if not ok:
+        raise ValueError(f"could not encode the image as {image_format}")
+    return f"data:image/{image_format};base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def _plotly_colorscale(cmap: str, steps: int = 11) -> list:
+    colormap = _colormap(cmap)
+    return [[i / (steps - 1), mcolors.to_hex(colormap(i / (steps - 1)))] for i in range(steps)]
+
+
+def _image_trace(image: np.ndarray, max_side: int | None = None):
+    """The RGB image as a plotly Image trace in original-pixel coordinates.
+
+    max_side: shrink the embedded image so its longer side is at most this, and embed it as JPEG (figures
+    with many copies of the image stay small); coordinates stay those of the original image. Without it the
+    image is embedded losslessly (PNG).
+    """
+    import plotly.graph_objects as go
+
+    height, width = image.shape[:2]
+    shown = image
+    if max_side is not None and max(height, width) > max_side:
+        factor = max_side / max(height, width)
+        shown = cv2.resize(image, (max(1, round(width * factor)), max(1, round(height * factor))),
+                           interpolation=cv2.INTER_AREA)
+    dx, dy = width / shown.shape[1], height / shown.shape[0]
+    # Pixel i of the shown image covers [i * dx, (i + 1) * dx]: the convention of the boxes and the cells.
+    encoding = "png" if max_side is None else "jpeg"
+    return go.Image(source=image_data_uri(shown, encoding), x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip")
+
+
+def _image_layout(figure, image: np.ndarray, row: int | None = None, col: int | None = None,
+                  x_axis: str = "x") -> None:
+    """Axes of an image panel: original-pixel ranges, y downwards, square pixels (y scaled to `x_axis`)."""
+    height, width = image.shape[:2]
+    axis = {"showticklabels": False, "showgrid": False, "zeroline": False}
+    kwargs = {} if row is None else {"row": row, "col": col}
+    figure.update_xaxes(range=[0, width], constrain="domain", **axis, **kwargs)
+    figure.update_yaxes(range=[height, 0], scaleanchor=x_axis, constrain="domain", **axis, **kwargs)
+
+
+def _grid_heatmap(values: np.ndarray, transform, stride: int, *, colorscale, zmin: float, zmax: float,
+                  opacity: float, name: str, coloraxis: str | None = None, colorbar_title: str | None = None):
+    """A heatmap of a (H_l, W_l) grid whose cells cover exactly their footprint on the original image."""
+    import plotly.graph_objects as go
+
+    cell_w, cell_h = stride * transform.scale_x, stride * transform.scale_y
+    kwargs = {"coloraxis": coloraxis} if coloraxis else {
+        "colorscale": colorscale, "zmin": zmin, "zmax": zmax, "colorbar": {"title": {"text": colorbar_title}}}
+    height, width = values.shape
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    return go.Heatmap(z=values, x0=cell_w / 2, dx=cell_w, y0=cell_h / 2, dy=cell_h, opacity=opacity, name=name,
+                      customdata=np.stack([rows, cols], axis=-1),
+                      hovertemplate=f"{name}<br>cell (%{{customdata[0]}}, %{{customdata[1]}})<br>value %{{z:.3f}}"
+                                    "<extra></extra>", **kwargs)
+
+
+def add_detections_plotly(figure, records: Sequence, *, max_detections: int | None = 50, score_threshold: float = 0.0,
+                          row: int | None = None, col: int | None = None,
+                          image_shape: tuple[int, ...] | None = None) -> int:
+    """Add `DetectionRecord` boxes (original pixels) as rectangles with hover text. Returns the count drawn.
+
+    image_shape: (H, W, ...) of the image, to clip absurd boxes to a margin around it (see `drawable_box`).
+    """
+    import plotly.graph_objects as go
+
+    drawn = 0
+    kwargs = {} if row is None else {"row": row, "col": col}
+    for record in records:
+        if record.score < score_threshold:
+            continue
+        if max_detections is not None and drawn >= max_detections:
+            break
+        box = drawable_box(record.box_xyxy, image_shape)
+        if box is None:
+            continue
+        x1, y1, x2, y2 = box
+        color = class_color(record.label)
+        weights = ", ".join(f"{w:.2f}" for w in record.weights_here)
+        figure.add_trace(go.Scatter(
+            x=[x1, x2, x2, x1, x1], y=[y1, y1, y2, y2, y1], mode="lines", line={"color": color, "width": 2},
+            name=f"{record.class_name} {record.score:.2f}", showlegend=False,
+            hovertemplate=(f"{record.class_name} {record.score:.3f}<br>level {LEVEL_NAMES[record.level]}, "
+                           f"slot {record.slot}, cell ({record.row}, {record.col})<br>weights [{weights}]"
+                           "<extra></extra>")), **kwargs)
+        drawn += 1
+    return drawn
+
+
+def detections_plotly(image: np.ndarray, records: Sequence, *, max_detections: int | None = 50,
+                      score_threshold: float = 0.0):
+    """Interactive version of `draw_detections`."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure(_image_trace(image))
+    add_detections_plotly(figure, records, max_detections=max_detections, score_threshold=score_threshold,
+                          image_shape=image.shape)
+    _image_layout(figure, image)
+    figure.update_layout(margin={"l": 0, "r": 0, "t": 30, "b": 0})
+    return figure
+
+
+def weight_overlay_plotly(trace: Trace, level: int, source: int, opacity: float = 0.5, cmap: str = WEIGHT_CMAP, *,
+                          show_detections: bool = False):
+    """Interactive `weight_overlay`: the image plus a 0..1 heatmap of alpha^level_source on its cells."""
+    import plotly.graph_objects as go
+
+    level, source = _check_level(level), _check_level(source, "source")
+    figure = go.Figure(_image_trace(trace.image))
+    figure.add_trace(_grid_heatmap(trace.fusion_weights[level][source], trace.transform, trace.strides[level],
+                                   colorscale=_plotly_colorscale(cmap), zmin=0.0, zmax=1.0, opacity=opacity,
+                                   name=f"weight of source {LEVEL_NAMES[source]}", colorbar_title="weight"))
+    if show_detections:
+        add_detections_plotly(figure, [r for r in trace.detections if r.level == level], max_detections=20,
+                              image_shape=trace.image.shape)
+    _image_layout(figure, trace.image)
+    figure.update_layout(title={"text": f"level {LEVEL_NAMES[level]}: weight of source {LEVEL_NAMES[source]}"
+                                        f"{_trace_title(trace)}"}, margin={"l": 0, "r": 0, "t": 40, "b": 0})
+    return figure
+
+
+def figure3_grid_plotly(trace: Trace, opacity: float = 0.5, cmap: str = WEIGHT_CMAP, *, weights: list | None = None,
+                        max_image_side: int = 320):
+    """Interactive Figure 3: 3x3 subplots (row = target, column = source) sharing one 0..1 colour axis.
+
+    The image under each panel is embedded at most `max_image_side` pixels long (9 copies); maps keep their
+    exact cells.
+    """
+    from plotly.subplots import make_subplots
+
+    weights = trace.fusion_weights if weights is None else weights
+    figure = make_subplots(rows=3, cols=3, horizontal_spacing=0.02, vertical_spacing=0.04,
+                           column_titles=[f"source {n}" for n in LEVEL_NAMES],
+                           row_titles=[f"target {n}" for n in LEVEL_NAMES])
+    for level in range(3):
+        for source in range(3):
+            figure.add_trace(_image_trace(trace.image, max_image_side), row=level + 1, col=source + 1)
+            figure.add_trace(_grid_heatmap(weights[level][source], trace.transform, trace.strides[level],
+                                           colorscale=None, zmin=0.0, zmax=1.0, opacity=opacity,
+                                           name=f"target {LEVEL_NAMES[level]}, source {LEVEL_NAMES[source]}",
+                                           coloraxis="coloraxis"), row=level + 1, col=source + 1)
+            _image_layout(figure, trace.image, level + 1, source + 1, x_axis=figure.data[-1].xaxis)
+    height, width = trace.image.shape[:2]
+    figure.update_layout(coloraxis={"colorscale": _plotly_colorscale(cmap), "cmin": 0.0, "cmax": 1.0,
+                                    "colorbar": {"title": {"text": "weight"}}},
+                         height=int(260 * 3 * height / width) + 80, margin={"l": 30, "r": 0, "t": 60, "b": 0},
+                         title={"text": f"ASFF fusion weights{_trace_title(trace)}"})
+    return figure
+
+
+def rgb_composite_plotly(trace: Trace, level: int, opacity: float = 0.75):
+    """Interactive `rgb_composite`: the weights of `level` as RGB cells over the image."""
+    import plotly.graph_objects as go
+
+    level = _check_level(level)
+    stride = trace.strides[level]
+    composite = np.round(composite_rgb(trace.fusion_weights[level]) * 255).astype(np.uint8)
+    cell_w, cell_h = stride * trace.transform.scale_x, stride * trace.transform.scale_y
+    figure = go.Figure(_image_trace(trace.image))
+    figure.add_trace(go.Image(z=composite, x0=cell_w / 2, y0=cell_h / 2, dx=cell_w, dy=cell_h, opacity=opacity,
+                              hovertemplate="weights (r, g, b) = %{z}<extra></extra>"))
+    _image_layout(figure, trace.image)
+    figure.update_layout(title={"text": f"level {LEVEL_NAMES[level]}: red = source stride 32, green = 16, "
+                                        f"blue = 8{_trace_title(trace)}"}, margin={"l": 0, "r": 0, "t": 40, "b": 0})
+    return figure
+
+
+def entropy_map_plotly(trace: Trace, level: int, opacity: float = 0.6, cmap: str = ENTROPY_CMAP):
+    """Interactive `entropy_map` (fixed 0..1 scale)."""
+    import plotly.graph_objects as go
+
+    level = _check_level(level)
+    figure = go.Figure(_image_trace(trace.image))
+    figure.add_trace(_grid_heatmap(fusion_entropy(trace.fusion_weights[level]), trace.transform,
+                                   trace.strides[level], colorscale=_plotly_colorscale(cmap), zmin=0.0, zmax=1.0,
+                                   opacity=opacity, name="entropy / log 3", colorbar_title="entropy / log 3"))
+    _image_layout(figure, trace.image)
+    figure.update_layout(title={"text": f"level {LEVEL_NAMES[level]}: fusion entropy{_trace_title(trace)}"},
+                         margin={"l": 0, "r": 0, "t": 40, "b": 0})
+    return figure
+
+
+def gradient_flow_matrix_plotly(flow, cmap: str = GRADIENT_CMAP):
+    """Interactive 3x3 value-path gradient-norm matrix."""
+    import plotly.graph_objects as go
+
+    labels_x = [f"source {n}" for n in LEVEL_NAMES]
+    labels_y = [f"target {n}" for n in LEVEL_NAMES]
+    figure = go.Figure(go.Heatmap(z=flow.matrix, x=labels_x, y=labels_y, colorscale=_plotly_colorscale(cmap), zmin=0,
+                                  text=[[f"{v:.3g}" for v in row] for row in flow.matrix], texttemplate="%{text}",
+                                  colorbar={"title": {"text": "gradient norm"}}))
+    figure.update_yaxes(autorange="reversed")
+    figure.update_layout(title={"text": f"{flow.objective} ({flow.counterfactual_label})"})
+    return figure
+
+
+__all__ = [
+    "add_detections_plotly", "attribution_overlay", "class_color", "composite_rgb", "conflict_maps",
+    "counterfactual_comparison", "detections_plotly", "draw_detections", "draw_detections_on", "drawable_box",
+    "entropy_map", "entropy_map_plotly", "figure3_grid", "figure3_grid_plotly", "figure_to_png", "grad_cam_figure",
+    "gradient_flow_maps", "gradient_flow_matrix", "gradient_flow_matrix_plotly", "image_data_uri", "rgb_composite",
+    "rgb_composite_plotly", "weight_overlay", "weight_overlay_array", "weight_overlay_plotly",
+]

@@ -1,0 +1,171 @@
+"""The gradient-flow decomposition: its identity with autograd, counterfactuals, objectives and conflict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from asff_viz.config import ModelConfig
+from asff_viz.introspection.capture import hook_count
+from asff_viz.introspection.gradflow import (
+    DetectionScore,
+    SumOfScores,
+    TrainingLoss,
+    compare_with_uniform,
+    conflict_statistics,
+    decompose_gradients,
+    gradient_flow,
+    ground_truth_cells,
+    ground_truth_labels,
+)
+from asff_viz.transforms import ImageTransform
+from tests.test_capture import SIZE, tiny_model
+
+LABELS = np.array([[0, 40.0, 50.0, 30.0, 60.0], [2, 70.0, 20.0, 12.0, 12.0]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model().double()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randn(3, SIZE, SIZE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def best_row(model, image):
+    with torch.no_grad():
+        decoded = model.decode(model(image[None]))[0]
+    return int((decoded[:, 4] * decoded[:, 5:].max(dim=1).values).argmax())
+
+
+@pytest.fixture(scope="module")
+def decomposition(model, image, best_row):
+    return decompose_gradients(model, image, DetectionScore(best_row))
+
+
+def test_value_and_weight_branch_terms_sum_to_the_fusion_gradient(decomposition):
+    for source in range(3):
+        summed = sum(decomposition.value[l][source] + decomposition.weight_branch[l][source] for l in range(3))
+        scale = decomposition.fusion_total[source].abs().max()
+        assert scale > 0
+        torch.testing.assert_close(summed, decomposition.fusion_total[source], rtol=0, atol=1e-10 * scale)
+        # Both kinds of path really carry gradient, so the identity is not satisfied by zeros.
+        assert sum(decomposition.value[l][source].abs().sum() for l in range(3)) > 0
+        assert sum(decomposition.weight_branch[l][source].abs().sum() for l in range(3)) > 0
+
+
+def test_total_gradient_matches_autograd_at_the_neck_outputs(model, image, best_row, decomposition):
+    neck_outputs = {}
+    handle = model.neck.register_forward_hook(lambda module, inputs, output: neck_outputs.setdefault("x", output))
+    try:
+        images = image[None].clone().requires_grad_(True)
+        objective = DetectionScore(best_row)(model, model(images))
+    finally:
+        handle.remove()
+    expected = torch.autograd.grad(objective, neck_outputs["x"])
+    for source in range(3):
+        parts = decomposition.fusion_total[source] + decomposition.neck_path[source]
+        torch.testing.assert_close(decomposition.total[source], expected[source][0], rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(parts, expected[source][0], rtol=1e-9, atol=1e-14)
+    # x^2 feeds nothing but the fusion; x^0 also feeds the neck's top-down path.
+    assert decomposition.neck_path[2].abs().max() == 0
+    assert decomposition.neck_path[0].abs().max() > 0
+    assert objective.item() == pytest.approx(decomposition.objective_value)
+    assert hook_count(model) == 0
+
+
+def test_identity_resize_value_term_is_weight_times_fused_gradient(decomposition):
+    for level in range(3):  # R_{l->l} is the identity: the term is alpha^l_l * dO/dy^l exactly
+        expected = decomposition.weights[level][level:level + 1] * decomposition.fused_gradient[level]
+        torch.testing.assert_close(decomposition.value[level][level], expected, rtol=0, atol=0)
+
+
+def test_uniform_weights_leave_no_weight_branch_gradient(model, image, best_row):
+    uniform = decompose_gradients(model, image, DetectionScore(best_row), "uniform")
+    for level in range(3):
+        assert torch.allclose(uniform.weights[level], torch.full_like(uniform.weights[level], 1 / 3))
+        for source in range(3):
+            assert uniform.weight_branch[level][source].abs().max() == 0
+    for source in range(3):
+        torch.testing.assert_close(sum(uniform.value[l][source] for l in range(3)), uniform.fusion_total[source])
+
+
+def test_one_hot_sends_gradient_only_to_the_chosen_source(model, image, best_row):
+    one_hot = decompose_gradients(model, image, DetectionScore(best_row), {"kind": "one_hot", "source": 1})
+    for level in range(3):
+        assert one_hot.value[level][0].abs().max() == 0 and one_hot.value[level][2].abs().max() == 0
+    assert sum(one_hot.value[l][1].abs().sum() for l in range(3)) > 0
+
+
+def test_training_loss_of_one_level_reaches_only_that_levels_fusion(model, image):
+    flow = gradient_flow(model, image, TrainingLoss(LABELS, levels=(1,)))
+    assert np.all(flow.matrix[0] == 0) and np.all(flow.matrix[2] == 0)
+    assert np.all(flow.matrix[1] > 0)
+    whole = gradient_flow(model, image, TrainingLoss(LABELS))
+    assert np.all(whole.matrix > 0)
+    # Ground truth from the objective marks the positives.
+    assert sum(int(p.sum()) for p in whole.positives) == 2
+    assert [m.shape for m in whole.positives_at_source] == [(3, 3, 3), (3, 6, 6), (3, 12, 12)]
+    obj_only = gradient_flow(model, image, TrainingLoss(LABELS, terms=("obj",)))
+    assert obj_only.objective_value < whole.objective_value
+
+
+def test_gradient_flow_summary_shapes_and_ranges(model, image, best_row):
+    learned, uniform = compare_with_uniform(model, image, SumOfScores(), ground_truth=LABELS)
+    for flow in (learned, uniform):
+        assert flow.matrix.shape == (3, 3) and (flow.matrix > 0).all()
+        for source in range(3):
+            cells = SIZE // (32, 16, 8)[source]
+            assert flow.maps[0][source].shape == (cells, cells)
+            assert flow.conflict_maps[source].shape == (cells, cells)
+            assert 0 <= flow.conflict_maps[source].min() and flow.conflict_maps[source].max() <= 1
+            assert 0 <= flow.conflict_rate[source] <= 1
+            np.testing.assert_allclose(np.sqrt((flow.maps[1][source].astype(np.float64) ** 2).sum()),
+                                       flow.matrix[1, source], rtol=1e-5)
+        np.testing.assert_allclose(flow.total_norms[2], flow.fusion_total_norms[2], rtol=1e-6)
+    assert learned.counterfactual["kind"] == "learned" and uniform.counterfactual["kind"] == "uniform"
+    assert np.all(uniform.weight_branch_matrix == 0) and np.all(learned.weight_branch_matrix > 0)
+
+
+def test_conflict_statistics_on_hand_built_gradients():
+    terms = torch.zeros(3, 2, 1, 3, dtype=torch.float64)  # 3 targets, 2 channels, a 1x3 source
+    terms[0, :, 0, 0], terms[1, :, 0, 0] = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])  # aligned
+    terms[0, :, 0, 1], terms[1, :, 0, 1] = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])  # opposite
+    terms[0, :, 0, 2], terms[2, :, 0, 2] = torch.tensor([1.0, 0.0]), torch.tensor([-0.01, 0.0])  # one negligible
+    statistics = conflict_statistics(terms, significance=0.1)
+    np.testing.assert_allclose(statistics.cancellation[0], [0.0, 1.0, 0.02 / 1.01], atol=1e-6)
+    assert statistics.conflicting[0].tolist() == [False, True, False]
+    assert statistics.rate == pytest.approx(1 / 3)
+    assert statistics.cosine[0, 1, 0, 0] == pytest.approx(1.0) and statistics.cosine[0, 1, 0, 1] == pytest.approx(-1)
+    assert statistics.sign_agreement[0, 1, 0, 0] == 1.0 and statistics.sign_agreement[0, 1, 0, 1] == 0.0
+    assert np.isnan(statistics.cosine[0, 2, 0, 0])  # target 2 sends nothing there
+
+
+def test_ground_truth_cells_follow_the_loss_assignment():
+    config = ModelConfig(width=0.125, depth=0.33, num_classes=3)
+    # (121, 240) is anchor 8, in level 0's mask; (10, 13) is anchor 0, in level 2's mask.
+    labels = np.array([[0, 100.0, 50.0, 121.0, 240.0], [1, 20.0, 90.0, 10.0, 13.0]])
+    positives, background = ground_truth_cells(labels, config, 128)
+    assert [p.shape for p in positives] == [(4, 4), (8, 8), (16, 16)]
+    assert np.argwhere(positives[0]).tolist() == [[1, 3]] and np.argwhere(positives[2]).tolist() == [[11, 2]]
+    assert not positives[1].any()
+    assert np.argwhere(background[1]).tolist() == [[3, 6], [5, 1]]
+    assert background[0][2, 0] and background[2][6, 12]
+    transform = ImageTransform(original_height=256, original_width=64, size=128)
+    converted = ground_truth_labels(np.array([[10.0, 20.0, 30.0, 60.0]]), [4], transform)
+    np.testing.assert_allclose(converted, [[4, 40.0, 20.0, 40.0, 20.0]])
+
+
+def test_identity_also_holds_through_the_heads_offsets(model, image, best_row, decomposition):
+    rerouted = decompose_gradients(model, image, DetectionScore(best_row), through_offsets=True)
+    for source in range(3):
+        summed = sum(rerouted.value[l][source] + rerouted.weight_branch[l][source] for l in range(3))
+        torch.testing.assert_close(summed, rerouted.fusion_total[source], rtol=0,
+                                   atol=1e-10 * rerouted.fusion_total[source].abs().max())
+    # The detached offsets of the head are a real difference between training gradients and true derivatives.
+    assert not torch.allclose(rerouted.total[0], decomposition.total[0])
+    assert hook_count(model) == 0
