@@ -1,0 +1,231 @@
+"""Per-image results of the model, cached on disk so that re-plotting never re-runs it.
+
+Every entry is one `.npz` file named by the sha256 of what determines it: the checkpoint file's sha256, the
+image file's sha256, the input size, the fusion mode (counterfactual), the thresholds, and the cache format
+version. Change any of them and the entry is a different file; a stale entry is never read. Kinds:
+
+* `trace`: an `asff_viz.Trace` (`Trace.save` / `Trace.load`). Figure 3 keeps the whole trace; dataset
+  statistics store a *light* trace without the image pixels and without the decoded rows (a few MB per
+  COCO image otherwise), i.e. the fusion weights, the detections after NMS and the geometry.
+* `detections`: boxes, scores, labels and producing level for models without fusion weights (sum fusion).
+* `gradflow`: the per-image gradient-flow summary (`statistics.summarize_flow`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..introspection.capture import Counterfactual, as_counterfactual
+from ..introspection.gradflow import TrainingLoss, gradient_flow, ground_truth_labels
+from ..introspection.trace import Trace, TraceError, trace_image
+from ..postprocess import postprocess, row_location
+from ..transforms import ImageError, ImageTransform, preprocess, read_image
+from .inputs import AnalysedModel, AnalysisError, file_sha256
+from .statistics import summarize_flow
+
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclass
+class ImageResult:
+    """One image under one model and fusion mode: what the statistics need (numpy only).
+
+    fusion_weights: 3 arrays (3, H_l, W_l) (level 0 = stride 32 first, channel = source level), or None for
+    models without ASFF weights. boxes: (K, 4) xyxy in original pixels; scores, labels, levels: (K,) (level
+    of the producing cell). transform: the input <-> original geometry.
+    """
+
+    fusion_weights: list | None
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    levels: np.ndarray
+    transform: ImageTransform
+    strides: tuple
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> ImageResult:
+        records = trace.detections
+        return cls(
+            fusion_weights=[np.asarray(w, dtype=np.float32) for w in trace.fusion_weights],
+            boxes=np.asarray([r.box_xyxy for r in records], dtype=np.float64).reshape(-1, 4),
+            scores=np.asarray([r.score for r in records], dtype=np.float64),
+            labels=np.asarray([r.label for r in records], dtype=np.int64),
+            levels=np.asarray([r.level for r in records], dtype=np.int64),
+            transform=trace.transform, strides=tuple(int(s) for s in trace.strides))
+
+
+class AnalysisCache:
+    """A folder of cached per-image results (None: no caching). Counts hits and misses."""
+
+    def __init__(self, directory: str | os.PathLike | None) -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.hits = 0
+        self.misses = 0
+        self._image_hashes: dict[str, str] = {}
+
+    def image_sha256(self, path: str | os.PathLike) -> str:
+        key = str(Path(path).resolve())
+        if key not in self._image_hashes:
+            self._image_hashes[key] = file_sha256(path)
+        return self._image_hashes[key]
+
+    @staticmethod
+    def key(**parts) -> str:
+        text = json.dumps({"cache_format": CACHE_FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def path(self, kind: str, key: str) -> Path | None:
+        return None if self.directory is None else self.directory / kind / key[:2] / f"{key}.npz"
+
+    def _load(self, path: Path | None, reader):
+        """reader(path) of a cached entry, or None (a miss) when absent or unreadable (then recomputed)."""
+        if path is not None and path.is_file():
+            try:
+                value = reader(path)
+            except (TraceError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                path.unlink(missing_ok=True)  # a damaged entry (a killed run, a full disk) is rebuilt, not fatal
+            else:
+                self.hits += 1
+                return value
+        self.misses += 1
+        return None
+
+    # ------------------------------------------------------------------------------------------- traces
+
+    def trace(self, model: AnalysedModel, image_path: str | os.PathLike, *, size: int,
+              counterfactual: Counterfactual | str | None = None, conf_threshold: float = 0.01,
+              nms_threshold: float = 0.65, light: bool = False) -> Trace:
+        """The (cached) trace of one image; `light` drops the image pixels and the decoded rows."""
+        counterfactual = as_counterfactual(counterfactual)
+        key = self.key(kind="trace", checkpoint=model.sha256, image=self.image_sha256(image_path), size=size,
+                       counterfactual=counterfactual.to_dict(), conf=conf_threshold, nms=nms_threshold, light=light)
+        path = self.path("trace", key)
+        cached = self._load(path, Trace.load)
+        if cached is not None:
+            return cached
+        image = _read(image_path)
+        trace = trace_image(model.model, image, size=size, conf_threshold=conf_threshold,
+                            nms_threshold=nms_threshold, counterfactual=counterfactual,
+                            image_name=Path(image_path).name)
+        trace.metadata["image_sha256"] = self.image_sha256(image_path)
+        if light:
+            trace.image = np.zeros((0, 0, 3), dtype=np.uint8)
+            trace.decoded = np.zeros((0, trace.decoded.shape[1]), dtype=np.float32)
+            trace.metadata["light"] = True
+        if path is not None:
+            trace.save(path)
+        return trace
+
+    def image_result(self, model: AnalysedModel, image_path: str | os.PathLike, *, size: int,
+                     counterfactual: Counterfactual | str | None = None, conf_threshold: float = 0.01,
+                     nms_threshold: float = 0.65) -> ImageResult:
+        """Detections (and fusion weights, for ASFF models) of one image, cached."""
+        if model.has_fusion_weights:
+            return ImageResult.from_trace(self.trace(model, image_path, size=size, counterfactual=counterfactual,
+                                                     conf_threshold=conf_threshold, nms_threshold=nms_threshold,
+                                                     light=True))
+        if not as_counterfactual(counterfactual).is_learned:
+            raise AnalysisError(f"{model.path}: a {model.fusion_mode!r}-fusion model has no fusion weights to "
+                                "replace; counterfactuals need an ASFF checkpoint.")
+        key = self.key(kind="detections", checkpoint=model.sha256, image=self.image_sha256(image_path), size=size,
+                       conf=conf_threshold, nms=nms_threshold)
+        path = self.path("detections", key)
+        data = self._load(path, _read_npz)
+        if data is not None:
+            return ImageResult(None, data["boxes"], data["scores"], data["labels"], data["levels"],
+                               ImageTransform(*(int(v) for v in data["transform"])),
+                               tuple(int(s) for s in data["strides"]))
+        result = detect(model, _read(image_path), size, conf_threshold, nms_threshold)
+        if path is not None:
+            _save_npz(path, boxes=result.boxes, scores=result.scores, labels=result.labels, levels=result.levels,
+                      transform=np.array([result.transform.original_height, result.transform.original_width,
+                                          result.transform.size]), strides=np.array(result.strides))
+        return result
+
+    # ------------------------------------------------------------------------------------ gradient flow
+
+    def gradient_summary(self, model: AnalysedModel, image_path: str | os.PathLike, boxes_xyxy, labels, *,
+                         size: int, counterfactual: Counterfactual | str | None = None,
+                         significance: float = 0.1, active_fraction: float = 1e-3,
+                         cosine_threshold: float = 0.0) -> dict:
+        """The (cached) `summarize_flow` of the training loss of one image against its ground truth.
+
+        boxes_xyxy: (M, 4) ground truth in original pixels; labels: (M,) class indices.
+        """
+        counterfactual = as_counterfactual(counterfactual)
+        boxes_xyxy = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        truth_digest = hashlib.sha256(np.ascontiguousarray(boxes_xyxy).tobytes() + labels.tobytes()).hexdigest()
+        key = self.key(kind="gradflow", checkpoint=model.sha256, image=self.image_sha256(image_path), size=size,
+                       counterfactual=counterfactual.to_dict(), truth=truth_digest, significance=significance,
+                       active_fraction=active_fraction, cosine_threshold=cosine_threshold,
+                       objective="training loss (total), all levels")
+        path = self.path("gradflow", key)
+        cached = self._load(path, _read_npz)
+        if cached is not None:
+            return cached
+        tensor, transform = preprocess(_read(image_path), size)
+        truth = ground_truth_labels(boxes_xyxy, labels, transform)
+        flow = gradient_flow(model.model, tensor, TrainingLoss(truth), None if counterfactual.is_learned
+                             else counterfactual, ground_truth=truth, significance=significance,
+                             active_fraction=active_fraction, cosine_threshold=cosine_threshold)
+        summary = summarize_flow(flow)
+        if path is not None:
+            _save_npz(path, **summary)
+        return summary
+
+
+def detect(model: AnalysedModel, image_rgb: np.ndarray, size: int, conf_threshold: float,
+           nms_threshold: float) -> ImageResult:
+    """Detections of a model of any fusion mode (no weights captured): the official evaluation pipeline."""
+    network = model.model
+    tensor, transform = preprocess(image_rgb, size)
+    device = next(network.parameters()).device
+    with torch.no_grad():
+        outputs = network(tensor[None].to(device))
+        decoded = network.decode(outputs).float()
+        found = postprocess(decoded, conf_threshold, nms_threshold)[0].to("cpu")
+    grid_sizes = [tuple(int(v) for v in output.prediction.shape[-2:]) for output in outputs]
+    levels = np.asarray([row_location(int(i), grid_sizes).level for i in found.indices], dtype=np.int64)
+    boxes = transform.boxes_to_original(found.boxes.detach().double().numpy())
+    return ImageResult(None, np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                       found.scores.double().numpy(), found.labels.numpy().astype(np.int64), levels, transform,
+                       tuple(int(s) for s in network.strides))
+
+
+def _read(path) -> np.ndarray:
+    try:
+        return read_image(path)
+    except ImageError as error:
+        raise AnalysisError(str(error)) from None
+
+
+def _read_npz(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    """Write atomically: a run killed mid-write leaves no half entry that a later run would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez_compressed(stream, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["AnalysisCache", "CACHE_FORMAT_VERSION", "ImageResult", "detect"]

@@ -1,0 +1,46 @@
+"""The command line: `python -m asff_viz.analyze <command> ... --out DIR`.
+
+Commands: figure3, scale-stats, gradflow, evolution, compare (each with --help). Every command writes its
+figures as NAME.pdf + NAME.png (300 dpi) with the numbers behind them in NAME.csv, a run.json recording how to
+regenerate them, and caches per-image model results under OUT/cache (or --cache), so that running the same
+command again re-plots without re-running the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..checkpoint import CheckpointError
+from ..data.errors import DatasetError
+from ..introspection.trace import TraceError
+from ..transforms import ImageError
+from . import compare, evolution, figure3, gradient_flow, scale_stats
+from .inputs import AnalysisError
+
+COMMANDS = (figure3, scale_stats, gradient_flow, evolution, compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m asff_viz.analyze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None):
+    """Run one analysis command; returns its `RunContext` (output folder, record, cache statistics)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    # Our own progress lines at INFO; other libraries (fontTools subsetting fonts into PDFs) stay quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("asff_viz").setLevel(logging.INFO)
+    try:
+        return args.handler(args, argv)
+    except (AnalysisError, CheckpointError, DatasetError, ImageError, TraceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,159 @@
+"""`compare`: two checkpoints (e.g. ASFF vs sum fusion) or fusion modes of one checkpoint on the same images:
+detections, COCO AP by object size, and the fusion statistics side by side.
+
+Variants are every `--weights` checkpoint with its learned fusion, then the first checkpoint under every
+`--counterfactual` (uniform, one_hot:K, drop:K). At least two variants are needed.
+
+Outputs (each figure also as .csv):
+  compare_ap          AP, AP50, AP75, APs, APm, APl per variant (pycocotools on the images used)
+  compare_recall      recall by COCO size at the matching thresholds (TP / (TP + missed))
+  compare_fusion      mean weight of each source per target level and size, one row per variant with weights
+  compare_detections  the first --show images, one column per variant (dashed white: ground truth)
+  compare_outcomes.csv  true positives, misses, false positives, recall and precision per variant and size
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from ..coco_eval import METRIC_NAMES, coco_metrics
+from ..data.coco import xyxy_to_coco_bbox
+from ..transforms import read_image
+from . import plots
+from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
+from .provenance import preprocessing_record
+from .runner import (
+    RunContext,
+    add_common_options,
+    add_dataset_options,
+    add_matching_options,
+    fusion_statistics_over,
+    mode_label,
+    parse_counterfactual,
+    record_dataset_images,
+)
+from .statistics import COCO_SIZE_LABELS, summary_rows
+
+COCO_MAX_DETECTIONS = 100
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="two checkpoints or fusion modes side by side: detections, AP by size, fusion statistics",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", nargs="+", default=[None],
+                        help="one or two checkpoints (default: the embedded model)")
+    parser.add_argument("--counterfactual", action="append", type=parse_counterfactual, default=[],
+                        help="also run the first checkpoint under this fusion mode (repeatable): uniform, "
+                             "one_hot:K, drop:K")
+    parser.add_argument("--labels", nargs="+", help="names of the variants in the figures, in order")
+    parser.add_argument("--show", type=int, default=3, help="images in the detections figure (default 3)")
+    parser.add_argument("--score-threshold", type=float, default=0.3, help="detections drawn (default >= 0.3)")
+    add_dataset_options(parser)
+    add_matching_options(parser)
+    add_common_options(parser, weights=False)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, argv=None) -> RunContext:
+    context = RunContext("compare", args, argv)
+    dataset = AnalysisDataset(args.annotations, args.images, args.limit)
+    models = []
+    for position, weights in enumerate(args.weights):
+        model = load_analysed_model(weights, context.device)
+        dataset.check_classes(model)
+        context.record.add_checkpoint(model.record(f"variant model {position}"))
+        models.append(model)
+    variants = [(model, None, model.label) for model in models]
+    for counterfactual in args.counterfactual:
+        if not models[0].has_fusion_weights:
+            raise AnalysisError(f"{models[0].path}: --counterfactual needs an ASFF checkpoint first in --weights.")
+        variants.append((models[0], counterfactual, f"{models[0].label} ({mode_label(counterfactual)})"))
+    if len(variants) < 2:
+        raise AnalysisError("compare needs two variants: two --weights, or one and --counterfactual uniform.")
+    labels = [label for _, _, label in variants]
+    if len(set(labels)) < len(labels):  # two files with one stem: number them
+        labels = [f"{i + 1}: {label}" for i, label in enumerate(labels)]
+    if args.labels:
+        if len(args.labels) != len(variants):
+            raise AnalysisError(f"--labels names {len(args.labels)} variants but there are {len(variants)}: "
+                                f"{labels}")
+        labels = list(args.labels)
+    context.record["variants"] = [{"label": label, "checkpoint": model.path, "sha256": model.sha256,
+                                   "counterfactual": None if cf is None else cf.to_dict()}
+                                  for (model, cf, _), label in zip(variants, labels, strict=True)]
+    context.record["preprocessing"] = preprocessing_record(context.size_for(models[0]))
+    context.record["thresholds"] = {"conf": args.conf_threshold, "nms": args.nms_threshold,
+                                    "match_score": args.match_score, "match_iou": args.match_iou}
+    record_dataset_images(context, dataset)
+
+    show = min(max(args.show, 0), len(dataset))
+    shown_ids = {dataset[i].image_id for i in range(show)}
+    shown_results = {image_id: [] for image_id in shown_ids}
+    metrics, statistics = [], []
+    for (model, counterfactual, _), label in zip(variants, labels, strict=True):
+        results = []
+
+        def collect(image, result, results=results):
+            # COCOeval scores the best 100 detections of an image (maxDets), so only those are kept: AP is
+            # unchanged and the results stay small on large datasets.
+            order = np.argsort(-result.scores, kind="stable")[:COCO_MAX_DETECTIONS]
+            keep = order[result.scores[order] >= args.conf_threshold]
+            bboxes = xyxy_to_coco_bbox(result.boxes[keep]) if len(keep) else []
+            for box, score, class_index in zip(bboxes, result.scores[keep], result.labels[keep], strict=True):
+                results.append({"image_id": int(image.image_id),
+                                "category_id": int(dataset.category_ids[int(class_index)]),
+                                "bbox": [round(float(v), 3) for v in box], "score": round(float(score), 6)})
+            if image.image_id in shown_results:
+                shown_results[image.image_id].append(result)
+
+        statistics.append(fusion_statistics_over(context, model, dataset, counterfactual=counterfactual,
+                                                 description=label, on_result=collect))
+        metrics.append(coco_metrics(dataset.coco, results, dataset.image_ids))
+
+    ap_rows = [{"variant": label, **{name: m[name] for name in METRIC_NAMES}} for label, m in zip(labels, metrics,
+                                                                                                   strict=True)]
+    context.figure("compare_ap", lambda: plots.grouped_bars(
+        list(METRIC_NAMES), [(label, [m[n] for n in METRIC_NAMES]) for label, m in zip(labels, metrics, strict=True)],
+        ylabel="average precision", ylim=(0, 1)), ap_rows)
+    outcome_rows = [{"variant": label, **row} for label, s in zip(labels, statistics, strict=True)
+                    for row in s.outcome_counts()]
+    context.table("compare_outcomes", outcome_rows)
+    recall = [(label, [row["recall"] for row in s.outcome_counts()[:len(COCO_SIZE_LABELS)]])
+              for label, s in zip(labels, statistics, strict=True)]
+    context.figure("compare_recall", lambda: plots.grouped_bars(
+        list(COCO_SIZE_LABELS), recall, ylabel="recall",
+        xlabel=f"object size (COCO); found = a detection with score $\\geq$ {args.match_score:g} and "
+               f"IoU $\\geq$ {args.match_iou:g}"),
+        [r for r in outcome_rows if r["size"] != "all"])
+    weighted = [(label, s) for (model, _, _), label, s in zip(variants, labels, statistics, strict=True)
+                if model.has_fusion_weights]
+    if weighted:
+        rows = [(label, s.by_coco_size()) for label, s in weighted]
+        context.figure("compare_fusion", lambda: plots.composition_bars(
+            rows, tick_labels=["S", "M", "L"], xlabel="object size (COCO: small, medium, large)",
+            row_height=1.1),
+            [{"variant": label, **row} for label, groups in rows for row in summary_rows(groups, "size")])
+    if show:
+        images, truths, results = [], [], []
+        for index in range(show):
+            image = dataset[index]
+            images.append(read_image(image.path))
+            truths.append(image.ground_truth)
+            results.append(shown_results[image.image_id])
+        detection_rows = [
+            {"image": dataset[i].file_name, "variant": label, "class": dataset.class_names[int(result.labels[j])],
+             "score": float(result.scores[j]), "x1": result.boxes[j, 0], "y1": result.boxes[j, 1],
+             "x2": result.boxes[j, 2], "y2": result.boxes[j, 3], "level": int(result.levels[j])}
+            for i in range(show) for label, result in zip(labels, results[i], strict=True)
+            for j in range(len(result.scores)) if result.scores[j] >= args.score_threshold]
+        context.figure("compare_detections", lambda: plots.detections_grid(
+            images, truths, results, labels, class_names=dataset.class_names, score_threshold=args.score_threshold),
+            detection_rows)
+    context.finish()
+    return context
+
+
+__all__ = ["add_parser", "run"]

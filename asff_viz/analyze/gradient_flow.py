@@ -1,0 +1,188 @@
+"""`gradflow`: over a dataset, which target level sends how much gradient to which source level, and how often
+the contributions conflict, for the learned fusion, the uniform counterfactual and (optionally) a sum-fusion
+checkpoint.
+
+Per image the objective is the training loss against its ground truth; `asff_viz.introspection.gradflow`
+splits its gradient at each source x^k into the value-path terms of the three target levels and measures,
+per source location, whether significant terms point in opposite directions (conflict). Locations are grouped
+by the ground-truth assignment: positive (the cell of an object at the level that owns it), object background
+(the same object's cell at the other two levels: the case of the paper's argument), background (the rest).
+
+Outputs (each figure also as .csv):
+  gradflow_shares     share of each source's value-path gradient energy coming from each target level
+  gradflow_conflict   conflict rate per source level and region, per fusion mode, 95 % bootstrap CI
+  gradflow_paths      RMS gradient norm reaching each source by path (value paths, fusion, neck, total)
+  gradflow_conflict_by_level.csv  the same rates at the positives / object background of each target level
+  gradflow_per_image.csv          per image and mode: loss, conflict counts per source and region
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+
+from . import plots
+from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
+from .provenance import preprocessing_record
+from .runner import (
+    RunContext,
+    add_common_options,
+    add_dataset_options,
+    mode_label,
+    parse_counterfactual,
+    record_dataset_images,
+)
+from .statistics import MAIN_REGIONS, REGIONS, GradientFlowStatistics
+from .style import LEVEL_LABELS, OKABE_ITO, category_color
+
+logger = logging.getLogger(__name__)
+MODE_COLORS = {"learned": OKABE_ITO["blue"], "uniform": OKABE_ITO["orange"], "sum": OKABE_ITO["reddish_purple"]}
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "gradflow", help="gradient contributions between levels and their conflict rate over a dataset",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", type=parse_counterfactual, default=None,
+                        help="fusion modes of the ASFF checkpoint to analyse (default: learned uniform)")
+    parser.add_argument("--sum-weights", help="also analyse this sum-fusion checkpoint (trained with --fusion sum)")
+    parser.add_argument("--significance", type=float, default=0.1,
+                        help="a term counts in a conflict if its norm >= this x the largest there (default 0.1)")
+    parser.add_argument("--active-fraction", type=float, default=1e-3,
+                        help="locations whose gradient is below this x the image's largest are ignored")
+    parser.add_argument("--cosine-threshold", type=float, default=0.0,
+                        help="two significant terms conflict when their cosine is below this (default 0)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the images for CIs")
+    add_dataset_options(parser)
+    add_common_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def conflict_rows(statistics: GradientFlowStatistics, *, samples: int, seed: int) -> tuple[list[dict], dict]:
+    rows, intervals = [], {}
+    for mode in statistics.modes:
+        rate, cancellation, active, conflicting = statistics.conflict_rates(mode)
+        weighted = statistics.weighted_cancellation(mode)
+        lower, upper = statistics.bootstrap_interval(mode, samples=samples, seed=seed)
+        intervals[mode] = (rate, lower, upper)
+        for source in range(3):
+            for region, name in enumerate(REGIONS):
+                rows.append({"mode": mode, "source_level": source, "source": LEVEL_LABELS[source], "region": name,
+                             "active_locations": int(active[source, region]),
+                             "conflicting_locations": int(conflicting[source, region]),
+                             "conflict_rate": float(rate[source, region]),
+                             "ci95_low": float(lower[source, region]), "ci95_high": float(upper[source, region]),
+                             "mean_cancellation": float(cancellation[source, region]),
+                             "gradient_weighted_cancellation": float(weighted[source, region]),
+                             "images": statistics.images.get(mode, 0)})
+    return rows, intervals
+
+
+def share_rows(statistics: GradientFlowStatistics) -> list[dict]:
+    rows = []
+    for mode in statistics.modes:
+        norms = statistics.rms_norms(mode)
+        shares = statistics.energy_shares(mode)
+        at_positive = statistics.energy_shares(mode, region=0)
+        at_object_background = statistics.energy_shares(mode, region=1)
+        at_background = statistics.energy_shares(mode, region=2)
+        for target in range(3):
+            for source in range(3):
+                rows.append({"mode": mode, "target_level": target, "target": LEVEL_LABELS[target],
+                             "source_level": source, "source": LEVEL_LABELS[source],
+                             "energy_share": float(shares[target, source]),
+                             "energy_share_positive": float(at_positive[target, source]),
+                             "energy_share_object_background": float(at_object_background[target, source]),
+                             "energy_share_background": float(at_background[target, source]),
+                             "rms_value_norm": float(norms["value"][target, source]),
+                             "rms_weight_branch_norm": float(norms["weight_branch"][target, source])})
+    return rows
+
+
+def path_rows(statistics: GradientFlowStatistics) -> list[dict]:
+    rows = []
+    for mode in statistics.modes:
+        norms = statistics.rms_norms(mode)
+        for source in range(3):
+            paths = {**{f"value from {LEVEL_LABELS[t]}": norms["value"][t, source] for t in range(3)},
+                     "fusion (value paths + weight branches)": norms["fusion_total"][source],
+                     "neck top-down path": norms["neck"][source], "total": norms["total"][source]}
+            for path, value in paths.items():
+                rows.append({"mode": mode, "source_level": source, "source": LEVEL_LABELS[source], "path": path,
+                             "rms_norm": float(value)})
+    return rows
+
+
+def write_figures(context: RunContext, statistics: GradientFlowStatistics, *, samples: int) -> None:
+    modes = [m for m in statistics.modes if statistics.images.get(m)]
+    statistics.modes = modes
+    colors = [MODE_COLORS.get(m.split(" ")[0], category_color(3 + i)) for i, m in enumerate(modes)]
+    rows, intervals = conflict_rows(statistics, samples=samples, seed=context.seed)
+    rates = np.stack([intervals[m][0] for m in modes])
+    lower = np.stack([intervals[m][1] for m in modes])
+    upper = np.stack([intervals[m][2] for m in modes])
+    context.figure("gradflow_conflict", lambda: plots.conflict_bars(modes, rates, lower, upper, colors=colors),
+                   [r for r in rows if r["region"] in REGIONS[:MAIN_REGIONS]])
+    context.table("gradflow_conflict_by_level", [r for r in rows if r["region"] not in REGIONS[:MAIN_REGIONS]])
+    context.figure("gradflow_shares", lambda: plots.share_matrices(
+        [(m, statistics.energy_shares(m)) for m in modes]), share_rows(statistics))
+    context.figure("gradflow_paths", lambda: plots.path_norms(
+        modes, [statistics.rms_norms(m) for m in modes], colors=colors), path_rows(statistics))
+    context.table("gradflow_per_image", statistics.per_image_rows())
+
+
+def run(args: argparse.Namespace, argv=None) -> RunContext:
+    context = RunContext("gradflow", args, argv)
+    dataset = AnalysisDataset(args.annotations, args.images, args.limit)
+    model = load_analysed_model(args.weights, context.device)
+    if not model.has_fusion_weights:
+        raise AnalysisError(f"{model.path}: a {model.fusion_mode!r}-fusion model; pass the ASFF checkpoint as "
+                            "--weights and a sum-fusion one as --sum-weights.")
+    dataset.check_classes(model)
+    modes = args.modes or [parse_counterfactual("learned"), parse_counterfactual("uniform")]
+    variants = [(model, counterfactual, mode_label(counterfactual)) for counterfactual in modes]
+    context.record.add_checkpoint(model.record("model"))
+    if args.sum_weights:
+        sum_model = load_analysed_model(args.sum_weights, context.device)
+        if sum_model.fusion_mode != "sum":
+            raise AnalysisError(f"{args.sum_weights}: --sum-weights expects a sum-fusion checkpoint, this one fuses "
+                                f"by {sum_model.fusion_mode!r}.")
+        dataset.check_classes(sum_model)
+        variants.append((sum_model, None, "sum checkpoint"))
+        context.record.add_checkpoint(sum_model.record("sum fusion"))
+    size = context.size_for(model)
+    context.record["preprocessing"] = preprocessing_record(size)
+    context.record["objective"] = "training loss (all terms, all levels) against the image's ground truth"
+    context.record["conflict"] = {"significance": args.significance, "active_fraction": args.active_fraction,
+                                  "cosine_threshold": args.cosine_threshold, "bootstrap_resamples": args.bootstrap}
+    record_dataset_images(context, dataset)
+    statistics = GradientFlowStatistics([label for _, _, label in variants])
+    skipped = []
+    for image in context.iterate(dataset, total=len(dataset), description="gradflow"):
+        truth = image.ground_truth
+        keep = ~truth.crowd
+        summaries = [context.cache.gradient_summary(
+            variant_model, image.path, truth.boxes[keep], truth.labels[keep], size=size,
+            counterfactual=counterfactual, significance=args.significance, active_fraction=args.active_fraction,
+            cosine_threshold=args.cosine_threshold)
+            for variant_model, counterfactual, _ in variants]
+        finite = [all(np.isfinite(value).all() for value in summary.values()) for summary in summaries]
+        if not all(finite):
+            # A non-finite loss gradient (an untrained model's overflowing box sizes) would turn every sum into
+            # NaN; the image is left out of every mode, so that all modes keep describing the same images.
+            skipped.append({"image": image.file_name,
+                            "modes": [label for (_, _, label), ok in zip(variants, finite, strict=True) if not ok]})
+            continue
+        for (_, _, label), summary in zip(variants, summaries, strict=True):
+            statistics.add(label, summary, image.file_name)
+    context.record["skipped_images"] = skipped
+    if skipped:
+        logger.warning("gradflow: left out %d image(s) with non-finite gradients: %s", len(skipped),
+                       ", ".join(s["image"] for s in skipped[:5]))
+    if not any(statistics.images.values()):
+        raise AnalysisError("gradflow: every image gave non-finite gradients; is the checkpoint trained?")
+    write_figures(context, statistics, samples=args.bootstrap)
+    context.finish()
+    return context

@@ -1,0 +1,210 @@
+"""What an analysis reads: models (with their file hash), a COCO-format dataset with ground truth, images.
+
+Errors are `AnalysisError`s whose message names the file and what to do; the command line prints them
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, default_checkpoint_path, file_sha256, load_model
+from ..introspection.capture import has_fusion_weights
+
+
+class AnalysisError(ValueError):
+    """Bad input to an analysis; the message names the file or option and what to do."""
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' / None -> cuda when available, else cpu; a clear error for an unavailable CUDA device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise AnalysisError(f"--device {device}: CUDA is not available on this machine; use --device cpu.")
+    return resolved
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class AnalysedModel:
+    """A loaded model plus what identifies it: path, sha256 (of the file), a short label for figures."""
+
+    model: nn.Module
+    path: str
+    sha256: str
+    label: str
+
+    @property
+    def metadata(self) -> dict:
+        return dict(getattr(self.model, "metadata", {}) or {})
+
+    @property
+    def has_fusion_weights(self) -> bool:
+        return has_fusion_weights(self.model)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.metadata.get("class_names")
+        return list(names) if names else [f"class_{i}" for i in range(self.model.num_classes)]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.metadata.get("input_size") or 416)
+
+    @property
+    def fusion_mode(self) -> str:
+        return str(getattr(self.model.config, "fusion", "asff"))
+
+    def record(self, role: str) -> dict:
+        """The run.json entry of this checkpoint."""
+        metadata = self.metadata
+        return {"role": role, "label": self.label, "path": self.path, "sha256": self.sha256,
+                "variant": metadata.get("variant"), "fusion": self.fusion_mode, "epoch": metadata.get("epoch"),
+                "input_size": metadata.get("input_size"), "class_names": self.class_names}
+
+
+def load_analysed_model(weights: str | os.PathLike | None, device: torch.device, label: str | None = None
+                        ) -> AnalysedModel:
+    """Load a checkpoint (None: the embedded default) in eval mode; AnalysisError with what to do if it fails."""
+    path = Path(weights) if weights is not None else default_checkpoint_path()
+    if weights is None and not path.is_file():
+        raise AnalysisError(f"the embedded default model {path} is not there (it ships with the repository "
+                            "once trained); pass --weights PATH with an asff_viz or official ASFF checkpoint.")
+    try:
+        model = load_model(path, device=device)
+    except CheckpointError as error:
+        raise AnalysisError(str(error)) from None
+    sha256 = model.metadata.get("sha256") or file_sha256(path)
+    return AnalysedModel(model, str(path), sha256, label or (path.stem if weights is not None else "default"))
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+
+@dataclass
+class GroundTruth:
+    """The annotated objects of one image, in original pixels.
+
+    boxes: (M, 4) xyxy = the annotation's [x, y, x + w, y + h], clipped to the image (continuous pixels, not
+    the training loader's 1-px-narrower conversion). labels: (M,) class indices (rank of the category id).
+    areas: (M,) the annotation's `area` (COCO's size measure: mask area, or w * h when absent).
+    crowd: (M,) bool iscrowd.
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    areas: np.ndarray
+    crowd: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class DatasetImage:
+    """One image of the dataset: COCO id, file name, path, size and ground truth."""
+
+    image_id: int
+    file_name: str
+    path: Path
+    width: int
+    height: int
+    ground_truth: GroundTruth
+
+
+class AnalysisDataset:
+    """A COCO-format dataset with ground truth, read through `asff_viz.data.coco.COCODetection`.
+
+    Images are listed in the annotation file's order; `limit` keeps the first N (with existing files).
+    """
+
+    def __init__(self, annotations: str | os.PathLike, images: str | os.PathLike, limit: int | None = None) -> None:
+        from ..data.coco import COCODetection
+        from ..data.errors import DatasetError
+
+        self.annotation_path, self.image_dir = Path(annotations), Path(images)
+        try:
+            self.coco_dataset = COCODetection(self.annotation_path, self.image_dir)
+        except (DatasetError, FileNotFoundError, OSError) as error:
+            raise AnalysisError(str(error)) from None
+        if limit is not None and limit <= 0:
+            raise AnalysisError(f"--limit must be a positive number of images, got {limit}")
+        self.coco = self.coco_dataset.coco
+        self.category_ids = list(self.coco_dataset.category_ids)
+        self.class_names = list(self.coco_dataset.class_names)
+        count = len(self.coco_dataset) if limit is None else min(limit, len(self.coco_dataset))
+        self.image_ids = list(self.coco_dataset.image_ids[:count])
+        self._class_index = {category: index for index, category in enumerate(self.category_ids)}
+        self._annotation_sha256: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def annotation_sha256(self) -> str:
+        if self._annotation_sha256 is None:
+            self._annotation_sha256 = file_sha256(self.annotation_path)
+        return self._annotation_sha256
+
+    def __iter__(self) -> Iterator[DatasetImage]:
+        for index in range(len(self.image_ids)):
+            yield self[index]
+
+    def __getitem__(self, index: int) -> DatasetImage:
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        width, height = int(info["width"]), int(info["height"])
+        boxes, labels, areas, crowd = [], [], [], []
+        for annotation in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
+            x, y, w, h = (float(v) for v in annotation["bbox"])
+            if w <= 0 or h <= 0:
+                continue
+            box = [max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))]
+            if box[2] <= box[0] or box[3] <= box[1]:
+                continue
+            boxes.append(box)
+            labels.append(self._class_index[annotation["category_id"]])
+            areas.append(float(annotation.get("area", w * h)))
+            crowd.append(bool(annotation.get("iscrowd", 0)))
+        truth = GroundTruth(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(labels, dtype=np.int64),
+                            np.asarray(areas, dtype=np.float64), np.asarray(crowd, dtype=bool))
+        return DatasetImage(image_id, info["file_name"], self.image_dir / info["file_name"], width, height, truth)
+
+    def record(self) -> dict:
+        """The run.json entry of the dataset."""
+        return {"annotations": str(self.annotation_path), "annotations_sha256": self.annotation_sha256,
+                "images": str(self.image_dir), "num_images": len(self.image_ids),
+                "num_images_in_file": len(self.coco.imgs), "class_names": self.class_names}
+
+    def check_classes(self, model: AnalysedModel) -> None:
+        """Refuse a model whose classes differ from the dataset's (statistics by class would be wrong)."""
+        if len(model.class_names) != len(self.class_names):
+            raise AnalysisError(
+                f"{model.path} predicts {len(model.class_names)} classes but {self.annotation_path} has "
+                f"{len(self.class_names)} categories; analyse a model trained on this dataset's classes.")
+
+
+def check_image_paths(paths) -> list[Path]:
+    """Image paths given on the command line -> Paths; AnalysisError naming the first missing one."""
+    result = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise AnalysisError(f"{path}: no such image file; pass existing image files to --images.")
+        result.append(path)
+    return result
+
+
+__all__ = ["AnalysedModel", "AnalysisDataset", "AnalysisError", "DatasetImage", "GroundTruth",
+           "check_image_paths", "file_sha256", "load_analysed_model", "resolve_device"]

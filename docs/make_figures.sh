@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Regenerate every figure of docs/analysis.md from the embedded default model (checkpoints/asff_synthetic.pt)
+# on the synthetic validation split, then copy the PNGs shown in the document to docs/figures/.
+#
+#   bash docs/make_figures.sh                      # all 500 validation images
+#   LIMIT=50 bash docs/make_figures.sh             # a quick look
+#   SUM_WEIGHTS=runs/sum/last.pt bash docs/make_figures.sh   # also the sum-fusion comparison
+#
+# Each command writes its figures (PDF + PNG), their data (CSV) and run.json under $OUT/<command>/, and caches
+# the model's per-image results there, so running this script again only re-plots.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+DATA=${DATA:-data/synthetic}
+OUT=${OUT:-runs/analysis}
+LIMIT=${LIMIT:-500}
+RUN=${RUN:-runs/asff_synthetic}          # the training run of the embedded model (logs, checkpoints)
+SUM_WEIGHTS=${SUM_WEIGHTS:-}             # optional: a sum-fusion checkpoint trained the same way
+DEVICE=${DEVICE:-auto}
+WEIGHTS=${WEIGHTS:-checkpoints/asff_synthetic.pt}   # the embedded default model
+FIGURES=${FIGURES:-docs/figures}
+IMAGES=(000002.jpg 000009.jpg 000032.jpg)  # validation images with small, medium and large objects
+
+if [ ! -f "$WEIGHTS" ]; then
+  echo "$WEIGHTS is missing: train or fetch the embedded default model first (or set WEIGHTS=...)." >&2
+  exit 1
+fi
+if [ ! -f "$DATA/annotations/val.json" ]; then
+  # The validation split depends only on the seed and the image size, not on the training split's size.
+  "$PYTHON" -m asff_viz.data.synthetic --out "$DATA" --seed 0 --train 0 --val 500 --size 320
+fi
+ANNOTATIONS=$DATA/annotations/val.json
+VAL_IMAGES=$DATA/images/val
+DATASET=(--annotations "$ANNOTATIONS" --images "$VAL_IMAGES" --limit "$LIMIT")
+COMMON=(--device "$DEVICE" --no-progress --png-dpi 200)
+MODEL=(--weights "$WEIGHTS")
+mkdir -p "$FIGURES"
+
+"$PYTHON" -m asff_viz.analyze figure3 "${MODEL[@]}" --images "${IMAGES[@]/#/$VAL_IMAGES/}" --out "$OUT/figure3" \
+  "${COMMON[@]}"
+"$PYTHON" -m asff_viz.analyze scale-stats "${MODEL[@]}" "${DATASET[@]}" --out "$OUT/scale-stats" "${COMMON[@]}"
+GRADFLOW_EXTRA=()
+COMPARE_WEIGHTS=(--weights "$WEIGHTS")
+COMPARE_LABELS=(--labels "ASFF" "ASFF, uniform weights")
+if [ -n "$SUM_WEIGHTS" ]; then
+  GRADFLOW_EXTRA=(--sum-weights "$SUM_WEIGHTS")
+  COMPARE_WEIGHTS=(--weights "$WEIGHTS" "$SUM_WEIGHTS")
+  COMPARE_LABELS=(--labels "ASFF" "sum fusion" "ASFF, uniform weights")
+fi
+"$PYTHON" -m asff_viz.analyze gradflow "${MODEL[@]}" "${DATASET[@]}" ${GRADFLOW_EXTRA[@]+"${GRADFLOW_EXTRA[@]}"} \
+  --out "$OUT/gradflow" "${COMMON[@]}"
+"$PYTHON" -m asff_viz.analyze compare "${COMPARE_WEIGHTS[@]}" --counterfactual uniform "${COMPARE_LABELS[@]}" \
+  "${DATASET[@]}" --out "$OUT/compare" "${COMMON[@]}"
+
+# Evolution: the run's periodic checkpoints when it kept them (epoch_*.pt), else its last/best checkpoints.
+shopt -s nullglob
+CHECKPOINTS=("$RUN"/epoch_*.pt)
+if [ ${#CHECKPOINTS[@]} -eq 0 ]; then
+  for name in last.pt best.pt; do [ -f "$RUN/$name" ] && CHECKPOINTS+=("$RUN/$name"); done
+fi
+EVOLUTION=(--run "$RUN")
+[ ${#CHECKPOINTS[@]} -gt 0 ] && EVOLUTION+=(--checkpoints "${CHECKPOINTS[@]}" "${DATASET[@]}")
+"$PYTHON" -m asff_viz.analyze evolution "${EVOLUTION[@]}" --out "$OUT/evolution" "${COMMON[@]}"
+
+copy() { [ -f "$OUT/$1.png" ] && cp "$OUT/$1.png" "$FIGURES/$2.png" || echo "not made: $OUT/$1.png" >&2; }
+copy "figure3/figure3_${IMAGES[0]%.jpg}" figure3_example
+copy figure3/figure3_overview figure3_overview
+for name in fusion_composition fusion_by_size fusion_by_fine_size fusion_by_class fusion_by_outcome; do
+  copy "scale-stats/$name" "$name"
+done
+for name in gradflow_conflict gradflow_shares gradflow_paths; do copy "gradflow/$name" "$name"; done
+for name in compare_ap compare_recall compare_fusion compare_detections; do copy "compare/$name" "$name"; done
+for name in evolution_fusion evolution_training_fusion evolution_gradient_norms evolution_metrics; do
+  copy "evolution/$name" "$name"
+done
+echo "figures in $FIGURES; full outputs (PDF, CSV, run.json) in $OUT"

@@ -1,0 +1,478 @@
+"""Analyses for papers (`python -m asff_viz.analyze`): statistics against hand-built traces with known answers,
+and every command end to end on a tiny synthetic dataset with tiny checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from asff_viz.analyze import cache as analysis_cache
+from asff_viz.analyze.cache import ImageResult
+from asff_viz.analyze.cli import main
+from asff_viz.analyze.inputs import GroundTruth
+from asff_viz.analyze.runner import add_image_statistics
+from asff_viz.analyze.statistics import (
+    FALSE_POSITIVE,
+    MISSED,
+    REGIONS,
+    TRUE_POSITIVE,
+    FusionStatistics,
+    GradientFlowStatistics,
+    box_cell_mask,
+    coco_size_bins,
+    histogram_quantiles,
+    match_detections,
+    mean_weights_in_box,
+    size_bins,
+    summarize_flow,
+)
+from asff_viz.checkpoint import file_sha256, save_checkpoint
+from asff_viz.introspection.trace import DetectionRecord, Trace
+from asff_viz.models import build_model
+from asff_viz.transforms import ImageTransform
+
+SIZE = 64
+STRIDES = (32, 16, 8)
+CLASS_NAMES = ["circle", "square", "triangle"]
+
+
+# ------------------------------------------------------------------------------------------ hand-built traces
+
+
+def one_hot_weights(size: int = SIZE) -> list[np.ndarray]:
+    """Fusion weights one-hot by construction: left half of every level -> source 0, right half -> source 2."""
+    weights = []
+    for stride in STRIDES:
+        cells = size // stride
+        level = np.zeros((3, cells, cells), dtype=np.float32)
+        level[0, :, : cells // 2] = 1.0
+        level[2, :, cells // 2:] = 1.0
+        weights.append(level)
+    return weights
+
+
+def record(box, score, label, level=2) -> DetectionRecord:
+    return DetectionRecord(box_xyxy=np.asarray(box, dtype=np.float64), score=score, label=label,
+                           class_name=CLASS_NAMES[label], level=level, slot=0, row=0, col=0,
+                           weights_here=np.zeros(3, np.float32), weights_other_levels=np.zeros((3, 3), np.float32),
+                           cells_other_levels=np.zeros((3, 2), np.int64), row_index=0)
+
+
+def hand_built_trace(detections, weights=None, original=(SIZE, SIZE)) -> Trace:
+    return Trace(image=np.zeros((*original, 3), np.uint8),
+                 transform=ImageTransform(original[0], original[1], SIZE),
+                 fusion_weights=weights if weights is not None else one_hot_weights(),
+                 decoded=np.zeros((0, 8), np.float32), detections=detections, class_names=CLASS_NAMES,
+                 metadata={"strides": list(STRIDES)})
+
+
+def test_box_cell_mask_takes_cell_centres_inside_and_falls_back_to_the_centre_cell():
+    mask = box_cell_mask([0, 0, 16, 16], 8, (4, 4))  # centres 4 and 12 lie inside, 20 does not
+    assert mask.sum() == 4 and mask[:2, :2].all()
+    tiny = box_cell_mask([17, 9, 19, 11], 8, (4, 4))  # no centre inside: the cell holding (18, 10)
+    assert tiny.sum() == 1 and tiny[1, 2]
+    outside = box_cell_mask([70, 70, 80, 80], 8, (4, 4))  # centre beyond the grid: clamped to the last cell
+    assert outside.sum() == 1 and outside[3, 3]
+
+
+def test_mean_weights_of_one_hot_trace_are_exact():
+    weights = one_hot_weights()
+    left = mean_weights_in_box(weights, [0, 0, 31, 64], STRIDES)
+    np.testing.assert_allclose(left, [[1, 0, 0]] * 3)  # every level: only left-half cell centres inside
+    # x in [8, 56]: stride 16 cells 0..3 have centres 8, 24, 40, 56 -> 2 left, 2 right; stride 8 -> 3 and 3
+    straddling = mean_weights_in_box(weights, [8, 0, 56, 64], STRIDES)
+    np.testing.assert_allclose(straddling[1:], [[0.5, 0, 0.5], [0.5, 0, 0.5]])
+    np.testing.assert_allclose(straddling[0], [0.5, 0, 0.5])  # stride 32 centres 16, 48 both inside
+    np.testing.assert_allclose(straddling.sum(axis=1), 1.0)
+
+
+def test_size_bins_follow_coco_boundaries():
+    areas = np.array([31.9 ** 2, 32.0 ** 2, 95.9 ** 2, 96.0 ** 2, 15.0 ** 2, 300.0 ** 2])
+    np.testing.assert_array_equal(coco_size_bins(areas), [0, 1, 1, 2, 0, 2])
+    np.testing.assert_array_equal(size_bins(areas), [1, 2, 4, 5, 0, 8])
+
+
+def test_histogram_quantiles_within_one_bin():
+    histogram = np.zeros(50)
+    histogram[[10, 40]] = 5  # half the mass in [0.2, 0.22), half in [0.8, 0.82)
+    q05, q25, median, q75, q95 = histogram_quantiles(histogram)
+    assert 0.2 <= q25 <= 0.22 and 0.8 <= q75 <= 0.82
+    assert median == pytest.approx(0.22)  # the median sits at the upper edge of the lower mass
+    assert np.isnan(histogram_quantiles(np.zeros(50))).all()
+
+
+def test_match_detections_greedy_by_score_per_class_with_crowd():
+    truth = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 60, 60]], dtype=np.float64)
+    labels = np.array([0, 1, 0])
+    crowd = np.array([False, False, True])
+    detections = np.array([[0, 0, 10, 10],      # TP for truth 0 (highest score)
+                           [0, 0, 10, 9],       # duplicate of truth 0: FP
+                           [20, 20, 30, 30],    # right place, wrong class: FP
+                           [41, 41, 50, 50],    # inside the crowd box of its class: ignored
+                           [20, 20, 30, 30]], dtype=np.float64)  # below the score threshold: ignored
+    result = match_detections(detections, [0.9, 0.8, 0.7, 0.6, 0.1], [0, 0, 0, 0, 1], truth, labels,
+                              truth_crowd=crowd, score_threshold=0.3, iou_threshold=0.5)
+    np.testing.assert_array_equal(result.detection_outcome, [TRUE_POSITIVE, FALSE_POSITIVE, FALSE_POSITIVE, -1, -1])
+    np.testing.assert_array_equal(result.ground_truth_matched, [True, False, False])
+    assert result.matched_detection[0] == 0
+
+
+def test_statistics_from_a_saved_hand_built_trace(tmp_path):
+    """Three boxes with known weights and outcomes: a found one, a missed one and a false positive."""
+    found = [2, 2, 28, 28]     # left half (source 0), class 0, matched by the first detection
+    missed = [40, 40, 60, 60]  # right half (source 2), class 1, no detection
+    trace = hand_built_trace([record([2, 2, 28, 28], 0.9, 0), record([36, 4, 60, 28], 0.8, 2),
+                              record([40, 40, 60, 60], 0.2, 1)])  # the last is below the matching threshold
+    path = trace.save(tmp_path / "trace.npz")
+    result = ImageResult.from_trace(Trace.load(path))
+    truth = GroundTruth(np.array([found, missed], dtype=np.float64), np.array([0, 1]),
+                        np.array([20.0 ** 2, 40.0 ** 2]), np.zeros(2, dtype=bool))
+    statistics = FusionStatistics(CLASS_NAMES)
+    counts = add_image_statistics(statistics, result, truth, score_threshold=0.3, iou_threshold=0.5)
+    np.testing.assert_array_equal(counts, [1, 1, 1])
+    true_positive = statistics.summary(outcomes=[TRUE_POSITIVE])
+    assert true_positive.count == 1
+    np.testing.assert_allclose(true_positive.mean, [[1, 0, 0]] * 3)
+    np.testing.assert_allclose(true_positive.std, 0.0, atol=1e-12)
+    assert statistics.summary(outcomes=[MISSED]).mean[:, 2] == pytest.approx([1, 1, 1])
+    false_positive = statistics.summary(outcomes=[FALSE_POSITIVE])
+    np.testing.assert_allclose(false_positive.mean, [[0, 0, 1]] * 3)  # its box lies in the right half
+    # Sizes: the found box (area 400) is small, the missed one (1600) medium; classes as annotated.
+    by_size = dict(statistics.by_coco_size())
+    assert (by_size["small"].count, by_size["medium"].count, by_size["large"].count) == (1, 1, 0)
+    by_class = dict(statistics.by_class())
+    assert (by_class["circle"].count, by_class["square"].count, by_class["triangle"].count) == (1, 1, 0)
+    # One-hot weights land in the first and last histogram bins only, and the quantiles are exact.
+    histogram = true_positive.histogram
+    assert histogram[:, 0, -1].tolist() == [1, 1, 1] and histogram[:, 1, 0].tolist() == [1, 1, 1]
+    assert true_positive.quantiles[0, 0, 2] == pytest.approx(1.0, abs=0.02)
+    rows = statistics.outcome_counts()
+    assert rows[-1] == {"size": "all", "true_positives": 1, "missed": 1, "false_positives": 1, "recall": 0.5,
+                        "precision": 0.5}
+
+
+def test_statistics_use_original_pixels_for_boxes_and_input_pixels_for_cells():
+    """A 128 x 64 original resized to 64 x 64: a box in the left half of the original stays in the left half."""
+    trace = hand_built_trace([], original=(64, 128))
+    truth = GroundTruth(np.array([[4.0, 4.0, 60.0, 60.0]]), np.array([0]), np.array([56.0 * 56.0]),
+                        np.zeros(1, dtype=bool))
+    statistics = FusionStatistics(CLASS_NAMES)
+    add_image_statistics(statistics, ImageResult.from_trace(trace), truth)
+    np.testing.assert_allclose(statistics.summary().mean[:, 0], 1.0)
+
+
+def test_statistics_memory_does_not_grow_with_images():
+    statistics = FusionStatistics(CLASS_NAMES)
+    rng = np.random.default_rng(0)
+
+    def add(count):
+        weights = rng.dirichlet(np.ones(3), size=(count, 3))
+        statistics.add(weights, rng.integers(0, 9, count), rng.integers(0, 3, count), rng.integers(0, 3, count))
+
+    add(10)
+    before = sum(a.nbytes for a in (statistics.counts, statistics.sums, statistics.squares, statistics.histograms))
+    add(5000)
+    after = sum(a.nbytes for a in (statistics.counts, statistics.sums, statistics.squares, statistics.histograms))
+    assert before == after and statistics.counts.sum() == 5010
+    np.testing.assert_allclose(statistics.summary(outcomes=None).mean.sum(axis=1), 1.0)
+
+
+def test_fusion_statistics_save_load_and_merge(tmp_path):
+    statistics = FusionStatistics(CLASS_NAMES)
+    statistics.add(np.full((2, 3, 3), 1 / 3), [0, 8], [0, 2], [TRUE_POSITIVE, MISSED])
+    statistics.images = 2
+    loaded = FusionStatistics.load(statistics.save(tmp_path / "s.npz"))
+    loaded.merge(statistics)
+    assert loaded.images == 4 and loaded.counts.sum() == 4
+    np.testing.assert_allclose(loaded.summary(outcomes=None).mean, 1 / 3)
+
+
+def fake_flow(conflicting_value: bool):
+    """A hand-built GradientFlow: source grids 1x1, 2x2, 4x4; known maps, activity, conflicts and positives."""
+    shapes = [(1, 1), (2, 2), (4, 4)]
+    maps = [[np.full(shape, float(target + 1)) for shape in shapes] for target in range(3)]
+    conflict = []
+    positives_at_source, background_at_source = [], []
+    for shape in shapes:
+        active = np.ones(shape, dtype=bool)
+        conflicting = np.zeros(shape, dtype=bool)
+        conflicting.flat[0] = conflicting_value
+        norms = np.ones((3, *shape))
+        norms[:, 0, 0] = 3.0  # the first location carries three times the gradient of the others
+        conflict.append(SimpleNamespace(active=active, conflicting=conflicting, norms=norms,
+                                        cancellation=np.where(conflicting, 0.8, 0.1)))
+        positive = np.zeros((3, *shape), dtype=bool)
+        positive[2].flat[0] = True  # the first location is a positive of stride 8
+        background = np.zeros((3, *shape), dtype=bool)
+        background[0].flat[-1] = True  # the last one is object background of stride 32
+        positives_at_source.append(positive)
+        background_at_source.append(background)
+    return SimpleNamespace(maps=maps, conflict=conflict, positives_at_source=positives_at_source,
+                           background_at_source=background_at_source, matrix=np.ones((3, 3)),
+                           weight_branch_matrix=np.zeros((3, 3)), neck_path_norms=np.zeros(3),
+                           total_norms=np.ones(3), fusion_total_norms=np.ones(3), objective_value=2.0)
+
+
+def test_gradient_flow_statistics_from_hand_built_flows():
+    statistics = GradientFlowStatistics(["learned", "uniform"])
+    statistics.add("learned", summarize_flow(fake_flow(False)), "a.jpg")
+    statistics.add("uniform", summarize_flow(fake_flow(True)), "a.jpg")
+    statistics.add("uniform", summarize_flow(fake_flow(False)), "b.jpg")
+    rate, cancellation, active, conflicting = statistics.conflict_rates("uniform")
+    positive, object_background, background = 0, 1, 2
+    # Source 2 (4x4): one positive, one object background, 14 background locations per image.
+    assert active[2, positive] == 2 and active[2, object_background] == 2 and active[2, background] == 28
+    assert rate[2, positive] == pytest.approx(0.5) and rate[2, background] == 0.0
+    assert cancellation[2, positive] == pytest.approx((0.8 + 0.1) / 2)
+    weighted = statistics.weighted_cancellation("uniform")
+    assert weighted[2, positive] == pytest.approx((0.8 * 9 + 0.1 * 9) / 18)  # both positives weigh 3 x 3
+    assert weighted[2, background] == pytest.approx(0.1)
+    # Source 0 is one cell that is a positive (of stride 8) and so never counts as object background.
+    assert active[0, object_background] == 0 and np.isnan(rate[0, object_background])
+    assert REGIONS[5] == "positive of s8" and active[1, 5] == 2
+    learned_rate = statistics.conflict_rates("learned")[0]
+    assert np.nansum(learned_rate) == 0.0
+    # Energy shares: target l sends (l + 1)^2 per location, so the shares are 1/14, 4/14, 9/14 everywhere.
+    np.testing.assert_allclose(statistics.energy_shares("learned"), np.array([[1], [4], [9]]) / 14 * np.ones(3))
+    lower, upper = statistics.bootstrap_interval("uniform", samples=200, seed=0)
+    assert lower[2, positive] <= rate[2, positive] <= upper[2, positive]
+    assert statistics.rms_norms("uniform")["total"] == pytest.approx(np.ones(3))
+
+
+def test_sum_fusion_model_decomposes_with_unit_weights():
+    """The gradient decomposition of a sum-fusion model: no weight branch, value paths sum to the fusion total."""
+    from asff_viz.introspection.gradflow import SumOfScores, decompose_gradients
+
+    torch.manual_seed(0)
+    model = build_model(width=0.125, depth=0.33, num_classes=3, fusion="sum").eval().double()
+    decomposition = decompose_gradients(model, torch.randn(3, SIZE, SIZE, dtype=torch.float64), SumOfScores())
+    for source in range(3):
+        total = sum(decomposition.value[level][source] for level in range(3))
+        assert decomposition.fusion_total[source].abs().max() > 0
+        torch.testing.assert_close(total, decomposition.fusion_total[source])
+        assert all(decomposition.weight_branch[level][source].abs().max() == 0 for level in range(3))
+    assert all(float(w.min()) == 1.0 for w in decomposition.weights)
+
+
+def test_damaged_cache_entry_is_rebuilt_not_fatal(tmp_path):
+    cache = analysis_cache.AnalysisCache(tmp_path)
+    path = cache.path("trace", cache.key(kind="trace", image="x"))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 truncated")  # what a run killed while writing leaves behind
+    assert cache._load(path, Trace.load) is None and not path.exists()
+    assert (cache.hits, cache.misses) == (0, 1)
+    hand_built_trace([]).save(path)
+    assert cache._load(path, Trace.load).class_names == CLASS_NAMES and cache.hits == 1
+
+
+# ------------------------------------------------------------------------------------- commands end to end
+
+
+def calibrated_model(fusion: str = "asff", seed: int = 0) -> torch.nn.Module:
+    """A tiny model whose BatchNorm statistics match its activations, so weights and scores are not degenerate."""
+    from asff_viz.engine import set_objectness_prior
+
+    torch.manual_seed(seed)
+    model = build_model(width=0.125, depth=0.33, num_classes=len(CLASS_NAMES), fusion=fusion)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, SIZE, SIZE))
+        # Untrained guided-anchor and box logits can reach exp() overflow (infinite boxes, NaN loss gradients);
+        # small head weights keep the tiny model's boxes finite, as a trained model's are.
+        for level in model.head.levels:
+            level.guide_wh.weight.mul_(0.01)
+            level.predict.weight.mul_(0.1)
+    set_objectness_prior(model, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> Path:
+    from asff_viz.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("analyze")
+    paths = generate(root / "data", seed=1, train=0, val=3, size=SIZE, max_objects=3)
+    # The tiny synthetic set has 8 classes; keep 3 so that the tiny models stay small and every class is used.
+    document = json.loads(paths.val_annotations.read_text())
+    document["categories"] = [c for c in document["categories"] if c["id"] <= 3]
+    for category in document["categories"]:
+        category["name"] = CLASS_NAMES[category["id"] - 1]
+    for annotation in document["annotations"]:
+        annotation["category_id"] = (annotation["category_id"] - 1) % 3 + 1
+    (root / "val.json").write_text(json.dumps(document))
+    metadata = {"class_names": CLASS_NAMES, "input_size": SIZE}
+    save_checkpoint(root / "asff.pt", calibrated_model(), {**metadata, "epoch": 4})
+    save_checkpoint(root / "asff_early.pt", calibrated_model(seed=1), {**metadata, "epoch": 1})
+    save_checkpoint(root / "sum.pt", calibrated_model("sum", seed=2), metadata)
+    run = root / "run"
+    run.mkdir()
+    (run / "fusion_weights.csv").write_text(
+        "epoch,level,stride,size,boxes,weight_source_0,weight_source_1,weight_source_2\n"
+        + "".join(f"{e},{l},{32 >> l},{s},10,0.2,0.3,0.5\n" for e in range(2) for l in range(3)
+                  for s in ("small", "medium", "large")))
+    (run / "gradient_norms.csv").write_text(
+        "epoch,layer,grad_norm,steps\n" + "".join(f"{e},{layer},{1.0 + e},5\n" for e in range(2) for layer in (
+            "backbone.stem.conv", "neck.lateral.conv", "fusion.levels.0.weight_logits",
+            "fusion.levels.2.weight_convs.0.conv", "head.levels.1.predict")))
+    (run / "metrics.csv").write_text(
+        "epoch,AP,AP50,AP75,APs,APm,APl\n0,0.1,0.2,0.05,0.0,0.1,\n1,0.2,0.3,0.1,0.1,0.2,\n")
+    return root
+
+
+def dataset_args(root: Path) -> list[str]:
+    return ["--annotations", str(root / "val.json"), "--images", str(root / "data" / "images" / "val")]
+
+
+def run_command(*argv) -> object:
+    return main([*map(str, argv), "--no-progress", "--png-dpi", "40"])
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_figure(out: Path, name: str) -> None:
+    assert (out / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    assert read_rows(out / f"{name}.csv"), f"{name}.csv is empty"
+
+
+def test_figure3_end_to_end(fixture_dir, tmp_path):
+    images = sorted((fixture_dir / "data" / "images" / "val").iterdir())[:2]
+    out = tmp_path / "figure3"
+    run_command("figure3", "--images", *images, "--weights", fixture_dir / "asff.pt", "--out", out)
+    for image in images:
+        check_figure(out, f"figure3_{image.stem}")
+        rows = read_rows(out / f"figure3_{image.stem}.csv")
+        assert len(rows) == 3 * sum((SIZE // s) ** 2 for s in STRIDES)  # every cell, every source
+        weights = np.array([float(r["weight"]) for r in rows]).reshape(-1, 3)
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-5)
+    check_figure(out, "figure3_overview")
+    record = json.loads((out / "run.json").read_text())
+    assert record["checkpoints"][0]["sha256"] == file_sha256(fixture_dir / "asff.pt")
+    assert record["images"][0]["sha256"] == file_sha256(images[0])
+    assert record["preprocessing"]["input_size"] == SIZE and record["seed"] == 0
+    assert {"torch", "numpy", "matplotlib", "asff_viz"} <= set(record["versions"])
+    assert record["command_line"].startswith("python -m asff_viz.analyze figure3")
+
+
+def test_scale_stats_end_to_end_and_replot_from_cache(fixture_dir, tmp_path, monkeypatch):
+    out = tmp_path / "scale"
+    argv = ["scale-stats", *dataset_args(fixture_dir), "--weights", fixture_dir / "asff.pt", "--out", out]
+    first = run_command(*argv)
+    for name in ("fusion_composition", "fusion_by_size", "fusion_by_fine_size", "fusion_by_class",
+                 "fusion_by_outcome"):
+        check_figure(out, name)
+    rows = read_rows(out / "fusion_by_size.csv")
+    assert len(rows) == 3 * 9  # 3 sizes x 3 targets x 3 sources
+    boxes = sum(int(r["boxes"]) for r in rows if r["target_level"] == "0" and r["source_level"] == "0")
+    annotations = json.loads((fixture_dir / "val.json").read_text())["annotations"]
+    assert boxes == len(annotations)  # every ground-truth box is counted once
+    assert FusionStatistics.load(out / "scale_stats.npz").images == 3
+    assert first.cache.misses == 3 and first.cache.hits == 0
+    before = (out / "scale_stats.csv").read_text()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("re-plotting ran the model")
+
+    monkeypatch.setattr(analysis_cache, "trace_image", no_model)
+    second = run_command(*argv)
+    assert second.cache.hits == 3 and second.cache.misses == 0
+    assert (out / "scale_stats.csv").read_text() == before
+    assert json.loads((out / "run.json").read_text())["cache"]["hits"] == 3
+
+
+def test_gradflow_end_to_end_with_sum_checkpoint(fixture_dir, tmp_path):
+    out = tmp_path / "gradflow"
+    run_command("gradflow", *dataset_args(fixture_dir), "--weights", fixture_dir / "asff.pt", "--sum-weights",
+                fixture_dir / "sum.pt", "--bootstrap", "50", "--out", out)
+    for name in ("gradflow_conflict", "gradflow_shares", "gradflow_paths"):
+        check_figure(out, name)
+    shares = read_rows(out / "gradflow_shares.csv")
+    assert {r["mode"] for r in shares} == {"learned", "uniform", "sum checkpoint"}
+    for mode in ("learned", "uniform"):
+        for source in "012":
+            column = [float(r["energy_share"]) for r in shares if r["mode"] == mode and r["source_level"] == source]
+            assert sum(column) == pytest.approx(1.0)
+    conflict = read_rows(out / "gradflow_conflict.csv")
+    rates = [float(r["conflict_rate"]) for r in conflict if r["conflict_rate"]]
+    assert rates and all(0.0 <= rate <= 1.0 for rate in rates)
+    assert len(read_rows(out / "gradflow_per_image.csv")) == 3 * 3  # images x modes
+    record = json.loads((out / "run.json").read_text())
+    assert [c["fusion"] for c in record["checkpoints"]] == ["asff", "sum"]
+
+
+def test_evolution_end_to_end(fixture_dir, tmp_path):
+    out = tmp_path / "evolution"
+    run_command("evolution", "--checkpoints", fixture_dir / "asff.pt", fixture_dir / "asff_early.pt",
+                *dataset_args(fixture_dir), "--run", fixture_dir / "run", "--out", out)
+    for name in ("evolution_fusion", "evolution_training_fusion", "evolution_gradient_norms", "evolution_metrics"):
+        check_figure(out, name)
+    epochs = sorted({float(r["epoch"]) for r in read_rows(out / "evolution_fusion.csv")})
+    assert epochs == [1.0, 4.0]  # from the checkpoints' metadata, in training order
+    norms = {(r["group"], r["epoch"]): float(r["grad_norm"]) for r in read_rows(out / "evolution_gradient_norms.csv")}
+    assert norms[("backbone", "1")] == pytest.approx(2.0)
+    assert norms[("fusion", "0")] == pytest.approx(np.sqrt(2.0), rel=1e-5)  # two fusion layers of norm 1
+
+
+def test_compare_end_to_end(fixture_dir, tmp_path):
+    out = tmp_path / "compare"
+    run_command("compare", "--weights", fixture_dir / "asff.pt", fixture_dir / "sum.pt", "--counterfactual",
+                "uniform", *dataset_args(fixture_dir), "--show", "2", "--out", out)
+    for name in ("compare_ap", "compare_recall", "compare_fusion"):
+        check_figure(out, name)
+    assert (out / "compare_detections.pdf").is_file()
+    ap = read_rows(out / "compare_ap.csv")
+    assert [r["variant"] for r in ap] == ["asff", "sum", "asff (uniform)"]
+    fusion = read_rows(out / "compare_fusion.csv")
+    assert {r["variant"] for r in fusion} == {"asff", "asff (uniform)"}  # the sum model has no weights
+    uniform = [float(r["mean"]) for r in fusion if r["variant"] == "asff (uniform)" and r["boxes"] != "0"]
+    np.testing.assert_allclose(uniform, 1 / 3, atol=1e-6)
+
+
+def test_missing_default_model_and_bad_input_give_clear_errors(fixture_dir, tmp_path, monkeypatch, capsys):
+    from asff_viz.analyze import inputs
+
+    monkeypatch.setattr(inputs, "default_checkpoint_path", lambda: tmp_path / "absent.pt")
+    image = next((fixture_dir / "data" / "images" / "val").iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        run_command("figure3", "--images", image, "--out", tmp_path / "x")
+    assert exit_info.value.code == 2
+    assert "--weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_command("scale-stats", "--annotations", tmp_path / "none.json", "--images", tmp_path,
+                    "--weights", fixture_dir / "asff.pt", "--out", tmp_path / "y")
+    assert "none.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["figure3", "scale-stats", "gradflow", "evolution", "compare"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scale_stats_on_gpu_matches_cpu(fixture_dir, tmp_path):
+    common = ["scale-stats", *dataset_args(fixture_dir), "--weights", fixture_dir / "asff.pt", "--no-cache"]
+    run_command(*common, "--device", "cpu", "--out", tmp_path / "cpu")
+    run_command(*common, "--device", "cuda", "--out", tmp_path / "cuda")
+    cpu = read_rows(tmp_path / "cpu" / "fusion_by_size.csv")
+    cuda = read_rows(tmp_path / "cuda" / "fusion_by_size.csv")
+    for a, b in zip(cpu, cuda, strict=True):
+        assert a["boxes"] == b["boxes"]
+        if a["mean"]:
+            assert float(a["mean"]) == pytest.approx(float(b["mean"]), abs=1e-3)
