@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: app test test-all setup lint clean-venv
+.PHONY: app test test-all setup lint clean-venv figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,6 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+figures: $(STAMP)
+	PYTHON=$(BIN)/python bash docs/make_figures.sh
