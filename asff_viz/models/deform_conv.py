@@ -5,6 +5,17 @@ Semantics follow the official CUDA extension (and `torchvision.ops.deform_conv2d
 channel g * 2 * kh * kw + 2k and dx at the next channel. Tap k of output (h, w) samples the input at
 (h * stride - pad + i * dilation + dy, w * stride - pad + j * dilation + dx) bilinearly; corners outside the
 input count as zero, so a sample is zero once it is a full pixel outside.
+
+Two implementations compute this:
+
+* `deform_conv2d` (used by `DeformConv2d`): bilinear sampling as one `F.embedding_bag` over the input read as
+  a table of per-pixel channel vectors (NHWC), each sample a bag of its four corners weighted by the bilinear
+  coefficients; then one matrix product. Sampling reads contiguous channel vectors instead of gathering one
+  value per channel, the sampling coordinates are computed in float32 whatever the compute dtype (a bf16 pixel
+  coordinate would be off by up to a pixel), and the output keeps the input's memory format, so a
+  channels-last model stays channels-last with no copy of the weight.
+* `deform_conv2d_grid_sample`: one `grid_sample` over all taps and groups (NCHW). Kept as a second, independent
+  implementation for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -14,6 +25,80 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _output_size(height: int, width: int, kernel_h: int, kernel_w: int, stride: int, padding: int,
+                 dilation: int) -> tuple[int, int]:
+    out_h = (height + 2 * padding - dilation * (kernel_h - 1) - 1) // stride + 1
+    out_w = (width + 2 * padding - dilation * (kernel_w - 1) - 1) // stride + 1
+    return out_h, out_w
+
+
+def _check_shapes(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                  dilation: int) -> tuple[int, int, int]:
+    """Validate the shapes; returns (deformable groups, H_out, W_out)."""
+    _, channels, height, width = input.shape
+    _, weight_channels, kernel_h, kernel_w = weight.shape
+    if weight_channels != channels:
+        raise ValueError(f"weight expects {weight_channels} input channels, input has {channels}")
+    taps = kernel_h * kernel_w
+    groups = offset.shape[1] // (2 * taps)
+    if groups == 0 or groups * 2 * taps != offset.shape[1] or channels % groups != 0:
+        raise ValueError(f"offset channels {offset.shape[1]} do not fit {taps} taps and {channels} channels")
+    out_h, out_w = _output_size(height, width, kernel_h, kernel_w, stride, padding, dilation)
+    if tuple(offset.shape[-2:]) != (out_h, out_w):
+        raise ValueError(f"offset spatial size {tuple(offset.shape[-2:])} != output size {(out_h, out_w)}")
+    return groups, out_h, out_w
+
+
+def _sampling_corners(offset: torch.Tensor, height: int, width: int, kernel_h: int, kernel_w: int, stride: int,
+                      padding: int, dilation: int, groups: int, coordinate_dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows and bilinear weights of the four corners of every sample, for the padded table.
+
+    The table (see `_padded_table`) holds the input with one zero row/column before and two after, so every
+    corner of a sample whose position is clamped to [-1, size] is addressable and corners outside the input
+    read zeros; a sample further out is clamped onto zeros too, and the clamp zeroes its offset gradient.
+    Returns index (B * H_out * W_out * taps * G, 4) int64 rows of the (B * (H + 3) * (W + 3) * G, C / G) table and
+    weights of the same shape, samples ordered (b, h_out, w_out, tap, group), corners (y0, x0), (y0, x1),
+    (y1, x0), (y1, x1).
+    """
+    batch, _, out_h, out_w = offset.shape
+    taps = kernel_h * kernel_w
+    device = offset.device
+    rows = torch.arange(out_h, device=device, dtype=coordinate_dtype) * stride - padding
+    cols = torch.arange(out_w, device=device, dtype=coordinate_dtype) * stride - padding
+    tap_i = (torch.arange(kernel_h, device=device, dtype=coordinate_dtype) * dilation).repeat_interleave(kernel_w)
+    tap_j = (torch.arange(kernel_w, device=device, dtype=coordinate_dtype) * dilation).repeat(kernel_h)
+    # (B, G, taps, 2, H_out, W_out) -> (B, H_out, W_out, taps, G, 2), the order of the columns (a free view for a
+    # channels-last offset tensor).
+    offset = offset.view(batch, groups, taps, 2, out_h, out_w).permute(0, 4, 5, 2, 1, 3)
+    offset = offset.contiguous().to(coordinate_dtype)
+    y = (offset[..., 0] + (rows.view(out_h, 1, 1, 1) + tap_i.view(1, 1, taps, 1))).clamp(-1, height)
+    x = (offset[..., 1] + (cols.view(1, out_w, 1, 1) + tap_j.view(1, 1, taps, 1))).clamp(-1, width)
+    y0, x0 = torch.floor(y), torch.floor(x)
+    frac_y, frac_x = y - y0, x - x0  # (B, H_out, W_out, taps, G)
+    weights = (torch.stack((1 - frac_y, frac_y), dim=-1).unsqueeze(-1)
+               * torch.stack((1 - frac_x, frac_x), dim=-1).unsqueeze(-2))  # (..., 2 rows, 2 cols)
+    padded_width = width + 3
+    # Integer clamps also catch NaN offsets, whose conversion is undefined.
+    top = y0.long().clamp_(-1, height) + 1 + torch.arange(batch, device=device).view(batch, 1, 1, 1, 1) * (height + 3)
+    left = x0.long().clamp_(-1, width) + 1
+    first = (top * padded_width + left) * groups + torch.arange(groups, device=device)
+    # Row steps to the four corners, (0, 1, W + 3, W + 4) x G, built on the device (no host-to-device copy).
+    steps = torch.arange(2, device=device)
+    corners = (steps.view(2, 1) * padded_width + steps.view(1, 2)).view(4) * groups
+    index = first.unsqueeze(-1) + corners
+    return index.view(-1, 4), weights.view(-1, 4)
+
+
+def _padded_table(input: torch.Tensor, groups: int) -> torch.Tensor:
+    """The input as a table of channel vectors: (B * (H + 3) * (W + 3) * G, C / G), row (b, y + 1, x + 1, group),
+    zero rows around the image (one before, two after, see `_sampling_corners`)."""
+    batch, channels, height, width = input.shape
+    table = input.new_zeros(batch, height + 3, width + 3, channels)
+    table[:, 1:height + 1, 1:width + 1] = input.permute(0, 2, 3, 1)
+    return table.view(batch * (height + 3) * (width + 3) * groups, channels // groups)
 
 
 def deform_conv2d(
@@ -27,23 +112,56 @@ def deform_conv2d(
 ) -> torch.Tensor:
     """Deformable convolution of `input` (B, C, H, W) with `weight` (O, C, kh, kw) at `offset`.
 
+    All taps of all groups are sampled with one `embedding_bag` (no Python loop over positions), giving the
+    columns (B * H_out * W_out, kh * kw * C), which one matrix product turns into the output.
+    Returns (B, O, H_out, W_out), channels-last when `input` is channels-last.
+    """
+    batch, channels, height, width = input.shape
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    groups, out_h, out_w = _check_shapes(input, offset, weight, stride, padding, dilation)
+    taps = kernel_h * kernel_w
+    coordinate_dtype = torch.float64 if torch.float64 in (input.dtype, offset.dtype) else torch.float32
+    index, corner_weights = _sampling_corners(offset, height, width, kernel_h, kernel_w, stride, padding, dilation,
+                                              groups, coordinate_dtype)
+    table = _padded_table(input, groups)
+    columns = F.embedding_bag(index, table, mode="sum", per_sample_weights=corner_weights.to(table.dtype))
+    columns = columns.view(batch * out_h * out_w, taps * channels)  # row (b, h_out, w_out), column (tap, channel)
+    # Weight in (O, tap, channel) order: a free view when the weight is channels-last (NHWC parameters).
+    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, taps * channels)
+    if not torch.is_autocast_enabled(columns.device.type):
+        # Mixed dtypes outside autocast (e.g. bf16 features, float32 weight): compute in the weight's dtype.
+        columns = columns.to(kernel.dtype)
+        bias = bias.to(kernel.dtype) if bias is not None else None
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        # (B * H_out * W_out, O): output pixels as rows, which is the channels-last layout, written directly.
+        out = torch.addmm(bias, columns, kernel.t()) if bias is not None else torch.mm(columns, kernel.t())
+        return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+    out = torch.matmul(kernel, columns.view(batch, out_h * out_w, taps * channels).transpose(1, 2))  # (B, O, HW)
+    out = out.view(batch, out_channels, out_h, out_w)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out
+
+
+def deform_conv2d_grid_sample(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+) -> torch.Tensor:
+    """`deform_conv2d` through `grid_sample` (NCHW): an independent implementation, for tests and benchmarks.
+
     All taps of all groups are sampled with one `grid_sample` call (no Python loop over positions), then the
     sampled columns (B, C * kh * kw, H_out * W_out) are multiplied with the flattened weight.
     Returns (B, O, H_out, W_out).
     """
     batch, channels, height, width = input.shape
-    out_channels, weight_channels, kernel_h, kernel_w = weight.shape
-    if weight_channels != channels:
-        raise ValueError(f"weight expects {weight_channels} input channels, input has {channels}")
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    groups, out_h, out_w = _check_shapes(input, offset, weight, stride, padding, dilation)
     taps = kernel_h * kernel_w
-    groups = offset.shape[1] // (2 * taps)
-    if groups * 2 * taps != offset.shape[1] or channels % groups != 0:
-        raise ValueError(f"offset channels {offset.shape[1]} do not fit {taps} taps and {channels} channels")
-    out_h = (height + 2 * padding - dilation * (kernel_h - 1) - 1) // stride + 1
-    out_w = (width + 2 * padding - dilation * (kernel_w - 1) - 1) // stride + 1
-    if offset.shape[-2:] != (out_h, out_w):
-        raise ValueError(f"offset spatial size {tuple(offset.shape[-2:])} != output size {(out_h, out_w)}")
-
     dtype, device = offset.dtype, offset.device
     # Regular sampling grid of every tap, (taps, H_out, W_out) for y and x.
     rows = torch.arange(out_h, device=device, dtype=dtype) * stride - padding
