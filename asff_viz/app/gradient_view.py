@@ -1,0 +1,195 @@
+"""The gradient-flow view: the 3x3 matrix of gradient contributions between levels, their spatial maps and the
+conflict map, for one objective, side by side with the uniform-weights counterfactual (the paper's argument).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import streamlit as st
+
+from . import cache, figures
+from .common import (
+    Analysis,
+    detection_caption,
+    detection_picker,
+    download_row,
+    initial,
+    level_control,
+    level_name,
+    plotly_chart,
+)
+
+OBJECTIVES = {
+    "score": "Picked detection's score",
+    "sum": "Sum of all scores",
+    "loss": "Training loss vs ground truth",
+}
+UNIFORM: cache.CounterfactualKey = ("uniform", None, None)
+
+
+def ground_truth(analysis: Analysis) -> tuple[np.ndarray | None, str | None]:
+    """(M, 5) [class, cx, cy, w, h] input-pixel labels of the image's annotations, or (None, why not)."""
+    from ..introspection.gradflow import ground_truth_labels
+
+    annotations = analysis.image_choice.annotations
+    if annotations is None or len(annotations.class_indices) == 0:
+        return None, "This image has no annotations (the bundled samples do)."
+    if int(annotations.class_indices.max()) >= analysis.model.num_classes:
+        return None, (f"The annotations use {len(annotations.class_names)} classes "
+                      f"({', '.join(annotations.class_names[:3])}, …) but this model predicts "
+                      f"{analysis.model.num_classes}: the loss needs the model's own classes.")
+    labels = ground_truth_labels(annotations.boxes_xyxy, annotations.class_indices, analysis.trace.transform)
+    model_names = tuple(analysis.class_names[:len(annotations.class_names)])
+    if model_names != tuple(annotations.class_names):
+        st.caption(f"Note: the annotations name their classes {', '.join(annotations.class_names[:4])}, …; the "
+                   f"model's are {', '.join(analysis.class_names[:4])}, …; the loss pairs them by index.")
+    return labels, None
+
+
+@st.fragment
+def gradient_view(analysis: Analysis) -> None:
+    st.caption("How much gradient each target level sends back to each source level through ASFF's value path "
+               "(rows: target, columns: source), and where those contributions disagree. The learned weights are "
+               "compared with uniform weights (a plain sum), the case the paper argues from.")
+    labels, no_labels_reason = ground_truth(analysis)
+    controls = st.columns([2.4, 2])
+    with controls[0]:
+        options = list(OBJECTIVES)
+        objective_kind = st.radio("Objective", options, key="gradient_objective", format_func=OBJECTIVES.get,
+                                  index=options.index(initial("gradient_objective", "score", options)),
+                                  horizontal=True,
+                                  help="What the gradients are gradients of: one detection's score, the sum of "
+                                       "every location's score, or the training loss against the annotations.")
+    with controls[1]:
+        index = detection_picker(analysis, key="gradient_detection") if objective_kind == "score" else None
+    if objective_kind == "score" and index is None:
+        st.info("No detection to explain at this threshold; choose another objective or lower the threshold.")
+        return
+    if objective_kind == "loss" and labels is None:
+        st.warning(no_labels_reason, icon=":material/info:")
+        return
+    if objective_kind == "score":
+        record = analysis.records[index]
+        objective = ("score", int(record.row_index))
+        label = f"score of #{index} ({detection_caption(record)}, {level_name(record.level)})"
+    elif objective_kind == "sum":
+        objective, label = ("sum",), "sum of all scores"
+    else:
+        # The labels' own hash: another annotation file for the same image is another objective.
+        objective = ("loss", hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest())
+        label = "training loss vs ground truth"
+
+    flows = {}
+    progress = st.progress(0.0, text="Computing the gradient flow with the learned weights…")
+    try:
+        for position, (name, key) in enumerate((("learned", cache.LEARNED), ("uniform", UNIFORM))):
+            progress.progress(position / 2, text=f"Computing the gradient flow with the {name} weights…")
+            flows[name] = cache.gradient_flow(analysis.image_choice.key, analysis.weights_key,
+                                              analysis.settings.size, analysis.settings.device, objective, key,
+                                              analysis.image, labels)
+    except (RuntimeError, ValueError) as error:  # e.g. out of memory for the backward pass
+        st.error(f"The gradient flow could not be computed: {error}. Try a smaller input size.",
+                 icon=":material/error:")
+        return
+    finally:
+        progress.empty()
+
+    matrix_max = float(max(flows["learned"].matrix.max(), flows["uniform"].matrix.max()) or 1.0)
+    columns = st.columns(2, gap="large")
+    for column, (name, flow) in zip(columns, flows.items(), strict=True):
+        with column:
+            st.markdown(f"**{'Learned ASFF weights' if name == 'learned' else 'Uniform weights (counterfactual)'}**")
+            metrics = st.columns(3)
+            metrics[0].metric("Objective", f"{flow.objective_value:.4g}", help=label)
+            metrics[1].metric("Conflict rate", f"{flow.overall_conflict_rate:.1%}",
+                              help="Share of active source locations where two target levels send gradients "
+                                   "pointing in opposing directions.")
+            metrics[2].metric("Total value-path norm", f"{flow.matrix.sum():.3g}")
+            plotly_chart(figures.matrix_figure(flow.matrix, "gradient norm, target → source", zmax=matrix_max),
+                         key=f"gradient_matrix_{name}", config={"displayModeBar": False}, width="stretch")
+
+    st.markdown("**Where the gradient goes**")
+    map_controls = st.columns([1.5, 1.5, 2])
+    with map_controls[0]:
+        target = level_control("Target level", "gradient_target", 2,
+                               help="The level whose fused map sends the gradient.")
+    with map_controls[1]:
+        source = level_control("Source level", "gradient_source", 0,
+                               help="The level that receives it (maps are at the source's resolution).")
+    with map_controls[2]:
+        opacity = st.slider("Opacity", 0.0, 1.0, 0.75, 0.05, key="gradient_opacity",
+                            help="Opacity of the maps over the image.")
+    height, width = analysis.image.shape[:2]
+    source_cell = analysis.cell(source)
+    map_max = float(max(flows[name].maps[target][source].max() for name in flows) or 1.0)
+    columns = st.columns(2, gap="large")
+    for column, (name, flow) in zip(columns, flows.items(), strict=True):
+        with column:
+            figure = figures.image_figure(analysis.image, height=360, dim=0.35)
+            relative = flow.maps[target][source] / map_max
+            # Below 1 % of the largest value reads as no gradient: left clear, so the image shows through.
+            figures.add_weight_map(figure, np.where(relative >= 0.01, relative, np.nan), source_cell,
+                                   colormap="magma", opacity=opacity, title="norm / max")
+            _add_positives(figure, flow, source, source_cell)
+            st.caption(f"{name}: gradient from {level_name(target)} into {level_name(source)} (scale shared by both; "
+                       "clear = under 1 % of the largest)")
+            plotly_chart(figure, key=f"gradient_map_{name}", config={"displaylogo": False}, width="stretch")
+
+    st.markdown("**Conflict map** of the source level: 0 = the three target levels agree, 1 = they cancel")
+    columns = st.columns(2, gap="large")
+    for column, (name, flow) in zip(columns, flows.items(), strict=True):
+        with column:
+            figure = figures.image_figure(analysis.image, height=360, dim=0.35)
+            conflict = np.where(flow.conflict[source].active, flow.conflict_maps[source], np.nan)
+            figures.add_weight_map(figure, conflict, source_cell, colormap="inferno", opacity=opacity,
+                                   title="cancellation")
+            _add_positives(figure, flow, source, source_cell)
+            rate = flow.conflict_rate[source]
+            at_objects = flow.conflict_rate_at_objects
+            extra = (f", at objects {at_objects[source]:.1%}" if at_objects is not None
+                     and np.isfinite(at_objects[source]) else "")
+            st.caption(f"{name}: conflict rate at {level_name(source)} {rate:.1%}{extra}; blank = no gradient")
+            plotly_chart(figure, key=f"conflict_map_{name}", config={"displaylogo": False}, width="stretch")
+
+    download_row([
+        ("Figure PNG", lambda: cache.figure_bytes(_static_figure(flows, analysis), "png"), "gradient_flow.png",
+         "image/png"),
+        ("Figure PDF", lambda: cache.figure_bytes(_static_figure(flows, analysis), "pdf"), "gradient_flow.pdf",
+         "application/pdf"),
+        ("Matrices JSON", lambda: _flows_json(flows, label), "gradient_flow.json", "application/json"),
+    ], key="gradient_download")
+
+
+def _add_positives(figure, flow, source: int, cell: tuple[float, float]) -> None:
+    """Outline the ground-truth positive cells (of any level) on the source grid, when ground truth is known."""
+    if flow.positives_at_source is None:
+        return
+    mask = np.asarray(flow.positives_at_source[source]).any(axis=0)
+    for row, col in zip(*np.nonzero(mask), strict=True):
+        figure.add_shape(type="rect", x0=col * cell[0], y0=row * cell[1], x1=(col + 1) * cell[0],
+                         y1=(row + 1) * cell[1], line=dict(color="#00e5ff", width=1.5))
+
+
+def _static_figure(flows: dict, analysis: Analysis):
+    from .. import render
+
+    return render.gradient_flow_comparison(flows["learned"], flows["uniform"], analysis.image)
+
+
+def _flows_json(flows: dict, label: str) -> str:
+    document = {"objective": label}
+    for name, flow in flows.items():
+        document[name] = {
+            "objective_value": flow.objective_value,
+            "counterfactual": flow.counterfactual,
+            "matrix_target_by_source": np.asarray(flow.matrix).tolist(),
+            "weight_branch_matrix": np.asarray(flow.weight_branch_matrix).tolist(),
+            "conflict_rate_per_source": np.asarray(flow.conflict_rate).tolist(),
+            "overall_conflict_rate": flow.overall_conflict_rate,
+            "neck_path_norms": np.asarray(flow.neck_path_norms).tolist(),
+            "total_norms": np.asarray(flow.total_norms).tolist(),
+        }
+    return json.dumps(document, indent=1)

@@ -1,0 +1,399 @@
+"""The Streamlit app, driven headlessly by `streamlit.testing.v1.AppTest`.
+
+Tiny random-weight checkpoints (width 0.125, 8 classes, input 128) keep every run short; one test starts the
+app on the embedded default model when it is installed. Each test clears Streamlit's caches first, since
+AppTest runs the script in this process and caches are per process.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+from asff_viz import build_model
+from asff_viz.checkpoint import default_checkpoint_path, save_checkpoint
+from asff_viz.data.synthetic import CLASS_NAMES
+from asff_viz.engine import initialize_weights, set_objectness_prior
+from asff_viz.samples import sample_path
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+TIMEOUT = 120
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """Small checkpoints: ASFF, sum fusion, another class count, and metadata naming the wrong class count.
+
+    The official initialization with a low objectness prior gives a few dozen detections at 0.25 on the
+    samples (PyTorch's default initialization saturates every score at one value).
+    """
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    paths = {}
+    for name, fusion, classes in (("asff", "asff", 8), ("sum", "sum", 8), ("three_classes", "asff", 3)):
+        model = build_model(width=0.125, depth=0.33, num_classes=classes, fusion=fusion)
+        initialize_weights(model)
+        set_objectness_prior(model, 0.001)
+        names = list(CLASS_NAMES) if classes == 8 else ["a", "b", "c"]
+        paths[name] = folder / f"{name}.pt"
+        save_checkpoint(paths[name], model, {"class_names": names, "input_size": 128})
+    model = build_model(width=0.125, depth=0.33, num_classes=3)
+    paths["wrong_metadata"] = folder / "wrong_metadata.pt"
+    save_checkpoint(paths["wrong_metadata"], model, {"class_names": list(CLASS_NAMES), "input_size": 128})
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+
+
+def start(weights_path: Path | None, **state) -> AppTest:
+    """An AppTest of app.py on `weights_path` (by server path) at input 128, run once."""
+    app = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if weights_path is not None:
+        app.session_state["weights_source"] = "Path"
+        app.session_state["weights_path"] = str(weights_path)
+    app.session_state["input_size"] = 128
+    for key, value in state.items():
+        app.session_state[key] = value
+    app.run()
+    return app
+
+
+def assert_healthy(app: AppTest) -> None:
+    assert not app.exception, [exception.value for exception in app.exception]
+    assert not app.error, [error.value for error in app.error]
+
+
+def metric(app: AppTest, label: str) -> str:
+    return next(m.value for m in app.metric if m.label == label)
+
+
+def open_view(app: AppTest, view: str) -> AppTest:
+    app.session_state["view"] = view
+    app.run()
+    return app
+
+
+def encode(image: np.ndarray, suffix: str, params: list | None = None) -> bytes:
+    ok, data = cv2.imencode(suffix, image, params or [])
+    assert ok
+    return data.tobytes()
+
+
+# --------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.skipif(not default_checkpoint_path().is_file(), reason="the embedded default checkpoint is not "
+                    "installed (checkpoints/asff_synthetic.pt)")
+def test_starts_on_the_embedded_default_with_a_sample():
+    app = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    app.run()
+    assert_healthy(app)
+    assert app.radio(key="weights_source").value == "Embedded default"
+    assert app.radio(key="image_source").value == "Sample"
+    assert int(metric(app, "Detections")) > 0, "the default model finds nothing on its own sample"
+    assert app.get("plotly_chart"), "no overlay chart drawn"
+
+
+def test_views_and_controls_never_rerun_the_model_for_a_view_change(weights, monkeypatch):
+    import asff_viz.introspection as introspection
+
+    calls = []
+    original = introspection.trace_image
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("counterfactual"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(introspection, "trace_image", counting)
+    app = start(weights["asff"])
+    assert_healthy(app)
+    assert len(calls) == 1
+    assert int(metric(app, "Detections")) > 0
+
+    # Every fusion view and control: the trace is reused, the model never runs again.
+    for mode in ("RGB composite", "Entropy", "Figure 3 grid", "Overlay"):
+        app.segmented_control(key="fusion_mode").set_value(mode).run()
+        assert_healthy(app)
+        assert app.get("plotly_chart"), f"the {mode} view drew nothing"
+    app.segmented_control(key="fusion_target").set_value(2).run()
+    app.segmented_control(key="fusion_source").set_value(1).run()
+    app.slider(key="fusion_opacity").set_value(0.3).run()
+    app.selectbox(key="fusion_colormap").set_value("magma").run()
+    app.toggle(key="fusion_boxes").set_value(False).run()
+    assert_healthy(app)
+    app.number_input(key="pick_x").set_value(5).run()
+    app.number_input(key="pick_y").set_value(100).run()
+    assert_healthy(app)
+    assert app.session_state["picked_point"] == (5.5, 100.5)
+    assert len(calls) == 1, "a view change re-ran the model"
+
+    # Detections: pick one from the selectbox; attributions on demand.
+    open_view(app, "Detections")
+    assert_healthy(app)
+    app.selectbox(key="detection_picker").set_value(1).run()
+    assert app.session_state["selected_detection"] == 1
+    assert any("Detection **#1** was predicted by" in markdown.value for markdown in app.markdown)
+    app.multiselect(key="attribution_methods").set_value(["saliency", "grad_cam", "integrated_gradients"]).run()
+    app.select_slider(key="attribution_steps").set_value(4).run()
+    app.button(key="compute_attributions").click().run()
+    assert_healthy(app)
+    assert sum(1 for chart in app.get("plotly_chart") if "attribution_" in str(chart.proto.id)) >= 5
+    assert len(calls) == 1
+
+    # Gradient flow, for each objective (the bundled samples have annotations for the loss).
+    open_view(app, "Gradient flow")
+    assert_healthy(app)
+    for objective in ("sum", "loss", "score"):
+        app.radio(key="gradient_objective").set_value(objective).run()
+        assert_healthy(app)
+        assert not app.warning, [w.value for w in app.warning]
+        assert any(m.label == "Conflict rate" for m in app.metric)
+    app.segmented_control(key="gradient_source").set_value(2).run()
+    assert_healthy(app)
+
+    # Counterfactuals: uniform, force one level, drop one level at one target level.
+    open_view(app, "Counterfactuals")
+    assert_healthy(app)
+    app.segmented_control(key="counterfactual_kind").set_value("one_hot").run()
+    app.segmented_control(key="counterfactual_source").set_value(0).run()
+    assert_healthy(app)
+    app.segmented_control(key="counterfactual_kind").set_value("drop").run()
+    app.pills(key="counterfactual_levels").set_value([1]).run()
+    assert_healthy(app)
+    kinds = [getattr(c, "kind", None) for c in calls[1:]]
+    assert {"uniform", "one_hot", "drop"} <= set(kinds)
+    assert {metric(app, name) is not None for name in ("Kept", "Lost", "New")}
+
+    # Compare with a sum-fusion checkpoint (no fusion weights: detections only for it).
+    open_view(app, "Compare checkpoints")
+    app.radio(key="compare_weights_source").set_value("Path").run()
+    app.text_input(key="compare_weights_path").set_value(str(weights["sum"])).run()
+    assert_healthy(app)
+    assert any("no learned weights" in info.value for info in app.info)
+    assert any(m.label == "In both" for m in app.metric)
+
+
+def test_every_download_is_offered(weights):
+    app = start(weights["asff"])
+    labels = {button.label for button in app.get("download_button")}
+    assert {"Figure PNG", "Figure PDF", "Trace .npz", "Detections JSON"} <= labels
+
+
+def make_uploads() -> dict[str, tuple[bytes, tuple[int, int]]]:
+    """name -> (file bytes, expected (height, width) after decoding)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    gray16 = (rng.integers(0, 65535, (48, 80), dtype=np.uint16))
+    rgba = np.dstack([colour, np.full((48, 80), 128, np.uint8)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    jpeg_with_exif = io.BytesIO()
+    Image.fromarray(colour).save(jpeg_with_exif, "JPEG", exif=exif.tobytes())
+    webp = io.BytesIO()
+    Image.fromarray(colour).save(webp, "WEBP")
+    return {
+        "photo.jpg": (jpeg_with_exif.getvalue(), (80, 48)),
+        "gray16.png": (encode(gray16, ".png"), (48, 80)),
+        "alpha.png": (encode(rgba, ".png"), (48, 80)),
+        "picture.bmp": (encode(colour, ".bmp"), (48, 80)),
+        "picture.webp": (webp.getvalue(), (48, 80)),
+        "scan.tiff": (encode(colour, ".tiff"), (48, 80)),
+    }
+
+
+def test_good_uploads_in_every_format(weights):
+    app = start(weights["asff"], image_source="Upload")
+    assert_healthy(app)
+    assert any("Upload an image" in info.value for info in app.info)
+    for name, (data, (height, width)) in make_uploads().items():
+        app.file_uploader(key="image_upload").set_value((name, data, "application/octet-stream")).run()
+        assert_healthy(app)
+        assert metric(app, "Image") == f"{width}×{height}", name
+
+
+def test_bad_uploads_give_a_message_and_the_app_keeps_working(weights):
+    good = encode(np.full((40, 60, 3), 90, np.uint8), ".png")
+    huge = encode(np.zeros((8100, 8000), np.uint8), ".png")  # 64.8 MP: over the 64 MP limit
+    bad = {
+        "truncated.jpg": encode(np.full((40, 60, 3), 90, np.uint8), ".jpg")[:100],
+        "notes.png": b"these are notes, not pixels",
+        "empty.png": b"",
+        "huge.png": huge,
+    }
+    app = start(weights["asff"], image_source="Upload")
+    for name, data in bad.items():
+        app.file_uploader(key="image_upload").set_value((name, data, "image/png")).run()
+        assert not app.exception, [e.value for e in app.exception]
+        assert app.error and name in app.error[0].value, (name, [e.value for e in app.error])
+        assert not app.get("plotly_chart")
+        app.file_uploader(key="image_upload").set_value(("good.png", good, "image/png")).run()
+        assert_healthy(app)
+        assert metric(app, "Image") == "60×40"
+
+
+class _Reducer:
+    """Unpickling this would create a file: `weights_only` loading must refuse it before it runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_bad_checkpoints_give_a_message_and_the_app_keeps_working(weights, tmp_path):
+    marker = tmp_path / "code_ran"
+    malicious = io.BytesIO()
+    torch.save({"model": _Reducer(marker)}, malicious)
+    uploads = {
+        "random.pt": (np.random.default_rng(0).bytes(2048), "random.pt"),
+        "malicious.pt": (malicious.getvalue(), "malicious.pt: refused"),
+        "wrong_metadata.pt": (weights["wrong_metadata"].read_bytes(), "classes"),
+        "empty.pth": (b"", "empty"),
+    }
+    app = start(weights["asff"])
+    for name, (data, message) in uploads.items():
+        app.radio(key="weights_source").set_value("Upload").run()
+        app.file_uploader(key="weights_upload").set_value((name, data, "application/octet-stream")).run()
+        assert not app.exception, [e.value for e in app.exception]
+        assert app.error and message in app.error[0].value, (name, [e.value for e in app.error])
+        app.radio(key="weights_source").set_value("Path").run()
+        assert_healthy(app)
+        assert app.get("plotly_chart")
+    assert not marker.exists(), "loading a checkpoint ran code from its pickle"
+    app.text_input(key="weights_path").set_value(str(tmp_path / "missing.pt")).run()
+    assert app.error and "no such checkpoint" in app.error[0].value
+
+
+def test_a_model_with_another_class_count(weights):
+    app = start(weights["three_classes"])
+    assert_healthy(app)
+    open_view(app, "Gradient flow")
+    app.radio(key="gradient_objective").set_value("loss").run()
+    assert not app.exception
+    assert any("classes" in warning.value for warning in app.warning), "no message about the class mismatch"
+
+
+def test_a_model_without_fusion_weights_shows_its_detections(weights):
+    app = start(weights["sum"])
+    assert not app.exception
+    assert any("without learned weights" in warning.value for warning in app.warning)
+    assert [tab.label for tab in app.tabs] == ["Detections", "Compare checkpoints"]
+    assert app.get("plotly_chart")
+
+
+def test_sessions_share_the_model_and_do_not_interfere(weights):
+    from asff_viz.app import cache
+    from asff_viz.introspection.capture import hook_count
+
+    first = start(weights["asff"], sample_name="shapes_wide.jpg")
+    second = start(weights["asff"], sample_name="shapes_tall.jpg", conf_threshold=0.05)
+    first.slider(key="fusion_opacity").set_value(0.2).run()
+    assert_healthy(first)
+    assert_healthy(second)
+    for app, name in ((first, "shapes_wide.jpg"), (second, "shapes_tall.jpg")):
+        height, width = cv2.imread(str(sample_path(name))).shape[:2]
+        assert metric(app, "Image") == f"{width}×{height}"
+    assert second.slider(key="fusion_opacity").value == 0.6, "one session's control moved the other's"
+    model = cache.model(str(weights["asff"].resolve()), cache.file_sha256(
+        str(weights["asff"].resolve()), weights["asff"].stat().st_mtime_ns, weights["asff"].stat().st_size), "cpu")
+    assert hook_count(model) == 0, "a hook stayed on the shared model"
+    assert set(vars(model)) - {"training", "config", "num_classes", "strides", "metadata"} <= {
+        name for name in vars(model) if name.startswith("_")}, "per-session state on the shared model"
+
+
+def test_ground_truth_upload_enables_the_loss_objective(weights):
+    import json
+
+    image = encode(np.full((96, 128, 3), 80, np.uint8), ".png")
+    document = {"images": [{"id": 7, "file_name": "scene.png", "width": 128, "height": 96}],
+                "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}],
+                "annotations": [{"id": 1, "image_id": 7, "category_id": 2, "bbox": [10, 20, 40, 30], "iscrowd": 0}]}
+    app = start(weights["asff"], image_source="Upload", view="Gradient flow", gradient_objective="loss")
+    app.file_uploader(key="image_upload").set_value(("scene.png", image, "image/png")).run()
+    app.file_uploader(key="annotations_upload").set_value(
+        ("scene.json", json.dumps(document).encode(), "application/json")).run()
+    assert_healthy(app)
+    assert any("Ground truth: 1 boxes" in caption.value for caption in app.caption)
+    assert any(m.label == "Conflict rate" for m in app.metric), "the loss objective did not run"
+    app.file_uploader(key="annotations_upload").set_value(("broken.json", b"{not json", "application/json")).run()
+    assert not app.exception
+    assert app.error and "broken.json" in app.error[0].value
+
+
+def test_downloads_are_valid_files(weights, tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from asff_viz import load_model
+    from asff_viz.app import cache
+    from asff_viz.app.fusion_view import VIEWS, static_figure
+    from asff_viz.introspection import Trace, trace_image
+
+    model = load_model(weights["asff"])
+    trace = trace_image(model, str(sample_path("shapes_square.jpg")), size=128, conf_threshold=0.25)
+    analysis = SimpleNamespace(trace=trace)
+    for mode in VIEWS:
+        figure = static_figure(analysis, mode, 1, 0, 0.5, "magma")
+        assert cache.figure_bytes(figure, "png").startswith(b"\x89PNG"), mode
+        assert cache.figure_bytes(static_figure(analysis, mode, 2, 1, 0.5, "viridis"), "pdf").startswith(b"%PDF")
+    path = tmp_path / "trace.npz"
+    path.write_bytes(cache.trace_npz_bytes(trace))
+    loaded = Trace.load(path)
+    assert len(loaded.detections) == len(trace.detections)
+    np.testing.assert_array_equal(loaded.fusion_weights[2], trace.fusion_weights[2])
+    document = json.loads(cache.detections_json(trace, "shapes_square.jpg"))
+    assert len(document["detections"]) == len(trace.detections) > 0
+    first = document["detections"][0]
+    assert set(first) >= {"box_xyxy", "score", "class_name", "level", "slot", "row", "col", "fusion_weights_here"}
+    assert abs(sum(first["fusion_weights_here"]) - 1) < 1e-3
+
+
+def test_match_detections_pairs_boxes_by_overlap_and_class():
+    from types import SimpleNamespace
+
+    from asff_viz.app.diff import match_detections
+
+    def record(box, label, score):
+        return SimpleNamespace(box_xyxy=np.array(box, dtype=np.float64), label=label, score=score)
+
+    learned = [record([0, 0, 10, 10], 0, 0.9), record([20, 20, 30, 30], 1, 0.8), record([50, 50, 60, 60], 2, 0.7)]
+    other = [record([21, 21, 31, 31], 0, 0.6), record([0, 0, 10, 11], 0, 0.5), record([80, 80, 90, 90], 2, 0.4)]
+    changes = {(c.status, c.reference, c.other) for c in match_detections(learned, other)}
+    assert changes == {("kept", 0, 1), ("relabelled", 1, 0), ("lost", 2, None), ("new", None, 2)}
+    assert [c.status for c in match_detections([], other)] == ["new"] * 3
+
+
+def test_bundled_samples_are_small_and_annotated():
+    from asff_viz.samples import SAMPLES_DIR, list_samples, sample_annotations
+    from asff_viz.transforms import read_image
+
+    names = list_samples()
+    assert len(names) >= 3
+    assert sum(path.stat().st_size for path in SAMPLES_DIR.iterdir() if path.suffix in (".jpg", ".json")) < 200_000
+    for name in names:
+        image = read_image(sample_path(name))
+        annotations = sample_annotations(name)
+        assert annotations is not None and len(annotations.class_indices) > 0, name
+        boxes = annotations.boxes_xyxy
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= image.shape[1]).all() and (
+            boxes[:, 3] <= image.shape[0]).all(), name
+        assert annotations.class_names == tuple(CLASS_NAMES)
