@@ -10,7 +10,6 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from torch import nn
 
 from .class_names import COCO_CLASSES
 from .config import ModelConfig
+from .fileio import atomic_write
 
 FORMAT_NAME = "asff_viz"
 FORMAT_VERSION = 1
@@ -341,18 +341,7 @@ def load_model(weights: str | os.PathLike | None = None, *, device: str | torch.
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: torch.save(obj, stream))
 
 
 def checkpoint_dict(model: nn.Module, metadata: dict | None = None, **extra) -> dict:

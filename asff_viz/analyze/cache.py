@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fileio import atomic_write
 from ..introspection.capture import Counterfactual, as_counterfactual
 from ..introspection.gradflow import TrainingLoss, gradient_flow, ground_truth_labels
 from ..introspection.trace import Trace, TraceError, trace_image
@@ -217,15 +217,7 @@ def _read_npz(path: Path) -> dict:
 
 def _save_npz(path: Path, **arrays) -> None:
     """Write atomically: a run killed mid-write leaves no half entry that a later run would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez_compressed(stream, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
 
 
 __all__ = ["AnalysisCache", "CACHE_FORMAT_VERSION", "ImageResult", "detect"]

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fileio import atomic_write
 from ..postprocess import postprocess, row_location
 from ..transforms import ImageTransform, preprocess, read_image
 from .capture import LEVEL_NAMES, Counterfactual, as_counterfactual, capture, has_fusion_weights
@@ -180,16 +180,7 @@ class Trace:
             if self.raw_predictions is not None:
                 arrays[f"raw_prediction_{level}"] = self.raw_predictions[level]
                 arrays[f"raw_anchor_logwh_{level}"] = self.raw_anchor_logwh[level]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.savez_compressed(stream, **arrays)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trace:
