@@ -43,7 +43,7 @@ from torch import nn
 from ..postprocess import row_location
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from .capture import LEVEL_NAMES, fusion_levels, has_fusion_weights
-from .gradflow import row_scores
+from .gradflow import input_batch, row_scores
 
 
 @dataclass
@@ -80,16 +80,6 @@ class Attribution:
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
-
-
-def _prepare(model: nn.Module, image_tensor: torch.Tensor) -> torch.Tensor:
-    if image_tensor.dim() == 3:
-        image_tensor = image_tensor.unsqueeze(0)
-    if image_tensor.dim() != 4 or image_tensor.shape[0] != 1 or image_tensor.shape[1] != 3:
-        raise ValueError(f"expected one normalized image (3, S, S) or (1, 3, S, S), got {tuple(image_tensor.shape)}")
-    parameter = next(model.parameters())
-    # Gradients w.r.t. the input are the point; requiring them here also keeps captum from warning.
-    return image_tensor.detach().to(device=parameter.device, dtype=parameter.dtype).clone().requires_grad_(True)
 
 
 class DetectionScoreFunction:
@@ -241,7 +231,7 @@ def integrated_gradients(model: nn.Module, image_tensor: torch.Tensor, row_index
     without it the attributions miss that path and are not complete.
     Returns an Attribution with map = (S, S) sum over colour channels (signed).
     """
-    images = _prepare(model, image_tensor)
+    images = input_batch(model, image_tensor)
     forward = score_function(model, images, row_index, class_index, through_offsets)
     baselines = resolve_baseline(baseline, images)
     explainer = IntegratedGradients(forward)
@@ -269,7 +259,7 @@ def saliency(model: nn.Module, image_tensor: torch.Tensor, row_index: int, *, cl
 
     Returns an Attribution with map = (S, S) maximum over colour channels of the absolute gradient.
     """
-    images = _prepare(model, image_tensor)
+    images = input_batch(model, image_tensor)
     forward = score_function(model, images, row_index, class_index, through_offsets)
     explainer = Saliency(forward)
     if noise_tunnel:
@@ -301,7 +291,7 @@ def grad_cam_per_level(model: nn.Module, image_tensor: torch.Tensor, row_index: 
     if layer not in ("fused", "output", "source"):
         raise ValueError(f"layer must be 'fused' (before expand), 'output' (the head's input) or 'source' (the "
                          f"neck outputs), got {layer!r}")
-    images = _prepare(model, image_tensor)
+    images = input_batch(model, image_tensor)
     forward = score_function(model, images, row_index, class_index, through_offsets)
     size = images.shape[-1]
     detection_level = row_location(row_index, model.grid_sizes(size)).level
@@ -333,7 +323,7 @@ def fusion_weight_attribution(model: nn.Module, image_tensor: torch.Tensor, leve
     """
     if not has_fusion_weights(model):
         raise ValueError(f"the {model.config.variant!r} model has no ASFF fusion weights to attribute.")
-    images = _prepare(model, image_tensor)
+    images = input_batch(model, image_tensor)
     height = images.shape[-1] // model.strides[level]
     if not (0 <= row < height and 0 <= col < height and source in (0, 1, 2)):
         raise IndexError(f"cell ({row}, {col}) / source {source} is outside level {level}'s {height}x{height} grid")

@@ -205,7 +205,9 @@ class GradientDecomposition:
     counterfactual: Counterfactual
 
 
-def _as_batch(image_tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+def input_batch(model: nn.Module, image_tensor: torch.Tensor) -> torch.Tensor:
+    """One normalized image (3, S, S) or (1, 3, S, S) -> a fresh (1, 3, S, S) leaf on the model's device and dtype,
+    requiring grad: gradients with respect to the input are what the analyses take."""
     if image_tensor.dim() == 3:
         image_tensor = image_tensor.unsqueeze(0)
     if image_tensor.dim() != 4 or image_tensor.shape[0] != 1 or image_tensor.shape[1] != 3:
@@ -235,7 +237,7 @@ def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
     from .attribution import gradient_through_offsets  # local: attribution imports this module
 
     counterfactual = as_counterfactual(counterfactual)
-    images = _as_batch(image_tensor, model)
+    images = input_batch(model, image_tensor)
     with torch.enable_grad():
         with capture(model, keep_graph=True, counterfactual=counterfactual) as recorder:
             if through_offsets:
