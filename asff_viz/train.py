@@ -393,10 +393,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     context = init_distributed(config.run.device)
     logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    finished = False
     try:
-        return _train(config, context)
+        summary = _train(config, context)
+        finished = True
+        return summary
     finally:
         if context.distributed and dist.is_initialized():
+            if finished:
+                dist.barrier()  # every rank is done before any tears its connections down
             dist.destroy_process_group()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from datetime import timedelta
 
 import pytest
 import torch
@@ -106,7 +107,8 @@ def test_schedule_warmup_flat_cosine_floor():
 
 def _ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
     try:
         model = tiny_model()
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -128,11 +130,14 @@ def _ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
                            os.path.join(out_dir, f"step{step}.pt"))
                 if step == 0:
                     torch.save(parameters, os.path.join(out_dir, "first_update.pt"))
+        dist.barrier()  # no rank tears its connections down while the other still writes or waits
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
+def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, monkeypatch):
+    # Loopback only: the spawned ranks inherit this, so gloo never depends on how the host name resolves.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     for step in range(3):
         record = torch.load(tmp_path / f"step{step}.pt", weights_only=True)
