@@ -10,7 +10,7 @@ import torch
 from asff_viz.models import build_model
 from asff_viz.models.head import LevelOutput
 from asff_viz.ops.boxes import box_area, box_iou, cxcywh_to_xyxy, xywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_xywh
-from asff_viz.ops.nms import batched_nms, nms
+from asff_viz.ops.nms import _greedy_sorted, batched_nms, nms
 from asff_viz.postprocess import RowLocation, postprocess, row_location
 
 
@@ -98,6 +98,21 @@ def test_nms_matches_greedy_reference(seed, threshold):
     assert kept.tolist() == expected
     assert 1 < len(expected) < len(boxes)  # the case really suppresses, and keeps more than one box
     assert nms(boxes, scores, threshold).tolist() == expected  # default path (compiled op when present)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+def test_blockwise_nms_is_exact_across_blocks(block):
+    # 600 clustered boxes over several blocks, plus a sliding-window chain (each box suppresses the next),
+    # the worst case for the in-block fixed-point iteration.
+    boxes, scores, _ = clustered_boxes(5, count=600)
+    chain = torch.tensor([[2.0 * i, 0.0, 2.0 * i + 10.0, 10.0] for i in range(40)])
+    boxes = torch.cat((boxes, chain + 200.0))
+    scores = torch.cat((scores, torch.linspace(0.9, 0.1, 40)))
+    expected = greedy_nms_reference(boxes.tolist(), scores.tolist(), 0.5)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    kept = order[_greedy_sorted(boxes[order], 0.5, block=block)]
+    assert kept.tolist() == expected
+    assert sum(i >= 600 for i in expected) == 20  # the chain keeps every other box
 
 
 @pytest.mark.parametrize("seed", range(4))
