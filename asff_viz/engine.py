@@ -421,6 +421,7 @@ class EpochOptions:
     freeze_batchnorm: bool = False  # BatchNorm in eval mode: running statistics fixed, batch-independent
     clip_grad_norm: float = 0.0  # clip the global gradient norm to this (0: off, the official setting)
     progress: bool = True
+    channels_last: bool = False  # batches in NHWC memory order (pair with a channels-last model)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -476,6 +477,8 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
         for iteration, batch in enumerate(loader):
             images, labels = batch[0], batch[1]
             images = torch.as_tensor(images).to(device, non_blocking=True)
+            if options.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             labels = torch.as_tensor(labels).to(device, non_blocking=True).float()
             learning_rate = schedule.step(epoch, iteration)
             # BatchNorm statistics are restored if the step turns out non-finite.

@@ -149,14 +149,15 @@ def test_torchrun_two_processes_on_cpu(synthetic, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "asff_viz.train", *tiny_args(synthetic, out, epochs=1, extra=["--eval-interval", "1"])]
+               "-m", "asff_viz.train",
+               *tiny_args(synthetic, out, epochs=1, extra=["--eval-interval", "1", "--channels-last"])]
     completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     # 6 images, 2 per process, 2 processes: one full global batch of 4 per step, 1 step (drop_last).
     assert checkpoint["training"]["global_step"] == 1
     assert (out / "metrics.csv").is_file()
-    model = load_model(out / "last.pt")
+    model = load_model(out / "last.pt")  # saved from a channels-last model, loads as usual
     assert model.num_classes == 8
 
 

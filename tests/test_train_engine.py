@@ -205,6 +205,29 @@ def test_non_finite_loss_skips_the_step_and_stops_after_three_in_a_row():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_channels_last_training_matches_nchw():
+    # One step: later steps drift apart through the loss's discrete choices (ignore mask, best anchor), which
+    # round-off can flip. The NHWC update must equal the NCHW update to well under 0.1% of its size.
+    initial = flat_parameters(tiny_model())
+    updated = []
+    for channels_last in (False, True):
+        model = tiny_model()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+        schedule = constant_schedule(optimizer, 0.001)
+        options = EpochOptions(progress=False, freeze_batchnorm=True, channels_last=channels_last)
+        train_one_epoch(model, build_criterion(model.config), [fixed_batch(2)], optimizer, schedule, 0,
+                        state=StepState(), options=options)
+        if channels_last:
+            conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # really ran NHWC
+        updated.append(flat_parameters(model) - initial)
+    step_nchw, step_nhwc = updated
+    assert step_nchw.abs().max() > 1e-3  # the step did move the weights
+    assert (step_nhwc - step_nchw).abs().max() <= 1e-3 * step_nchw.abs().max()
+
+
 # ------------------------------------------------------------------------------------------- statistics
 
 
