@@ -32,13 +32,13 @@ class Detections:
     def __len__(self) -> int:
         return int(self.scores.numel())
 
-    def scaled(self, scale_x: float, scale_y: float) -> "Detections":
+    def scaled(self, scale_x: float, scale_y: float) -> Detections:
         """A copy with boxes multiplied by (scale_x, scale_y), e.g. input pixels to original pixels."""
         factor = self.boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
         return Detections(self.boxes * factor, self.scores, self.labels, self.objectness,
                           self.class_confidence, self.indices)
 
-    def to(self, device: str | torch.device) -> "Detections":
+    def to(self, device: str | torch.device) -> Detections:
         return Detections(*(t.to(device) for t in (self.boxes, self.scores, self.labels, self.objectness,
                                                    self.class_confidence, self.indices)))
 

@@ -67,9 +67,10 @@ class LevelFusion(nn.Module):
         self.expand = ConvBNAct(inter, out_channels, 3)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        resized = [path(x) for path, x in zip(self.resize, features)]
+        resized = [path(x) for path, x in zip(self.resize, features, strict=True)]
         if self.mode == "asff":
-            logits = self.weight_logits(torch.cat([conv(r) for conv, r in zip(self.weight_convs, resized)], 1))
+            logits = self.weight_logits(
+                torch.cat([conv(r) for conv, r in zip(self.weight_convs, resized, strict=True)], 1))
             weights = self.softmax(logits)  # (B, 3, H_l, W_l)
             fused = resized[0] * weights[:, 0:1] + resized[1] * weights[:, 1:2] + resized[2] * weights[:, 2:3]
         elif self.mode == "sum":

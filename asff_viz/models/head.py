@@ -95,7 +95,7 @@ class Head(nn.Module):
         self.levels = nn.ModuleList(GuidedAnchorHead(c, num_classes, rfb) for c in in_channels)
 
     def forward(self, features: list[torch.Tensor]) -> list[LevelOutput]:
-        return [head(x) for head, x in zip(self.levels, features)]
+        return [head(x) for head, x in zip(self.levels, features, strict=True)]
 
 
 def build_head(in_channels: tuple[int, int, int], num_classes: int, rfb: bool = False) -> Head:
