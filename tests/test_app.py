@@ -8,6 +8,7 @@ AppTest runs the script in this process and caches are per process.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import cv2
@@ -18,6 +19,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from asff_viz import build_model
+from asff_viz.app.inputs import store_upload
 from asff_viz.checkpoint import default_checkpoint_path, save_checkpoint
 from asff_viz.data.synthetic import CLASS_NAMES
 from asff_viz.engine import initialize_weights, set_objectness_prior
@@ -397,3 +399,17 @@ def test_bundled_samples_are_small_and_annotated():
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= image.shape[1]).all() and (
             boxes[:, 3] <= image.shape[0]).all(), name
         assert annotations.class_names == tuple(CLASS_NAMES)
+
+
+def test_uploaded_checkpoints_are_stored_once_and_pruned(tmp_path):
+    folder = tmp_path / "uploads"
+    paths = []
+    for index in range(5):
+        paths.append(store_upload(folder, bytes([index]) * 10, f"digest{index}", ".pt", keep=3))
+        os.utime(paths[-1], (1000 + index, 1000 + index))  # distinct, increasing use times
+    assert sorted(p.name for p in folder.iterdir()) == ["digest2.pt", "digest3.pt", "digest4.pt"]
+    # Using an old upload again makes it the newest, and its bytes are not written twice.
+    again = store_upload(folder, b"ignored", "digest2", ".pt", keep=3)
+    assert again.read_bytes() == bytes([2]) * 10
+    store_upload(folder, b"new", "digest5", ".pt", keep=3)
+    assert sorted(p.name for p in folder.iterdir()) == ["digest2.pt", "digest4.pt", "digest5.pt"]

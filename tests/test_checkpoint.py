@@ -305,6 +305,15 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert load_model(path).num_classes == 3
 
 
+def test_saved_checkpoint_has_the_permissions_of_a_plain_file(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, build_model(**SMALL), METADATA)
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not the temporary file's 0600
+    assert plain.stat().st_mode & 0o044  # the check means something: group/others can read a plain file
+
+
 # ------------------------------------------------------------------------------------- Darknet weights
 
 

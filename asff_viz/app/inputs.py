@@ -31,6 +31,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # Uploads larger than this are refused by the uploader itself, before any bytes are decoded.
 MAX_IMAGE_UPLOAD_MB = 50
 MAX_CHECKPOINT_UPLOAD_MB = 1024
+UPLOAD_CACHE_FILES = 8  # uploaded checkpoints kept on disk (the most recently used)
 INPUT_SIZES = tuple(range(128, 1024 + 1, 32))
 
 
@@ -208,14 +209,26 @@ def weights_ui(key_prefix: str = "", label: str = "Weights", default_source: str
     data = upload.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     # load_model reads a path: keep one copy per content hash, so sessions uploading the same file share it.
-    folder = Path(tempfile.gettempdir()) / "asff_viz_uploads"
+    path = store_upload(Path(tempfile.gettempdir()) / "asff_viz_uploads", data, digest,
+                        Path(upload.name).suffix or ".pt")
+    return WeightsChoice(str(path), digest, upload.name)
+
+
+def store_upload(folder: Path, data: bytes, digest: str, suffix: str, keep: int = UPLOAD_CACHE_FILES) -> Path:
+    """Write `data` once as folder/<digest><suffix> and keep only the `keep` most recently used uploads."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{digest}{Path(upload.name).suffix or '.pt'}"
-    if not path.is_file():
+    path = folder / f"{digest}{suffix}"
+    if path.is_file():
+        path.touch()  # used again: the newest
+    else:
         partial = path.with_suffix(path.suffix + f".{os.getpid()}.part")
         partial.write_bytes(data)
         partial.replace(path)
-    return WeightsChoice(str(path), digest, upload.name)
+    others = [p for p in folder.iterdir() if p.is_file() and p != path and not p.name.endswith(".part")]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in others[max(keep - 1, 0):]:
+        stale.unlink(missing_ok=True)  # a model already loaded from it stays in the resource cache
+    return path
 
 
 def _weights_from_path(path: Path, label: str) -> WeightsChoice:
