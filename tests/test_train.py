@@ -172,3 +172,15 @@ def test_mixed_precision_training_on_gpu(synthetic, tmp_path, amp):
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert (checkpoint["training"]["scaler"] is not None) == (amp == "fp16")
     assert load_model(tmp_path / "last.pt").num_classes == 8
+
+
+def test_adamw_option_trains_and_resumes_with_its_own_state(synthetic, tmp_path):
+    summary = train_module.main(tiny_args(synthetic, tmp_path / "adamw", epochs=1, extra=["--optimizer", "adamw"]))
+    assert "error" not in summary and all(math.isfinite(v) for v in summary["losses"].values())
+    checkpoint = torch.load(tmp_path / "adamw" / "last.pt", weights_only=True)
+    states = checkpoint["training"]["optimizer"]["state"]
+    assert states and all("exp_avg_sq" in state for state in states.values())  # AdamW's moments, not SGD's
+    resumed = train_module.main(tiny_args(synthetic, tmp_path / "adamw", epochs=2,
+                                          extra=["--optimizer", "adamw", "--resume",
+                                                 str(tmp_path / "adamw" / "last.pt")]))
+    assert "error" not in resumed
