@@ -306,9 +306,22 @@ def parse_checkpoint(data: dict, source: str = "checkpoint") -> tuple[ModelConfi
                           f"(first keys: {keys}). Pass a YOLOv3-ASFF checkpoint.")
 
 
+DEFAULT_WEIGHTS_ENV = "ASFF_VIZ_DEFAULT_WEIGHTS"
+
+
 def default_checkpoint_path() -> Path:
-    """The embedded default model shipped in the repository's `checkpoints/` folder."""
-    return Path(__file__).resolve().parent.parent / "checkpoints" / "asff_synthetic.pt"
+    """The embedded default model: the repository's `checkpoints/asff_synthetic.pt`.
+
+    $ASFF_VIZ_DEFAULT_WEIGHTS overrides it (e.g. for a non-editable install, whose package folder has no
+    `checkpoints/` next to it; then `./checkpoints/asff_synthetic.pt` is tried too).
+    """
+    override = os.environ.get(DEFAULT_WEIGHTS_ENV)
+    if override:
+        return Path(override).expanduser()
+    shipped = Path(__file__).resolve().parent.parent / "checkpoints" / "asff_synthetic.pt"
+    if not shipped.is_file() and (local := Path.cwd() / "checkpoints" / "asff_synthetic.pt").is_file():
+        return local
+    return shipped
 
 
 def load_model(weights: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
@@ -322,7 +335,8 @@ def load_model(weights: str | os.PathLike | None = None, *, device: str | torch.
     path = Path(weights) if weights is not None else default_checkpoint_path()
     if weights is None and not path.is_file():
         raise CheckpointError(f"the embedded default model {path} is missing from this installation; pass "
-                              "weights=PATH (an official ASFF checkpoint or an asff_viz checkpoint).")
+                              "weights=PATH (an official ASFF checkpoint or an asff_viz checkpoint), or set "
+                              f"${DEFAULT_WEIGHTS_ENV} to a checkpoint.")
     config, state_dict, metadata = parse_checkpoint(read_checkpoint(path), str(path))
     model = build_model(config)
     load_state_dict_strict(model, state_dict, str(path))

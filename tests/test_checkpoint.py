@@ -314,6 +314,17 @@ def test_saved_checkpoint_has_the_permissions_of_a_plain_file(tmp_path):
     assert plain.stat().st_mode & 0o044  # the check means something: group/others can read a plain file
 
 
+def test_default_weights_can_be_overridden_by_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "elsewhere.pt"
+    save_checkpoint(path, build_model(**SMALL), METADATA)
+    monkeypatch.setenv("ASFF_VIZ_DEFAULT_WEIGHTS", str(path))
+    model = load_model()
+    assert model.metadata["checkpoint"] == str(path) and model.num_classes == 3
+    monkeypatch.setenv("ASFF_VIZ_DEFAULT_WEIGHTS", str(tmp_path / "absent.pt"))
+    with pytest.raises(CheckpointError, match="ASFF_VIZ_DEFAULT_WEIGHTS"):
+        load_model()
+
+
 # ------------------------------------------------------------------------------------- Darknet weights
 
 
