@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from asff_viz import build_model
 from asff_viz.app.inputs import store_upload
-from asff_viz.checkpoint import default_checkpoint_path, save_checkpoint
+from asff_viz.checkpoint import save_checkpoint
 from asff_viz.data.synthetic import CLASS_NAMES
 from asff_viz.engine import initialize_weights, set_objectness_prior
 from asff_viz.samples import sample_path
@@ -99,8 +99,6 @@ def encode(image: np.ndarray, suffix: str, params: list | None = None) -> bytes:
 # --------------------------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.skipif(not default_checkpoint_path().is_file(), reason="the embedded default checkpoint is not "
-                    "installed (checkpoints/asff_synthetic.pt)")
 def test_starts_on_the_embedded_default_with_a_sample():
     app = AppTest.from_file(APP, default_timeout=TIMEOUT)
     app.run()
