@@ -14,8 +14,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-runs/analysis}
-LIMIT=${LIMIT:-500}
-RUN=${RUN:-runs/asff_synthetic}          # the training run of the embedded model (logs, checkpoints)
+LIMIT=${LIMIT:-500}                      # figure3 images aside, scale-stats runs on this many images
+GRADIENT_LIMIT=${GRADIENT_LIMIT:-200}    # gradflow, compare and evolution (backward passes, several models)
+# The training run of the embedded model: its checkpoints when it was trained here, else the logs shipped
+# with the model (checkpoints/asff_synthetic_run: scalars, fusion statistics, gradient norms, metrics).
+RUN=${RUN:-runs/asff_synthetic}
+[ -d "$RUN" ] || RUN=checkpoints/asff_synthetic_run
 SUM_WEIGHTS=${SUM_WEIGHTS:-}             # optional: a sum-fusion checkpoint trained the same way
 DEVICE=${DEVICE:-auto}
 WEIGHTS=${WEIGHTS:-checkpoints/asff_synthetic.pt}   # the embedded default model
@@ -33,6 +37,7 @@ fi
 ANNOTATIONS=$DATA/annotations/val.json
 VAL_IMAGES=$DATA/images/val
 DATASET=(--annotations "$ANNOTATIONS" --images "$VAL_IMAGES" --limit "$LIMIT")
+SUBSET=(--annotations "$ANNOTATIONS" --images "$VAL_IMAGES" --limit "$(( GRADIENT_LIMIT < LIMIT ? GRADIENT_LIMIT : LIMIT ))")
 COMMON=(--device "$DEVICE" --no-progress --png-dpi 200)
 MODEL=(--weights "$WEIGHTS")
 mkdir -p "$FIGURES"
@@ -48,19 +53,19 @@ if [ -n "$SUM_WEIGHTS" ]; then
   COMPARE_WEIGHTS=(--weights "$WEIGHTS" "$SUM_WEIGHTS")
   COMPARE_LABELS=(--labels "ASFF" "sum fusion" "ASFF, uniform weights")
 fi
-"$PYTHON" -m asff_viz.analyze gradflow "${MODEL[@]}" "${DATASET[@]}" ${GRADFLOW_EXTRA[@]+"${GRADFLOW_EXTRA[@]}"} \
+"$PYTHON" -m asff_viz.analyze gradflow "${MODEL[@]}" "${SUBSET[@]}" ${GRADFLOW_EXTRA[@]+"${GRADFLOW_EXTRA[@]}"} \
   --out "$OUT/gradflow" "${COMMON[@]}"
 "$PYTHON" -m asff_viz.analyze compare "${COMPARE_WEIGHTS[@]}" --counterfactual uniform "${COMPARE_LABELS[@]}" \
-  "${DATASET[@]}" --out "$OUT/compare" "${COMMON[@]}"
+  "${SUBSET[@]}" --out "$OUT/compare" "${COMMON[@]}"
 
-# Evolution: the run's periodic checkpoints when it kept them (epoch_*.pt), else its last/best checkpoints.
+# Evolution: every other periodic checkpoint of the run when it kept them (epoch_*.pt), else last/best.
 shopt -s nullglob
-CHECKPOINTS=("$RUN"/epoch_*.pt)
+CHECKPOINTS=("$RUN"/epoch_*[02468].pt)
 if [ ${#CHECKPOINTS[@]} -eq 0 ]; then
   for name in last.pt best.pt; do [ -f "$RUN/$name" ] && CHECKPOINTS+=("$RUN/$name"); done
 fi
 EVOLUTION=(--run "$RUN")
-[ ${#CHECKPOINTS[@]} -gt 0 ] && EVOLUTION+=(--checkpoints "${CHECKPOINTS[@]}" "${DATASET[@]}")
+[ ${#CHECKPOINTS[@]} -gt 0 ] && EVOLUTION+=(--checkpoints "${CHECKPOINTS[@]}" "${SUBSET[@]}")
 "$PYTHON" -m asff_viz.analyze evolution "${EVOLUTION[@]}" --out "$OUT/evolution" "${COMMON[@]}"
 
 copy() { [ -f "$OUT/$1.png" ] && cp "$OUT/$1.png" "$FIGURES/$2.png" || echo "not made: $OUT/$1.png" >&2; }

@@ -51,7 +51,7 @@ def _log_axis(axis) -> None:
 
 
 def _integer_axis(axis) -> None:
-    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # few enough to stay apart on narrow panels
 
 
 def _violin_stats(summary: WeightSummary, target: int, source: int) -> dict | None:

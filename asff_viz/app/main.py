@@ -37,7 +37,7 @@ def model_card(model, weights) -> None:
     origin = "official checkpoint" if metadata.get("origin") == "official" else "asff_viz checkpoint"
     classes = metadata.get("class_names") or []
     preview = ", ".join(classes[:4]) + (", …" if len(classes) > 4 else "")
-    st.caption(f"**{variant}** · {origin} · {model.num_classes} classes ({preview}) · trained at "
+    st.caption(f"**{variant}** · {origin} · {model.num_classes} classes ({preview}) · input "
                f"{metadata.get('input_size', '?')} px · sha256 `{weights.sha256[:12]}`")
 
 
