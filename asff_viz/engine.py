@@ -493,6 +493,10 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
                 with torch.no_grad():
                     for buffer, saved in zip(buffers, saved_buffers, strict=True):
                         buffer.copy_(saved)
+                if isinstance(model, nn.parallel.DistributedDataParallel):
+                    # DDP's forward has prepared a gradient reduction; a zero backward completes it on every
+                    # rank, so the next step starts from the same reducer state everywhere.
+                    (sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0).backward()
                 optimizer.zero_grad(set_to_none=True)
                 if fusion_statistics is not None:
                     fusion_statistics.captured.clear()
