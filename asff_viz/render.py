@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -135,6 +135,22 @@ def drawable_box(box_xyxy, image_shape: tuple[int, ...] | None = None) -> tuple[
     return float(x1), float(y1), float(x2), float(y2)
 
 
+def drawable_records(records: Sequence, score_threshold: float, max_detections: int | None,
+                     image_shape: tuple[int, ...] | None) -> Iterator[tuple[object, tuple[float, float, float, float]]]:
+    """(record, drawable box) of the records at or above `score_threshold`, at most `max_detections` of them."""
+    yielded = 0
+    for record in records:
+        if record.score < score_threshold:
+            continue
+        if max_detections is not None and yielded >= max_detections:
+            return
+        box = drawable_box(record.box_xyxy, image_shape)
+        if box is None:
+            continue
+        yielded += 1
+        yield record, box
+
+
 def draw_detections_on(ax, records: Sequence, *, max_detections: int | None = None, score_threshold: float = 0.0,
                        show_level: bool = True, linewidth: float = 2.0, fontsize: float = 8.0,
                        image_shape: tuple[int, ...] | None = None) -> int:
@@ -145,15 +161,7 @@ def draw_detections_on(ax, records: Sequence, *, max_detections: int | None = No
     """
     height, width = (image_shape[0], image_shape[1]) if image_shape is not None else (math.inf, math.inf)
     drawn = 0
-    for record in records:
-        if record.score < score_threshold:
-            continue
-        if max_detections is not None and drawn >= max_detections:
-            break
-        box = drawable_box(record.box_xyxy, image_shape)
-        if box is None:
-            continue
-        x1, y1, x2, y2 = box
+    for record, (x1, y1, x2, y2) in drawable_records(records, score_threshold, max_detections, image_shape):
         color = class_color(record.label)
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth))
         text = f"{record.class_name} {record.score:.2f}"
@@ -554,15 +562,7 @@ def add_detections_plotly(figure, records: Sequence, *, max_detections: int | No
 
     drawn = 0
     kwargs = {} if row is None else {"row": row, "col": col}
-    for record in records:
-        if record.score < score_threshold:
-            continue
-        if max_detections is not None and drawn >= max_detections:
-            break
-        box = drawable_box(record.box_xyxy, image_shape)
-        if box is None:
-            continue
-        x1, y1, x2, y2 = box
+    for record, (x1, y1, x2, y2) in drawable_records(records, score_threshold, max_detections, image_shape):
         color = class_color(record.label)
         weights = ", ".join(f"{w:.2f}" for w in record.weights_here)
         figure.add_trace(go.Scatter(
