@@ -50,6 +50,18 @@ def _log_axis(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def _outline_level_boxes(ax, records, level: int, width: float, height: float, *, color: str,
+                         linewidth: float) -> None:
+    """Outline the boxes of the detections made at `level` on a map drawn over the image; no axes."""
+    for record in records:
+        if record.level == level:
+            x1, y1, x2, y2 = (float(v) for v in record.box_xyxy)
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    _hide_axes(ax)
+
+
 def _integer_axis(axis) -> None:
     axis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # few enough to stay apart on narrow panels
 
@@ -287,14 +299,7 @@ def figure3(trace, *, score_threshold: float = 0.3, max_detections: int = 20, ma
             ax = figure.add_subplot(grid[target, 3 + source])
             mappable = ax.imshow(on_image[source], extent=(0, width, height, 0), cmap=WEIGHT_CMAP, vmin=0.0,
                                  vmax=1.0, interpolation="nearest")
-            for record in kept:
-                if record.level == target:
-                    x1, y1, x2, y2 = (float(v) for v in record.box_xyxy)
-                    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white",
-                                           linewidth=0.6))
-            ax.set_xlim(0, width)
-            ax.set_ylim(height, 0)
-            _hide_axes(ax)
+            _outline_level_boxes(ax, kept, target, width, height, color="white", linewidth=0.6)
             if target == 0:
                 ax.set_title(f"source {SHORT_LEVEL_LABELS[source]}", color=SOURCE_COLORS[source])
             if source == 0:
@@ -344,14 +349,7 @@ def figure3_overview(traces, names: Sequence[str], *, score_threshold: float = 0
             ax = figure.add_subplot(grid[row, 1 + target])
             on_image = trace.transform.map_to_original(trace.fusion_weights[target], "nearest")
             ax.imshow(dominant_source_image(on_image), extent=(0, image_width, height, 0), interpolation="nearest")
-            for record in kept:
-                if record.level == target:
-                    x1, y1, x2, y2 = (float(v) for v in record.box_xyxy)
-                    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="black",
-                                           linewidth=0.5))
-            ax.set_xlim(0, image_width)
-            ax.set_ylim(height, 0)
-            _hide_axes(ax)
+            _outline_level_boxes(ax, kept, target, image_width, height, color="black", linewidth=0.5)
             if row == 0:
                 ax.set_title(f"target {LEVEL_LABELS[target]}: dominant source")
     handles = [Patch(facecolor=c, label=f"source {n}") for c, n in zip(SOURCE_COLORS, LEVEL_LABELS, strict=True)]
