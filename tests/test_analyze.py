@@ -24,6 +24,7 @@ from asff_viz.analyze.statistics import (
     TRUE_POSITIVE,
     FusionStatistics,
     GradientFlowStatistics,
+    background_weights,
     box_cell_mask,
     coco_size_bins,
     histogram_quantiles,
@@ -92,6 +93,15 @@ def test_mean_weights_of_one_hot_trace_are_exact():
     np.testing.assert_allclose(straddling.sum(axis=1), 1.0)
 
 
+def test_background_weights_are_the_cells_outside_every_box():
+    weights = one_hot_weights()
+    right_only = background_weights(weights, [[0, 0, 31, 64]], STRIDES)  # the left half is inside the box
+    np.testing.assert_allclose(right_only, [[0, 0, 1]] * 3)
+    no_boxes = background_weights(weights, np.zeros((0, 4)), STRIDES)
+    np.testing.assert_allclose(no_boxes, [[0.5, 0, 0.5]] * 3)
+    assert background_weights(weights, [[0, 0, 64, 64]], STRIDES) is None  # no cell left outside
+
+
 def test_size_bins_follow_coco_boundaries():
     areas = np.array([31.9 ** 2, 32.0 ** 2, 95.9 ** 2, 96.0 ** 2, 15.0 ** 2, 300.0 ** 2])
     np.testing.assert_array_equal(coco_size_bins(areas), [0, 1, 1, 2, 0, 2])
@@ -146,6 +156,11 @@ def test_statistics_from_a_saved_hand_built_trace(tmp_path):
     # Sizes: the found box (area 400) is small, the missed one (1600) medium; classes as annotated.
     by_size = dict(statistics.by_coco_size())
     assert (by_size["small"].count, by_size["medium"].count, by_size["large"].count) == (1, 1, 0)
+    # Background: the cells outside both ground-truth boxes (not the false positive's). Stride 32 and 16: one
+    # quarter on each side is left; stride 8: 16 of the 32 left-half cells and 23 of the right half.
+    background = dict(statistics.by_coco_size_and_background())["background"]
+    assert background.count == 1
+    np.testing.assert_allclose(background.mean, [[0.5, 0, 0.5], [0.5, 0, 0.5], [16 / 39, 0, 23 / 39]])
     by_class = dict(statistics.by_class())
     assert (by_class["circle"].count, by_class["square"].count, by_class["triangle"].count) == (1, 1, 0)
     # One-hot weights land in the first and last histogram bins only, and the quantiles are exact.
@@ -186,11 +201,26 @@ def test_statistics_memory_does_not_grow_with_images():
 def test_fusion_statistics_save_load_and_merge(tmp_path):
     statistics = FusionStatistics(CLASS_NAMES)
     statistics.add(np.full((2, 3, 3), 1 / 3), [0, 8], [0, 2], [TRUE_POSITIVE, MISSED])
+    statistics.add_background(np.tile([0.2, 0.3, 0.5], (3, 1)))
     statistics.images = 2
     loaded = FusionStatistics.load(statistics.save(tmp_path / "s.npz"))
     loaded.merge(statistics)
     assert loaded.images == 4 and loaded.counts.sum() == 4
     np.testing.assert_allclose(loaded.summary(outcomes=None).mean, 1 / 3)
+    assert loaded.background_count == 2 and loaded.background_histogram[0, 2, 25] == 2
+    np.testing.assert_allclose(loaded.background().mean, np.tile([0.2, 0.3, 0.5], (3, 1)))
+
+
+def test_fusion_statistics_from_before_the_background_still_load(tmp_path):
+    statistics = FusionStatistics(CLASS_NAMES)
+    statistics.add(np.full((1, 3, 3), 1 / 3), [0], [0], [TRUE_POSITIVE])
+    path = statistics.save(tmp_path / "old.npz")
+    with np.load(path) as data:  # the file as written before background statistics existed
+        old = {k: data[k] for k in ("header", "counts", "sums", "squares", "histograms")}
+    np.savez_compressed(path, **old)
+    loaded = FusionStatistics.load(path)
+    assert loaded.counts.sum() == 1 and loaded.background_count == 0
+    assert np.isnan(loaded.background().mean).all()
 
 
 def fake_flow(conflicting_value: bool):
@@ -375,9 +405,18 @@ def test_scale_stats_end_to_end_and_replot_from_cache(fixture_dir, tmp_path, mon
                  "fusion_by_outcome"):
         check_figure(out, name)
     rows = read_rows(out / "fusion_by_size.csv")
-    assert len(rows) == 3 * 9  # 3 sizes x 3 targets x 3 sources
-    boxes = sum(int(r["boxes"]) for r in rows if r["target_level"] == "0" and r["source_level"] == "0")
+    assert len(rows) == 4 * 9  # 3 sizes and the background x 3 targets x 3 sources
+    # One background entry per image that keeps a cell outside its boxes at every level (at 64 px the stride-32
+    # grid is 2 x 2, so one large box can cover it).
     annotations = json.loads((fixture_dir / "val.json").read_text())["annotations"]
+    with_background = 0
+    for image_id in {a["image_id"] for a in annotations}:
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations if a["image_id"] == image_id)]
+        with_background += all(not np.logical_or.reduce([box_cell_mask(b, s, (SIZE // s,) * 2) for b in boxes]).all()
+                               for s in STRIDES)
+    assert {int(r["boxes"]) for r in rows if r["size"] == "background"} == {with_background}
+    rows = [r for r in rows if r["size"] != "background"]
+    boxes = sum(int(r["boxes"]) for r in rows if r["target_level"] == "0" and r["source_level"] == "0")
     assert boxes == len(annotations)  # every ground-truth box is counted once
     assert FusionStatistics.load(out / "scale_stats.npz").images == 3
     assert first.cache.misses == 3 and first.cache.hits == 0

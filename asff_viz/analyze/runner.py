@@ -23,6 +23,7 @@ from .statistics import (
     MISSED,
     TRUE_POSITIVE,
     FusionStatistics,
+    background_weights,
     match_detections,
     mean_weights_in_box,
     size_bins,
@@ -188,8 +189,12 @@ def add_image_statistics(statistics: FusionStatistics, result: ImageResult, trut
     outcomes = np.concatenate([truth_outcome, np.full(int(false_positive.sum()), FALSE_POSITIVE)])
     sizes = size_bins(areas)
     transform = result.transform
+    scale = np.array([transform.scale_x, transform.scale_y, transform.scale_x, transform.scale_y])
+    if result.fusion_weights is not None:
+        background = background_weights(result.fusion_weights, truth.boxes / scale, result.strides)
+        if background is not None:
+            statistics.add_background(background)
     if result.fusion_weights is not None and len(boxes):
-        scale = np.array([transform.scale_x, transform.scale_y, transform.scale_x, transform.scale_y])
         weights = np.stack([mean_weights_in_box(result.fusion_weights, box / scale, result.strides) for box in boxes])
         statistics.add(weights, sizes, labels, outcomes)
     elif len(boxes):

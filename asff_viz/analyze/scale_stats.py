@@ -3,12 +3,13 @@
 For every ground-truth box and every target level l, the mean weight of each source level k over the level's
 cells whose centre lies inside the box (the one cell holding the box centre when no centre does), grouped by
 object size (COCO small / medium / large and finer sqrt(area) bins), by class, and by outcome (true positive,
-missed, and, for detections matching nothing, false positive with the detected box). Statistics are streamed:
-sums and 50-bin histograms per group, never the maps.
+missed, and, for detections matching nothing, false positive with the detected box). The background, the
+cells outside every ground-truth box (one mean per image), is the reference the in-box weights are read
+against. Statistics are streamed: sums and 50-bin histograms per group, never the maps.
 
 Outputs (each figure also as .csv with the numbers drawn):
-  fusion_composition   mean weight of each source per target level and COCO size (stacked bars)
-  fusion_by_size       distributions per target x source, small / medium / large (violins)
+  fusion_composition   mean weight of each source per target level, COCO size and background (stacked bars)
+  fusion_by_size       distributions per target x source, small / medium / large / background (violins)
   fusion_by_fine_size  mean and quartiles against sqrt(area), per target level (lines)
   fusion_by_class      mean weight per class and (target, source) (heatmap)
   fusion_by_outcome    distributions for true positives, misses and false positives (violins)
@@ -57,6 +58,10 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+# bg: the mean over the cells outside every ground-truth box, one value per image.
+SIZE_AXIS_LABEL = "COCO object size (small, medium, large) and background"
+
+
 def full_rows(statistics: FusionStatistics) -> list[dict]:
     """Every non-empty (fine size bin, class, outcome) group, long format."""
     rows = []
@@ -73,15 +78,17 @@ def full_rows(statistics: FusionStatistics) -> list[dict]:
 
 def write_figures(context: RunContext, statistics: FusionStatistics, *, min_count: int = 5) -> None:
     """All figures and tables of scale-stats from the accumulated statistics (no model needed)."""
-    by_size = statistics.by_coco_size()
+    by_size = statistics.by_coco_size_and_background()
     fine = statistics.by_fine_size()
     by_class = statistics.by_class()
     by_outcome = statistics.by_outcome()
     context.figure("fusion_composition", lambda: plots.composition_bars(
-        [("", by_size)], tick_labels=["S", "M", "L"],
-        xlabel="object size (COCO: small, medium, large)"), summary_rows(by_size, "size"))
+        [("", by_size)], tick_labels=["S", "M", "L", "bg"],
+        xlabel=SIZE_AXIS_LABEL),
+        summary_rows(by_size, "size"))
     context.figure("fusion_by_size", lambda: plots.violin_grid(
-        by_size, tick_labels=["S", "M", "L"], xlabel="object size (COCO: small, medium, large)"),
+        by_size, tick_labels=["S", "M", "L", "bg"],
+        xlabel=SIZE_AXIS_LABEL),
         summary_rows(by_size, "size"))
     context.figure("fusion_by_fine_size", lambda: plots.fine_size_lines(fine, min_count=min_count),
                    summary_rows(fine, "size_bin"))

@@ -80,6 +80,24 @@ def mean_weights_in_box(fusion_weights, box_input_xyxy, strides) -> np.ndarray:
     return result
 
 
+def background_weights(fusion_weights, boxes_input_xyxy, strides) -> np.ndarray | None:
+    """(3, 3) mean fusion weight of each source (column) at each target level (row) outside every box.
+
+    The reference for the in-box means: what a level does where there is no object. A cell is inside when
+    `box_cell_mask` puts it in any of the boxes (input pixels). None when a level has no cell left outside.
+    """
+    boxes = np.asarray(boxes_input_xyxy, dtype=np.float64).reshape(-1, 4)
+    result = np.zeros((LEVELS, LEVELS), dtype=np.float64)
+    for level, (weights, stride) in enumerate(zip(fusion_weights, strides, strict=True)):
+        covered = np.zeros(weights.shape[1:], dtype=bool)
+        for box in boxes:
+            covered |= box_cell_mask(box, stride, weights.shape[1:])
+        if covered.all():
+            return None
+        result[level] = np.asarray(weights, dtype=np.float64)[:, ~covered].mean(axis=1)
+    return result
+
+
 def box_iou(boxes_a, boxes_b) -> np.ndarray:
     """(N, 4), (M, 4) xyxy -> (N, M) IoU (0 where the union is empty)."""
     a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4)
@@ -236,6 +254,9 @@ class FusionStatistics:
     Axes of every array: fine size bin (S = len(FINE_SIZE_LABELS)), class (C), outcome (OUTCOMES), then
     target level and source level (3, 3), then histogram bin. Ground-truth boxes are `true positive` or
     `missed`; `false positive` entries are detections (their predicted box and class).
+
+    `background_*` hold the same statistics for the background: one (3, 3) entry per image, the mean weights
+    over the cells outside every ground-truth box (`background_weights`).
     """
 
     class_names: list
@@ -245,6 +266,10 @@ class FusionStatistics:
     squares: np.ndarray = field(default=None)
     histograms: np.ndarray = field(default=None)
     images: int = 0
+    background_count: int = 0
+    background_sums: np.ndarray = field(default=None)
+    background_squares: np.ndarray = field(default=None)
+    background_histogram: np.ndarray = field(default=None)
 
     def __post_init__(self) -> None:
         shape = (len(FINE_SIZE_LABELS), len(self.class_names), len(OUTCOMES))
@@ -253,6 +278,10 @@ class FusionStatistics:
             self.sums = np.zeros((*shape, LEVELS, LEVELS), dtype=np.float64)
             self.squares = np.zeros((*shape, LEVELS, LEVELS), dtype=np.float64)
             self.histograms = np.zeros((*shape, LEVELS, LEVELS, self.bins), dtype=np.int64)
+        if self.background_sums is None:
+            self.background_sums = np.zeros((LEVELS, LEVELS), dtype=np.float64)
+            self.background_squares = np.zeros((LEVELS, LEVELS), dtype=np.float64)
+            self.background_histogram = np.zeros((LEVELS, LEVELS, self.bins), dtype=np.int64)
 
     def add(self, weights, size_index, class_index, outcome) -> None:
         """Add N boxes: weights (N, 3, 3) (target, source); size_index, class_index, outcome: (N,) ints."""
@@ -268,12 +297,29 @@ class FusionStatistics:
         expand = [v[:, None, None] for v in index]
         np.add.at(self.histograms, (*expand, targets[None], sources[None], bins), 1)
 
+    def add_background(self, weights) -> None:
+        """Add one image's background: weights (3, 3) (target, source), e.g. from `background_weights`."""
+        weights = np.asarray(weights, dtype=np.float64).reshape(LEVELS, LEVELS)
+        self.background_count += 1
+        self.background_sums += weights
+        self.background_squares += weights ** 2
+        bins = np.clip(np.floor(weights * self.bins).astype(np.int64), 0, self.bins - 1)
+        targets, sources = np.meshgrid(np.arange(LEVELS), np.arange(LEVELS), indexing="ij")
+        np.add.at(self.background_histogram, (targets, sources, bins), 1)
+
+    def background(self) -> WeightSummary:
+        """The background's summary; its count is the number of images, not of boxes."""
+        return WeightSummary.from_sums(self.background_count, self.background_sums, self.background_squares,
+                                       self.background_histogram)
+
     def merge(self, other: FusionStatistics) -> None:
         if list(other.class_names) != list(self.class_names) or other.bins != self.bins:
             raise ValueError("cannot merge fusion statistics of different classes or histogram bins")
-        for name in ("counts", "sums", "squares", "histograms"):
+        for name in ("counts", "sums", "squares", "histograms", "background_sums", "background_squares",
+                     "background_histogram"):
             getattr(self, name).__iadd__(getattr(other, name))
         self.images += other.images
+        self.background_count += other.background_count
 
     def summary(self, sizes=None, classes=None, outcomes=(TRUE_POSITIVE, MISSED)) -> WeightSummary:
         """The summary of the boxes in the chosen fine size bins, classes and outcomes (None = all).
@@ -297,6 +343,10 @@ class FusionStatistics:
         return [(label, self.summary(sizes=[i for i, c in enumerate(COCO_SIZE_OF_FINE) if c == coco],
                                      outcomes=outcomes))
                 for coco, label in enumerate(COCO_SIZE_LABELS)]
+
+    def by_coco_size_and_background(self) -> list[tuple[str, WeightSummary]]:
+        """Small, medium, large ground-truth boxes, then the background (per image) as the reference."""
+        return [*self.by_coco_size(), ("background", self.background())]
 
     def by_fine_size(self, outcomes=(TRUE_POSITIVE, MISSED)) -> list[tuple[str, WeightSummary]]:
         return [(label, self.summary(sizes=[i], outcomes=outcomes)) for i, label in enumerate(FINE_SIZE_LABELS)]
@@ -323,18 +373,28 @@ class FusionStatistics:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = {"class_names": list(self.class_names), "bins": self.bins, "images": self.images,
+                  "background_count": self.background_count,
                   "fine_size_edges": [e if math.isfinite(e) else None for e in FINE_SIZE_EDGES],
                   "outcomes": list(OUTCOMES)}
         np.savez_compressed(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-                            counts=self.counts, sums=self.sums, squares=self.squares, histograms=self.histograms)
+                            counts=self.counts, sums=self.sums, squares=self.squares, histograms=self.histograms,
+                            background_sums=self.background_sums, background_squares=self.background_squares,
+                            background_histogram=self.background_histogram)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FusionStatistics:
+        """Read `save`'s file; files written before the background statistics load with an empty background."""
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(data["header"].tobytes().decode())
+            background = {}
+            if "background_sums" in data:
+                background = {"background_count": header["background_count"],
+                              "background_sums": data["background_sums"],
+                              "background_squares": data["background_squares"],
+                              "background_histogram": data["background_histogram"]}
             return cls(header["class_names"], header["bins"], data["counts"], data["sums"], data["squares"],
-                       data["histograms"], header["images"])
+                       data["histograms"], header["images"], **background)
 
 
 def _indices(chosen, length: int) -> np.ndarray:
