@@ -74,7 +74,7 @@ from .engine import (
     training_checkpoint,
 )
 from .loss import build_criterion
-from .models import build_model
+from .models import build_model, reset_fusion_weights
 from .schedule import LearningRateSchedule, ScheduleConfig
 
 logger = logging.getLogger("asff_viz.train")
@@ -161,6 +161,7 @@ class RunConfig:
     progress: bool = True
     max_iterations: int | None = None  # per epoch, for quick experiments
     channels_last: bool = False  # NHWC weights and batches (faster convolutions on CPU and GPU)
+    reset_fusion_weights: bool = False  # after --init: fusion weights back to uniform, learned afresh
 
 
 @dataclass
@@ -245,7 +246,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     run.add_argument("--max-iterations", type=int, help="cap iterations per epoch (quick experiments)")
     run.add_argument("--channels-last", action="store_true",
                      help="channels-last (NHWC) weights and batches: faster convolutions, same results")
+    run.add_argument("--reset-fusion-weights", action="store_true",
+                     help="with --init: zero the ASFF weight logits (uniform 1/3 fusion) and learn them afresh")
     args = parser.parse_args(argv)
+    if args.reset_fusion_weights and (args.init is None or args.resume is not None):
+        parser.error("--reset-fusion-weights needs --init (a trained checkpoint) and no --resume")
 
     config = TrainConfig(
         data=DataConfig(args.train_annotations, args.train_images, args.val_annotations, args.val_images,
@@ -260,7 +265,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         run=RunConfig(args.out, args.epochs, args.seed, args.device, args.amp, args.sync_bn, args.freeze_bn,
                       args.init, args.resume, args.checkpoint_interval, args.eval_interval, args.eval_batch_size,
                       args.log_interval, args.grad_norm_interval, not args.no_fusion_statistics,
-                      not args.no_progress, args.max_iterations, args.channels_last),
+                      not args.no_progress, args.max_iterations, args.channels_last, args.reset_fusion_weights),
     )
     config.data.resolve()
     return config
@@ -454,6 +459,11 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict:
             load_initial_weights(model, run.init, init_state)
         except CheckpointError as error:
             raise SystemExit(f"error: {error}") from None
+        if run.reset_fusion_weights:
+            try:
+                logger.info("fusion weights reset to uniform at %d levels", reset_fusion_weights(model))
+            except ValueError as error:
+                raise SystemExit(f"error: --reset-fusion-weights: {error}") from None
     model.to(context.device)
     if run.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -121,6 +121,40 @@ def test_fine_tuning_to_another_class_count_keeps_box_outputs(synthetic, tmp_pat
         torch.testing.assert_close(parameter, backbone[name])
 
 
+def test_reset_fusion_weights_starts_the_fusion_from_uniform(synthetic, tmp_path):
+    from asff_viz.introspection.capture import capture
+
+    source = build_model(ModelConfig(num_classes=8, width=0.125, depth=0.33))
+    for level in source.fusion.levels:
+        torch.nn.init.normal_(level.weight_logits.weight, std=0.5)
+    save_checkpoint(tmp_path / "trained.pt", source, {"class_names": list(map(str, range(8))), "input_size": 64})
+    summary = train_module.main(tiny_args(synthetic, tmp_path / "run", epochs=1,
+                                          extra=["--init", str(tmp_path / "trained.pt"), "--reset-fusion-weights",
+                                                 "--lr", "1e-12", "--weight-decay", "0", "--freeze-bn"]))
+    assert "error" not in summary
+    tuned = load_model(tmp_path / "run" / "last.pt")
+    for level in tuned.fusion.levels:
+        assert level.weight_logits.weight.abs().max() < 1e-6 and level.weight_logits.bias.abs().max() < 1e-6
+    with torch.no_grad(), capture(tuned) as recorder:
+        tuned(torch.randn(1, 3, 64, 64))
+    for weights in recorder.fusion_weights:
+        torch.testing.assert_close(weights, torch.full_like(weights, 1 / 3))
+    backbone = dict(source.backbone.named_parameters())  # everything else came over from the checkpoint
+    for name, parameter in tuned.backbone.named_parameters():
+        torch.testing.assert_close(parameter, backbone[name])
+
+
+def test_reset_fusion_weights_needs_an_asff_checkpoint_to_start_from(synthetic, tmp_path):
+    with pytest.raises(SystemExit):  # argparse: no --init
+        train_module.parse_args(tiny_args(synthetic, tmp_path / "a", extra=["--reset-fusion-weights"]))
+    save_checkpoint(tmp_path / "sum.pt", build_model(ModelConfig(num_classes=8, width=0.125, depth=0.33,
+                                                                 fusion="sum")),
+                    {"class_names": list(map(str, range(8))), "input_size": 64})
+    with pytest.raises(SystemExit, match="only an ASFF model has fusion weights"):
+        train_module.main(tiny_args(synthetic, tmp_path / "b", epochs=1,
+                                    extra=["--init", str(tmp_path / "sum.pt"), "--reset-fusion-weights"]))
+
+
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic, tmp_path, monkeypatch):
     real_build = train_module.build_criterion
 

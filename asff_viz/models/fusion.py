@@ -112,5 +112,22 @@ class Fusion(nn.Module):
         return [level(features) for level in self.levels]
 
 
+def reset_fusion_weights(model: nn.Module) -> int:
+    """Make every ASFF level fuse uniformly again: zero each `weight_logits` conv, so alpha = 1/3 everywhere.
+
+    The weight convs before it keep their values and the weights are learned afresh from there: the way to ask
+    whether a trained model's fusion pattern is re-learned or an accident of early training. Returns the number
+    of levels reset; a model without ASFF weights is an error.
+    """
+    levels = [level for level in model.fusion.levels if getattr(level, "mode", None) == "asff"]
+    if not levels:
+        raise ValueError(f"this model fuses by {model.fusion.mode!r}; only an ASFF model has fusion weights to reset")
+    with torch.no_grad():
+        for level in levels:
+            level.weight_logits.weight.zero_()
+            level.weight_logits.bias.zero_()
+    return len(levels)
+
+
 def build_fusion(config: ModelConfig, in_channels: tuple[int, int, int]) -> Fusion:
     return Fusion(config, in_channels)
