@@ -292,8 +292,7 @@ class FusionStatistics:
         np.add.at(self.counts, index, 1)
         np.add.at(self.sums, index, weights)
         np.add.at(self.squares, index, weights ** 2)
-        bins = np.clip(np.floor(weights * self.bins).astype(np.int64), 0, self.bins - 1)  # 1.0 goes to the last
-        targets, sources = np.meshgrid(np.arange(LEVELS), np.arange(LEVELS), indexing="ij")
+        targets, sources, bins = _histogram_index(weights, self.bins)
         expand = [v[:, None, None] for v in index]
         np.add.at(self.histograms, (*expand, targets[None], sources[None], bins), 1)
 
@@ -303,9 +302,7 @@ class FusionStatistics:
         self.background_count += 1
         self.background_sums += weights
         self.background_squares += weights ** 2
-        bins = np.clip(np.floor(weights * self.bins).astype(np.int64), 0, self.bins - 1)
-        targets, sources = np.meshgrid(np.arange(LEVELS), np.arange(LEVELS), indexing="ij")
-        np.add.at(self.background_histogram, (targets, sources, bins), 1)
+        np.add.at(self.background_histogram, _histogram_index(weights, self.bins), 1)
 
     def background(self) -> WeightSummary:
         """The background's summary; its count is the number of images, not of boxes."""
@@ -395,6 +392,15 @@ class FusionStatistics:
                               "background_histogram": data["background_histogram"]}
             return cls(header["class_names"], header["bins"], data["counts"], data["sums"], data["squares"],
                        data["histograms"], header["images"], **background)
+
+
+def _histogram_index(weights: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(..., 3, 3) weights -> (target, source, bin) index arrays into a (..., 3, 3, bins) histogram.
+
+    Bins are equal on [0, 1]; a weight of exactly 1.0 goes to the last bin.
+    """
+    targets, sources = np.meshgrid(np.arange(LEVELS), np.arange(LEVELS), indexing="ij")
+    return targets, sources, np.clip(np.floor(weights * bins).astype(np.int64), 0, bins - 1)
 
 
 def _indices(chosen, length: int) -> np.ndarray:
