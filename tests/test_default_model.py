@@ -38,14 +38,43 @@ def test_the_embedded_default_finds_objects_on_every_bundled_sample():
         assert found.sum() >= max(1, len(found) // 2), (name, found.tolist())
 
 
-@pytest.mark.slow
-def test_the_embedded_default_meets_its_quality_bar_on_the_synthetic_validation_split(tmp_path):
-    from asff_viz.coco_eval import evaluate_coco
-    from asff_viz.data.coco import COCODetection
+@pytest.fixture(scope="module")
+def validation_split(tmp_path_factory):
     from asff_viz.data.synthetic import generate
 
-    paths = generate(tmp_path, seed=0, train=0, val=500, size=320)  # the model card's validation split
+    return generate(tmp_path_factory.mktemp("val"), seed=0, train=0, val=500, size=320)  # the model card's split
+
+
+@pytest.mark.slow
+def test_the_embedded_default_meets_its_quality_bar_on_the_synthetic_validation_split(validation_split):
+    from asff_viz.coco_eval import evaluate_coco
+    from asff_viz.data.coco import COCODetection
+
     model = load_model()
-    metrics, _ = evaluate_coco(model, COCODetection(paths.val_annotations, paths.val_images),
+    metrics, _ = evaluate_coco(model, COCODetection(validation_split.val_annotations, validation_split.val_images),
                                model.metadata["input_size"])
     assert metrics["AP50"] >= 0.80 and metrics["AP"] >= 0.50, metrics
+
+
+@pytest.mark.slow
+def test_the_embedded_default_shows_the_scale_selection_of_its_model_card(validation_split, tmp_path):
+    """The numbers of MODEL_CARD.md's scale-selection table that its conclusions rest on."""
+    import csv
+
+    from asff_viz.analyze.cli import main
+
+    main(["scale-stats", "--annotations", str(validation_split.val_annotations), "--images",
+          str(validation_split.val_images), "--out", str(tmp_path), "--no-progress"])
+    with open(tmp_path / "fusion_by_size.csv") as handle:
+        mean = {(r["target"], r["source"], r["size"]): float(r["mean"]) for r in csv.DictReader(handle)}
+    # The criterion at the stride-8 target: the stride-8 source higher inside small boxes than large, the
+    # stride-32 source the reverse.
+    assert mean["stride 8", "stride 8", "small"] == pytest.approx(0.368, abs=0.005)
+    assert mean["stride 8", "stride 8", "large"] == pytest.approx(0.317, abs=0.005)
+    assert mean["stride 8", "stride 32", "small"] == pytest.approx(0.318, abs=0.005)
+    assert mean["stride 8", "stride 32", "large"] == pytest.approx(0.576, abs=0.005)
+    # The coarse targets withdraw the stride-8 source inside objects, most inside small ones.
+    for target, background in (("stride 32", 0.452), ("stride 16", 0.487)):
+        assert mean[target, "stride 8", "background"] == pytest.approx(background, abs=0.005)
+        assert (mean[target, "stride 8", "small"] < mean[target, "stride 8", "large"]
+                < mean[target, "stride 8", "background"])
