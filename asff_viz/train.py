@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import sys
 import warnings
@@ -413,7 +414,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     finally:
         if context.distributed and dist.is_initialized():
             if finished:
-                dist.barrier()  # every rank is done before any tears its connections down
+                # DDP's reducer goes while its process group lives (freed after it, at exit, it can abort the
+                # process in gloo), and every rank is done before any tears its connections down.
+                gc.collect()
+                dist.barrier()
             dist.destroy_process_group()
 
 
