@@ -58,7 +58,9 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-# bg: the mean over the cells outside every ground-truth box, one value per image.
+# The size axis of fusion_composition and fusion_by_size; bg is the mean over the cells outside every
+# ground-truth box, one value per image.
+SIZE_TICKS = ("S", "M", "L", "bg")
 SIZE_AXIS_LABEL = "COCO object size (small, medium, large) and background"
 
 
@@ -83,13 +85,9 @@ def write_figures(context: RunContext, statistics: FusionStatistics, *, min_coun
     by_class = statistics.by_class()
     by_outcome = statistics.by_outcome()
     context.figure("fusion_composition", lambda: plots.composition_bars(
-        [("", by_size)], tick_labels=["S", "M", "L", "bg"],
-        xlabel=SIZE_AXIS_LABEL),
-        summary_rows(by_size, "size"))
+        [("", by_size)], tick_labels=SIZE_TICKS, xlabel=SIZE_AXIS_LABEL), summary_rows(by_size, "size"))
     context.figure("fusion_by_size", lambda: plots.violin_grid(
-        by_size, tick_labels=["S", "M", "L", "bg"],
-        xlabel=SIZE_AXIS_LABEL),
-        summary_rows(by_size, "size"))
+        by_size, tick_labels=SIZE_TICKS, xlabel=SIZE_AXIS_LABEL), summary_rows(by_size, "size"))
     context.figure("fusion_by_fine_size", lambda: plots.fine_size_lines(fine, min_count=min_count),
                    summary_rows(fine, "size_bin"))
     context.figure("fusion_by_class", lambda: plots.class_heatmap(by_class), summary_rows(by_class, "class_name"))
