@@ -81,7 +81,8 @@ def test_detector_returns_boxes_in_original_pixels(weights, image_folder):
     assert torch.equal(from_array.boxes, result.boxes)
     result.boxes += 1
     batch = detector.predict_batch([path, image_folder / "room.png"])
-    assert torch.equal(batch[0].scores, result.scores)
+    # A batch of two may run other conv kernels than a batch of one (CPU-dependent): equal up to float32 round-off.
+    torch.testing.assert_close(batch[0].scores, result.scores, rtol=1e-5, atol=1e-6)
     assert batch[1].transform == ImageTransform(90, 60, 64)
     records = batch[1].to_records("room.png")
     assert len(records) == len(batch[1])

@@ -3,6 +3,7 @@ implementations agree; the benchmark's FLOP count and report hold together. Tiny
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -171,12 +172,23 @@ def test_capture_hooks_see_fusion_weights_on_optimized_model(model, images):
         assert len(fusion_level.resize) == 3
     with capture(optimized, fused=True) as recorder:
         run(optimized, images)
+    # The exact answer, up to float64 round-off: folding BatchNorm reorders float32 arithmetic, so the optimized
+    # weights may differ from the eager ones by as much as the eager ones differ from the exact answer (how much
+    # depends on the CPU's kernels and this network's conditioning, not on a constant). The tolerance is therefore
+    # measured: the optimized path may be off by a few times the eager path's own float32 error.
+    exact = copy.deepcopy(model).double()
+    with capture(exact) as float64:
+        run(exact, images.double())
+    eager_error = max(float((w.double() - w64).abs().max())  # this network's float32 round-off, all levels
+                      for w, w64 in zip(expected.fusion_weights, float64.fusion_weights, strict=True))
     for level in range(3):
         weights = recorder.fusion_weights[level]
         assert weights.shape == expected.fusion_weights[level].shape == (2, 3, SIZE // (32 >> level),
                                                                           SIZE // (32 >> level))
         torch.testing.assert_close(weights.sum(dim=1), torch.ones_like(weights[:, 0]))
-        torch.testing.assert_close(weights.contiguous(), expected.fusion_weights[level], rtol=1e-4, atol=1e-5)
+        optimized_error = (weights.double() - float64.fusion_weights[level]).abs().max()
+        assert optimized_error <= 4 * eager_error + 64 * torch.finfo(torch.float32).eps, (
+            f"level {level}: optimized {optimized_error:.2e} vs eager {eager_error:.2e} from float64")
         assert recorder.fused[level] is not None
     # The weights really vary, so the comparison above could fail.
     assert expected.fusion_weights[0].max() - expected.fusion_weights[0].min() > 0.2
@@ -189,8 +201,11 @@ def test_detector_runs_an_optimized_model(model):
     torch.testing.assert_close(result.decoded, expected.decoded, rtol=1e-3, atol=1e-3)
     # A random model leaves many near-equal scores, whose NMS order float round-off may swap: compare the best.
     assert len(expected) > 10 and abs(len(result) - len(expected)) <= len(expected) // 20
-    torch.testing.assert_close(result.boxes[:10], expected.boxes[:10], rtol=1e-3, atol=1e-2)
-    assert torch.equal(result.labels[:10], expected.labels[:10])
+    # Each of the ten best eager detections is among the fifteen best optimized ones (same class, same box): two
+    # near-equal scores may trade places, a missing or moved detection may not.
+    for box, label in zip(expected.boxes[:10], expected.labels[:10], strict=True):
+        same = (result.labels[:15] == label) & torch.isclose(result.boxes[:15], box, rtol=1e-3, atol=1e-2).all(1)
+        assert same.any(), (box, label)
 
 
 @pytest.mark.slow
