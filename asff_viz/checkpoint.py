@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
+import pickletools
 import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,35 +42,102 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file safely (weights_only) into a dict, with a clear error for every bad file."""
+def read_checkpoint(path: str | os.PathLike, missing_hint: str = "Check the path.") -> dict:
+    """Load a checkpoint file safely (weights_only) into a dict, with a clear error for every bad file.
+
+    `missing_hint` ends the message for a path that does not exist (e.g. how to use the embedded default).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file. Pass the .pt/.pth file in it.")
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file. Check the path, or omit it to use the "
-                              "embedded default model.")
+        raise CheckpointError(f"{path}: no such checkpoint file. {missing_hint}".rstrip())
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (an interrupted download or copy?). Fetch it again.")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: cannot be read: permission denied.")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        detail = _unpickler_detail(error)
-        if "Unsupported global" in detail:
-            raise CheckpointError(
-                f"{path}: refused: loading it would import Python objects beyond tensors and plain containers "
-                f"({detail}), which could run arbitrary code. Only weights are accepted; if you trust its "
-                "origin, load it yourself and re-save just its state_dict."
-            ) from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint of plain weights ({detail}); is it a plain "
-                              "pickle, or corrupt? Save it again with torch.save(state_dict).") from None
-    except Exception as error:  # torch.load fails in many ways on damaged files: EOF, zip, KeyError, ...
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(error)}. "
-            "Fetch or save it again."
-        ) from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a plain pickle
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  torch.load fails in many ways; the file itself says why
+        raise CheckpointError(f"{path}: {diagnose_unloadable(path, error)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict or an asff_viz checkpoint), "
                               f"found {type(data).__name__}.")
     return data
+
+
+# Top-level modules a plain-weights pickle may name: torch (tensor rebuilding, storages) and collections.
+_WEIGHT_MODULES = ("torch", "collections")
+
+
+def _pickle_globals(payload: bytes) -> list[str]:
+    """The `module.name` globals a pickle would import, read from its opcodes without running it.
+
+    Raises (ValueError and others, from pickletools) when the bytes are not a well-formed pickle.
+    """
+    names, strings = [], []
+    for opcode, argument, _ in pickletools.genops(payload):
+        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+            strings.append(argument)
+        elif opcode.name in ("GLOBAL", "INST"):
+            names.append(str(argument).replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+    return names
+
+
+def diagnose_unloadable(path: Path, error: BaseException | None = None) -> str:
+    """Why `path` does not load as plain weights, read from the file's structure (not from torch's wording of
+    the error, which changes between versions): it would import code, it is a plain pickle, a damaged or
+    truncated archive, or not a checkpoint at all."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    payload, kind = None, None
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = [name for name in archive.namelist() if name.endswith("data.pkl")]
+                if not members:
+                    return ("a zip archive without torch.save's data.pkl: not a PyTorch checkpoint. Pass a file "
+                            "written by torch.save.")
+                payload, kind = archive.read(members[0]), "archive"
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError, RuntimeError, ValueError):
+            return "a damaged zip archive (truncated or corrupt). Fetch or save it again."
+    elif head == b"PK":
+        return "a truncated or damaged zip archive (an interrupted download or copy?). Fetch or save it again."
+    elif head[:1] == b"\x80":
+        payload, kind = path.read_bytes(), "pickle"
+    if payload is None:
+        return ("not a PyTorch checkpoint: neither torch.save's zip archive nor a pickle (random bytes, or "
+                "another file format?). Pass a file written by torch.save.")
+    try:
+        names = _pickle_globals(payload)
+    except Exception:  # noqa: BLE001  pickletools raises ValueError and others on damaged pickles
+        return "a damaged pickle inside the checkpoint (truncated or corrupt). Fetch or save it again."
+    foreign = sorted({name for name in names if name.split(".")[0] not in _WEIGHT_MODULES})
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        return (f"refused: loading it would import and run Python code ({shown}), not just read weights. "
+                "Only weights are accepted; if you trust its origin, load it yourself and re-save its "
+                "state_dict with torch.save.")
+    if kind == "pickle":
+        return ("a plain pickle, not torch.save's format: it cannot be read safely as weights. Save the "
+                "state_dict with torch.save.")
+    detail = _first_line(error) if error is not None else "unknown reason"
+    return f"not a readable PyTorch checkpoint (truncated or corrupt?): {detail}. Fetch or save it again."
+
+
+def check_finite(state_dict: dict, source: str = "checkpoint") -> None:
+    """Refuse weights holding NaN or infinity (a diverged run): every result computed from them is meaningless."""
+    bad = [key for key, value in state_dict.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise CheckpointError(f"{source}: {len(bad)} of {len(state_dict)} tensors hold NaN or infinite values "
+                              f"({shown}); the weights are unusable (a diverged training run?). Use an earlier "
+                              "checkpoint.")
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:
@@ -82,17 +151,6 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
-
-def _unpickler_detail(error: BaseException) -> str:
-    """The informative part of torch's weights-only refusal (e.g. `Unsupported global: GLOBAL os.system ...`).
-
-    torch wraps it in a long text that explains how to load the file unsafely; that advice is not repeated.
-    """
-    text = _ANSI_ESCAPE.sub("", str(error))
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    detail = match.group(1).strip() if match else _first_line(error)
-    detail = re.sub(r"\s+was not an allowed global.*", "", detail)
-    return detail if detail else type(error).__name__
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -337,12 +395,21 @@ def load_model(weights: str | os.PathLike | None = None, *, device: str | torch.
         raise CheckpointError(f"the embedded default model {path} is missing from this installation; pass "
                               "weights=PATH (an official ASFF checkpoint or an asff_viz checkpoint), or set "
                               f"${DEFAULT_WEIGHTS_ENV} to a checkpoint.")
-    config, state_dict, metadata = parse_checkpoint(read_checkpoint(path), str(path))
+    hint = "Check the path, or omit it to use the embedded default model." if weights is not None else ""
+    config, state_dict, metadata = parse_checkpoint(read_checkpoint(path, hint), str(path))
+    check_finite(state_dict, str(path))
     model = build_model(config)
     load_state_dict_strict(model, state_dict, str(path))
     metadata.update(checkpoint=str(path), sha256=file_sha256(path))
     metadata.setdefault("class_names", [f"class_{i}" for i in range(config.num_classes)])
     metadata.setdefault("input_size", OFFICIAL_INPUT_SIZE)
+    size = metadata["input_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 32 or size % 32:
+        raise CheckpointError(f"{path}: its stored input size {size!r} is not a positive multiple of 32; the "
+                              "file is damaged or was edited. Re-save it with a valid metadata['input_size'].")
+    if not isinstance(metadata["class_names"], (list, tuple)) or not all(
+            isinstance(name, str) for name in metadata["class_names"]):
+        raise CheckpointError(f"{path}: its stored class names are not a list of strings.")
     if len(metadata["class_names"]) != config.num_classes:
         raise CheckpointError(f"{path}: metadata names {len(metadata['class_names'])} classes but the model "
                               f"predicts {config.num_classes}.")
@@ -376,6 +443,7 @@ def convert_official(source: str | os.PathLike, destination: str | os.PathLike,
     from .models import build_model
 
     config, state_dict, metadata = parse_checkpoint(read_checkpoint(source), str(source))
+    check_finite(state_dict, str(source))
     if metadata.get("origin") != "official":
         raise CheckpointError(f"{source}: already an asff_viz checkpoint; nothing to convert.")
     model = build_model(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from torch import nn
 from .checkpoint import atomic_save, checkpoint_dict
 from .coco_eval import evaluate_coco
 from .ema import ModelEMA, unwrap_model
+from .fileio import atomic_write_text
 from .loss import LOSS_NAMES, YOLOv3Loss
 from .schedule import LearningRateSchedule
 
@@ -394,7 +396,44 @@ def append_csv(path: str | os.PathLike, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def truncate_csv_epochs(path: str | os.PathLike, first_epoch: int) -> int:
+    """Drop the rows of epochs >= `first_epoch` from a log CSV (a resumed run logs them again); atomic.
+
+    Returns the number of rows dropped. Files without an `epoch` column are left as they are.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, list(reader)
+    if not fields or "epoch" not in fields:
+        return 0
+    kept = [row for row in rows if _epoch_of(row) < first_epoch]
+    if len(kept) == len(rows):
+        return 0
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, buffer.getvalue())
+    return len(rows) - len(kept)
+
+
+def _epoch_of(row: dict) -> float:
+    try:
+        return float(row.get("epoch") or 0)
+    except ValueError:
+        return 0.0
+
+
 # ---------------------------------------------------------------------------------------------- training
+
+
+def _gradients_finite(model: nn.Module) -> bool:
+    """Whether every gradient is finite (one fused norm over all of them)."""
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    return not gradients or bool(torch.isfinite(nn.utils.get_total_norm(gradients)))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -447,7 +486,9 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
         scaler: a GradScaler for fp16 autocast (None otherwise).
         fusion_statistics / gradient_norms: optional trackers, updated on every / every Nth step.
     Returns:
-        dict with the epoch's mean loss terms (averaged over ranks), "images", "seconds", "skipped_steps".
+        dict with the epoch's mean loss terms (averaged over ranks), "images", "seconds", "skipped_steps",
+        "steps" (this rank's optimizer steps), "unreadable_images" (items whose image could not be read and was
+        replaced by another) and "unreadable_example" (the first such reason).
     Raises:
         NonFiniteLossError after `options.max_consecutive_nonfinite` consecutive non-finite losses; the
         model then holds the weights of the last good step (skipped steps change nothing).
@@ -463,7 +504,7 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
                 module.eval()
     totals = torch.zeros(len(LOSS_NAMES) + 1, dtype=torch.float64)
     window = torch.zeros(len(LOSS_NAMES) + 2, dtype=torch.float64)  # losses, total, steps (for logging)
-    images_seen, steps_done = 0, 0
+    images_seen, steps_done, unreadable, unreadable_example = 0, 0, 0, None
     start = window_start = time.perf_counter()
     iterations = len(loader) if hasattr(loader, "__len__") else None
     bar = None
@@ -476,6 +517,10 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
     try:
         for iteration, batch in enumerate(loader):
             images, labels = batch[0], batch[1]
+            for info in batch[2] if len(batch) > 2 and isinstance(batch[2], list) else ():
+                if isinstance(info, dict) and info.get("unreadable"):
+                    unreadable += 1
+                    unreadable_example = unreadable_example or info["unreadable"]
             images = torch.as_tensor(images).to(device, non_blocking=True)
             if options.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -487,39 +532,47 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
                 outputs = model(images)
             terms = criterion(outputs, labels)
             loss = terms["total"]
-            if not all_ranks_true(bool(torch.isfinite(loss)), device):
+            loss_finite = all_ranks_true(bool(torch.isfinite(loss)), device)
+            finite = loss_finite
+            if finite:
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                sample_norms = (gradient_norms is not None and options.grad_norm_interval > 0
+                                and state.global_step % options.grad_norm_interval == 0)
+                if scaler is not None and (sample_norms or options.clip_grad_norm > 0):
+                    scaler.unscale_(optimizer)
+                if sample_norms:
+                    gradient_norms.update()  # before clipping: the norms the loss produces
+                if scaler is None:
+                    # A finite loss can still give non-finite gradients; stepping on them would put NaN into the
+                    # weights (GradScaler checks this itself under fp16).
+                    finite = all_ranks_true(_gradients_finite(model), device)
+            if not finite:
                 state.consecutive_nonfinite += 1
                 state.skipped_steps += 1
                 with torch.no_grad():
                     for buffer, saved in zip(buffers, saved_buffers, strict=True):
                         buffer.copy_(saved)
-                if isinstance(model, nn.parallel.DistributedDataParallel):
+                if isinstance(model, nn.parallel.DistributedDataParallel) and not loss_finite:
                     # DDP's forward has prepared a gradient reduction; a zero backward completes it on every
                     # rank, so the next step starts from the same reducer state everywhere.
                     (sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0).backward()
                 optimizer.zero_grad(set_to_none=True)
                 if fusion_statistics is not None:
                     fusion_statistics.captured.clear()
-                warnings.warn(f"epoch {epoch} iteration {iteration}: non-finite loss "
+                what = "loss" if not loss_finite else "gradients"
+                warnings.warn(f"epoch {epoch} iteration {iteration}: non-finite {what} "
                               f"({ {k: float(v.detach()) for k, v in terms.items()} }); step skipped "
                               f"({state.consecutive_nonfinite} in a row)", RuntimeWarning, stacklevel=2)
                 if state.consecutive_nonfinite >= options.max_consecutive_nonfinite:
                     raise NonFiniteLossError(
-                        f"{state.consecutive_nonfinite} consecutive non-finite losses at epoch {epoch}, iteration "
+                        f"{state.consecutive_nonfinite} consecutive non-finite steps at epoch {epoch}, iteration "
                         f"{iteration}; stopping. Lower the learning rate or check the data.")
                 continue
             state.consecutive_nonfinite = 0
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            sample_norms = (gradient_norms is not None and options.grad_norm_interval > 0
-                            and state.global_step % options.grad_norm_interval == 0)
-            if scaler is not None and (sample_norms or options.clip_grad_norm > 0):
-                scaler.unscale_(optimizer)
-            if sample_norms:
-                gradient_norms.update()  # before clipping: the norms the loss produces
             if options.clip_grad_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
             if scaler is not None:
@@ -567,7 +620,7 @@ def train_one_epoch(model: nn.Module, criterion: YOLOv3Loss, loader: Iterable, o
     steps_all = max(float(reduced_totals[-1]), 1.0)
     summary = {name: float(reduced_totals[i]) / steps_all for i, name in enumerate((*LOSS_NAMES, "total"))}
     summary.update(images=images_seen, seconds=time.perf_counter() - start, skipped_steps=state.skipped_steps,
-                   steps=steps_done)
+                   steps=steps_done, unreadable_images=unreadable, unreadable_example=unreadable_example)
     return summary
 
 

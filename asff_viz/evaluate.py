@@ -16,9 +16,18 @@ import sys
 import time
 from collections.abc import Sequence
 
-import torch
-
+from .argtypes import (
+    default_device,
+    describe_os_error,
+    device,
+    input_size,
+    non_negative_int,
+    output_folder,
+    positive_int,
+    unit_interval,
+)
 from .checkpoint import CheckpointError, load_model
+from .class_names import ClassMismatchError, match_classes
 from .coco_eval import evaluate_coco, write_evaluation
 from .data.coco import COCODetection
 from .data.errors import DatasetError
@@ -32,14 +41,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None, help="checkpoint (asff_viz or official); default: embedded model")
     parser.add_argument("--annotations", required=True, help="COCO-format annotation JSON")
     parser.add_argument("--images", required=True, help="folder with the annotation file's images")
-    parser.add_argument("--out", required=True, help="output folder for metrics.json and detections.json")
-    parser.add_argument("--size", type=int, default=None, help="square input size (multiple of 32); "
+    parser.add_argument("--out", required=True, type=output_folder,
+                        help="output folder for metrics.json and detections.json")
+    parser.add_argument("--size", type=input_size, default=None, help="square input size (multiple of 32); "
                         "default: the checkpoint's input size")
-    parser.add_argument("--conf", type=float, default=EVAL_CONF_THRESHOLD, help="score threshold (obj x class)")
-    parser.add_argument("--nms", type=float, default=NMS_THRESHOLD, help="per-class NMS IoU threshold")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=0, help="data loading processes")
+    parser.add_argument("--conf", type=unit_interval, default=EVAL_CONF_THRESHOLD,
+                        help="score threshold (obj x class), 0..1")
+    parser.add_argument("--nms", type=unit_interval, default=NMS_THRESHOLD, help="per-class NMS IoU threshold, 0..1")
+    parser.add_argument("--device", type=device, default=default_device())
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="data loading processes")
     return parser.parse_args(argv)
 
 
@@ -50,27 +61,38 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         model = load_model(args.weights, device=args.device)
         dataset = COCODetection(args.annotations, args.images)
-    except (CheckpointError, DatasetError) as error:
+        mapping, note = match_classes(model.metadata["class_names"], dataset.class_names,
+                                      model.metadata.get("checkpoint", "the model"), str(args.annotations))
+    except (CheckpointError, DatasetError, ClassMismatchError) as error:
         sys.exit(f"error: {error}")
+    if note:
+        logger.warning("warning: %s", note)
     size = args.size or int(model.metadata.get("input_size", 608))
-    if size % 32:
-        sys.exit(f"error: --size must be a multiple of 32, got {size}")
-    if len(dataset.class_names) != model.num_classes:
-        sys.exit(f"error: {args.annotations} has {len(dataset.class_names)} categories but the model predicts "
-                 f"{model.num_classes} classes; evaluate with a checkpoint trained on this category set.")
+    if size % 32 or size < 32:
+        sys.exit(f"error: {model.metadata.get('checkpoint')}: stored input size {size} is not a positive multiple "
+                 "of 32; pass --size")
     start = time.perf_counter()
-    metrics, results = evaluate_coco(model, dataset, size, conf_threshold=args.conf, nms_threshold=args.nms,
-                                     batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-                                     progress=True)
+    skipped: list = []
+    try:
+        metrics, results = evaluate_coco(model, dataset, size, conf_threshold=args.conf, nms_threshold=args.nms,
+                                         batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                                         progress=True, skipped=skipped,
+                                         category_ids=[dataset.category_ids[i] for i in mapping])
+    except DatasetError as error:
+        sys.exit(f"error: {error}")
     elapsed = time.perf_counter() - start
     extra = {"settings": {"weights": model.metadata.get("checkpoint"), "sha256": model.metadata.get("sha256"),
-                          "annotations": str(args.annotations), "images": len(dataset), "size": size,
+                          "annotations": str(args.annotations), "images": len(dataset) - len(skipped),
+                          "unreadable_images": [image_id for image_id, _ in skipped], "size": size,
                           "conf_threshold": args.conf, "nms_threshold": args.nms, "detections": len(results),
-                          "seconds": round(elapsed, 2)}}
-    metrics_path, _ = write_evaluation(args.out, metrics, results, extra)
+                          "class_matching": note or "same names, same order", "seconds": round(elapsed, 2)}}
+    try:
+        metrics_path, _ = write_evaluation(args.out, metrics, results, extra)
+    except OSError as error:
+        sys.exit(f"error: {describe_os_error(error)}")
     summary = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in metrics.items())
-    logger.info("%s (%d images, %d detections, %.1f s) -> %s", summary, len(dataset), len(results), elapsed,
-                metrics_path)
+    logger.info("%s (%d images, %d detections, %.1f s) -> %s", summary, len(dataset) - len(skipped), len(results),
+                elapsed, metrics_path)
     return metrics
 
 

@@ -40,18 +40,32 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from .argtypes import (
+    input_size,
+    non_negative_float,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
+from .argtypes import describe_os_error
+from .argtypes import device as device_type
 from .checkpoint import (
     CheckpointError,
+    check_finite,
     load_darknet_weights,
     load_state_dict_strict,
     parse_checkpoint,
     read_checkpoint,
 )
+from .class_names import ClassMismatchError, match_classes
 from .coco_eval import METRIC_NAMES
 from .config import FUSION_MODES, ModelConfig
 from .data.coco import COCODetection
 from .data.errors import DatasetError
-from .ema import ModelEMA
+from .ema import ModelEMA, unwrap_model
+from .fileio import remove_stale_temporaries
 from .engine import (
     DistributedContext,
     EpochOptions,
@@ -73,6 +87,7 @@ from .engine import (
     set_objectness_prior,
     train_one_epoch,
     training_checkpoint,
+    truncate_csv_epochs,
 )
 from .loss import build_criterion
 from .models import build_model, reset_fusion_weights
@@ -109,16 +124,18 @@ class DataConfig:
             root = Path(self.synthetic)
             self.train_annotations = self.train_annotations or str(root / "annotations" / "train.json")
             self.train_images = self.train_images or str(root / "images" / "train")
-            if (root / "annotations" / "val.json").is_file():
+            val_folder = root / "images" / "val"
+            # `data.synthetic --val 0` writes an empty validation split: then there is none to evaluate on.
+            if (root / "annotations" / "val.json").is_file() and val_folder.is_dir() and any(val_folder.iterdir()):
                 self.val_annotations = self.val_annotations or str(root / "annotations" / "val.json")
                 self.val_images = self.val_images or str(root / "images" / "val")
         if not self.train_annotations or not self.train_images:
             raise SystemExit("error: give --train-annotations and --train-images, or --synthetic DIR")
         if bool(self.val_annotations) != bool(self.val_images):
             raise SystemExit("error: --val-annotations and --val-images go together")
-        for name in ("input_size", "min_size", "max_size"):
-            if getattr(self, name) % 32:
-                raise SystemExit(f"error: --{name.replace('_', '-')} must be a multiple of 32")
+        for name, flag in (("input_size", "--size"), ("min_size", "--min-size"), ("max_size", "--max-size")):
+            if getattr(self, name) % 32 or getattr(self, name) < 32:
+                raise SystemExit(f"error: {flag} must be a positive multiple of 32")
         if self.min_size > self.max_size:
             raise SystemExit("error: --min-size must not exceed --max-size")
 
@@ -171,12 +188,16 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # ModelConfig fields given on the command line
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    given: dict = field(default_factory=dict, repr=False)  # the flags given explicitly: {destination: value}
+    allow_changes: bool = False  # --allow-changes: a resumed run may change its saved settings
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"data": asdict(self.data), "model": dict(self.model), "optim": asdict(self.optim),
+                "run": asdict(self.run)}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag's destination is a config field, listed in `FLAG_FIELDS`."""
     parser = argparse.ArgumentParser(prog="python -m asff_viz.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
@@ -185,91 +206,273 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     data.add_argument("--train-images")
     data.add_argument("--val-annotations")
     data.add_argument("--val-images")
-    data.add_argument("--size", type=int, default=608, help="evaluation size and final fixed training size")
-    data.add_argument("--min-size", type=int, default=320, help="smallest multi-scale training size")
-    data.add_argument("--max-size", type=int, default=608, help="largest multi-scale training size")
-    data.add_argument("--fixed-size-epochs", type=int, default=10, help="last epochs trained at --size only")
+    data.add_argument("--size", type=input_size, default=608, help="evaluation size and final fixed training size")
+    data.add_argument("--min-size", type=input_size, default=320, help="smallest multi-scale training size")
+    data.add_argument("--max-size", type=input_size, default=608, help="largest multi-scale training size")
+    data.add_argument("--fixed-size-epochs", type=non_negative_int, default=10,
+                      help="last epochs trained at --size only")
     data.add_argument("--no-mixup", action="store_true", help="disable mixup (official: on)")
-    data.add_argument("--min-box-size", type=float, default=6.0,
+    data.add_argument("--min-box-size", type=non_negative_float, default=6.0,
                       help="drop augmented boxes whose shorter side (input pixels) is not above this")
-    data.add_argument("--batch-size", type=int, default=5, help="images per process")
-    data.add_argument("--workers", type=int, default=2, help="data loading processes per training process")
+    data.add_argument("--batch-size", type=positive_int, default=5, help="images per process")
+    data.add_argument("--workers", type=non_negative_int, default=2,
+                      help="data loading processes per training process")
 
     model = parser.add_argument_group("model (default: from --init/--resume checkpoint, else official ASFF)")
     model.add_argument("--fusion", choices=FUSION_MODES)
     model.add_argument("--rfb", action=argparse.BooleanOptionalAction, default=None)
     model.add_argument("--dropblock", action=argparse.BooleanOptionalAction, default=None)
-    model.add_argument("--width", type=float)
-    model.add_argument("--depth", type=float)
+    model.add_argument("--width", type=positive_float)
+    model.add_argument("--depth", type=positive_float)
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                        help="sgd (official) or adamw (beta1 = --momentum, decoupled weight decay): AdamW "
                             "converges faster in short from-scratch runs and is insensitive to the loss scale")
-    optim.add_argument("--lr", type=float, default=0.001)
-    optim.add_argument("--momentum", type=float, default=0.9)
-    optim.add_argument("--weight-decay", type=float, default=5e-4)
+    optim.add_argument("--lr", type=positive_float, default=0.001)
+    optim.add_argument("--momentum", type=unit_interval, default=0.9)
+    optim.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     optim.add_argument("--no-decay-bn-bias", action="store_true", help="no weight decay on BatchNorm and biases")
     optim.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as the model)")
-    optim.add_argument("--ema-decay", type=float, default=0.9998)
+    optim.add_argument("--ema-decay", type=unit_interval, default=0.9998)
     optim.add_argument("--no-label-smoothing", action="store_true")
-    optim.add_argument("--ignore-threshold", type=float, default=0.7)
-    optim.add_argument("--burn-in", type=int, default=5, help="warm-up epochs (lr x progress^4)")
-    optim.add_argument("--flat-until", type=int, default=20, help="last epoch at the base lr before the cosine")
-    optim.add_argument("--final-epochs", type=int, default=30, help="last epochs at --min-lr and without mixup")
-    optim.add_argument("--min-lr", type=float, default=1e-5)
-    optim.add_argument("--clip-grad-norm", type=float, default=0.0,
+    optim.add_argument("--ignore-threshold", type=unit_interval, default=0.7)
+    optim.add_argument("--burn-in", type=non_negative_int, default=5, help="warm-up epochs (lr x progress^4)")
+    optim.add_argument("--flat-until", type=non_negative_int, default=20,
+                       help="last epoch at the base lr before the cosine")
+    optim.add_argument("--final-epochs", type=non_negative_int, default=30,
+                       help="last epochs at --min-lr and without mixup")
+    optim.add_argument("--min-lr", type=non_negative_float, default=1e-5)
+    optim.add_argument("--clip-grad-norm", type=non_negative_float, default=0.0,
                        help="clip the gradient norm (0: off, official); e.g. 10 for from-scratch runs")
-    optim.add_argument("--objectness-prior", type=float, default=None,
+    optim.add_argument("--objectness-prior", type=unit_interval, default=None,
                        help="initial objectness probability of every prediction (official: 0.5, i.e. zero "
                        "bias); e.g. 0.01 stabilizes from-scratch runs")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--out", default="runs/train", help="output folder")
-    run.add_argument("--epochs", type=int, default=301, help="epochs to run (official: 301, epochs 0..300)")
+    run.add_argument("--out", type=output_folder, default="runs/train", help="output folder")
+    run.add_argument("--epochs", type=positive_int, default=301,
+                     help="epochs to run (official: 301, epochs 0..300)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    run.add_argument("--device", type=device_type, help="cpu, cuda, cuda:1 (default: cuda when available)")
     run.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                      help="mixed precision on GPU (auto: bf16 when supported)")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
     run.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm statistics fixed (eval mode)")
     run.add_argument("--init", help="initial weights: Darknet-53 .weights, official or asff_viz checkpoint "
                      "(another class count re-initializes the class outputs)")
-    run.add_argument("--resume", help="checkpoint (last.pt) of an interrupted run to continue exactly")
-    run.add_argument("--checkpoint-interval", type=int, default=10, help="epochs between checkpoints")
-    run.add_argument("--eval-interval", type=int, default=10, help="epochs between evaluations (0: only at end)")
-    run.add_argument("--eval-batch-size", type=int, default=8)
-    run.add_argument("--log-interval", type=int, default=10, help="iterations between logged scalars")
-    run.add_argument("--grad-norm-interval", type=int, default=10, help="steps between gradient-norm samples "
-                     "(0: off)")
+    run.add_argument("--resume", help="checkpoint (last.pt) of an interrupted run to continue exactly, with the "
+                     "settings it was started with")
+    run.add_argument("--allow-changes", action="store_true",
+                     help="with --resume: accept flags that change the run's saved settings (each is logged)")
+    run.add_argument("--checkpoint-interval", type=positive_int, default=10, help="epochs between checkpoints")
+    run.add_argument("--eval-interval", type=non_negative_int, default=10,
+                     help="epochs between evaluations (0: only at end)")
+    run.add_argument("--eval-batch-size", type=positive_int, default=8)
+    run.add_argument("--log-interval", type=positive_int, default=10, help="iterations between logged scalars")
+    run.add_argument("--grad-norm-interval", type=non_negative_int, default=10,
+                     help="steps between gradient-norm samples (0: off)")
     run.add_argument("--no-fusion-statistics", action="store_true")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--max-iterations", type=int, help="cap iterations per epoch (quick experiments)")
+    run.add_argument("--max-iterations", type=positive_int, help="cap iterations per epoch (quick experiments)")
     run.add_argument("--channels-last", action="store_true",
                      help="channels-last (NHWC) weights and batches: faster convolutions, same results")
     run.add_argument("--reset-fusion-weights", action="store_true",
                      help="with --init: zero the ASFF weight logits (uniform 1/3 fusion) and learn them afresh")
+    return parser
+
+
+def _negate(value: bool) -> bool:
+    return not value
+
+
+# Each command-line destination -> (config section, field[, conversion]). Sections are DataConfig ("data"),
+# OptimConfig ("optim"), RunConfig ("run") and the model fields ("model", only those given).
+FLAG_FIELDS: dict[str, tuple] = {
+    "synthetic": ("data", "synthetic"), "train_annotations": ("data", "train_annotations"),
+    "train_images": ("data", "train_images"), "val_annotations": ("data", "val_annotations"),
+    "val_images": ("data", "val_images"), "size": ("data", "input_size"), "min_size": ("data", "min_size"),
+    "max_size": ("data", "max_size"), "fixed_size_epochs": ("data", "fixed_size_epochs"),
+    "no_mixup": ("data", "mixup", _negate), "min_box_size": ("data", "min_box_size"),
+    "batch_size": ("data", "batch_size"), "workers": ("data", "workers"),
+    "fusion": ("model", "fusion"), "rfb": ("model", "rfb"), "dropblock": ("model", "dropblock"),
+    "width": ("model", "width"), "depth": ("model", "depth"),
+    "optimizer": ("optim", "optimizer"), "lr": ("optim", "lr"), "momentum": ("optim", "momentum"),
+    "weight_decay": ("optim", "weight_decay"), "no_decay_bn_bias": ("optim", "decay_norm_and_bias", _negate),
+    "ema": ("optim", "ema"), "ema_decay": ("optim", "ema_decay"),
+    "no_label_smoothing": ("optim", "label_smoothing", _negate), "ignore_threshold": ("optim", "ignore_threshold"),
+    "burn_in": ("optim", "burn_in_epochs"), "flat_until": ("optim", "flat_until_epoch"),
+    "final_epochs": ("optim", "final_epochs"), "min_lr": ("optim", "min_lr"),
+    "clip_grad_norm": ("optim", "clip_grad_norm"), "objectness_prior": ("optim", "objectness_prior"),
+    "out": ("run", "out"), "epochs": ("run", "epochs"), "seed": ("run", "seed"), "device": ("run", "device"),
+    "amp": ("run", "amp"), "sync_bn": ("run", "sync_bn"), "freeze_bn": ("run", "freeze_bn"),
+    "init": ("run", "init"), "resume": ("run", "resume"), "checkpoint_interval": ("run", "checkpoint_interval"),
+    "eval_interval": ("run", "eval_interval"), "eval_batch_size": ("run", "eval_batch_size"),
+    "log_interval": ("run", "log_interval"), "grad_norm_interval": ("run", "grad_norm_interval"),
+    "no_fusion_statistics": ("run", "fusion_statistics", _negate), "no_progress": ("run", "progress", _negate),
+    "max_iterations": ("run", "max_iterations"), "channels_last": ("run", "channels_last"),
+    "reset_fusion_weights": ("run", "reset_fusion_weights"),
+}
+
+# Settings a resumed run may change freely: where and how it reports, not what it computes.
+RESUME_FREE_FIELDS = {("run", name) for name in ("out", "device", "resume", "init", "checkpoint_interval",
+                                                 "eval_interval", "eval_batch_size", "log_interval",
+                                                 "grad_norm_interval", "fusion_statistics", "progress")}
+_PATH_FIELDS = {"synthetic", "train_annotations", "train_images", "val_annotations", "val_images"}
+
+
+def _config_values(namespace: dict) -> dict[tuple[str, str], object]:
+    """Command-line destinations -> {(section, field): value}."""
+    values = {}
+    for dest, value in namespace.items():
+        if dest not in FLAG_FIELDS:
+            continue
+        section, name, *convert = FLAG_FIELDS[dest]
+        values[(section, name)] = convert[0](value) if convert else value
+    return values
+
+
+def config_from_values(values: dict[tuple[str, str], object]) -> TrainConfig:
+    """A TrainConfig from {(section, field): value}, built by keyword; the model dict keeps given fields only."""
+    sections: dict[str, dict] = {"data": {}, "model": {}, "optim": {}, "run": {}}
+    for (section, name), value in values.items():
+        if section != "model" or value is not None:
+            sections[section][name] = value
+    return TrainConfig(data=DataConfig(**sections["data"]), model=sections["model"],
+                       optim=OptimConfig(**sections["optim"]), run=RunConfig(**sections["run"]))
+
+
+def explicit_destinations(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The destinations the command line sets explicitly (not left at their default)."""
+    defaults = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.reset_fusion_weights and (args.init is None or args.resume is not None):
         parser.error("--reset-fusion-weights needs --init (a trained checkpoint) and no --resume")
-
-    config = TrainConfig(
-        data=DataConfig(args.train_annotations, args.train_images, args.val_annotations, args.val_images,
-                        args.synthetic, args.size, args.min_size, args.max_size, 10, args.fixed_size_epochs,
-                        not args.no_mixup, args.min_box_size, args.batch_size, args.workers),
-        model={k: v for k, v in (("fusion", args.fusion), ("rfb", args.rfb), ("dropblock", args.dropblock),
-                                 ("width", args.width), ("depth", args.depth)) if v is not None},
-        optim=OptimConfig(args.lr, args.momentum, args.weight_decay, not args.no_decay_bn_bias, args.ema,
-                          args.ema_decay, not args.no_label_smoothing, args.ignore_threshold, args.burn_in,
-                          args.flat_until, args.final_epochs, args.min_lr, args.clip_grad_norm,
-                          args.objectness_prior, args.optimizer),
-        run=RunConfig(args.out, args.epochs, args.seed, args.device, args.amp, args.sync_bn, args.freeze_bn,
-                      args.init, args.resume, args.checkpoint_interval, args.eval_interval, args.eval_batch_size,
-                      args.log_interval, args.grad_norm_interval, not args.no_fusion_statistics,
-                      not args.no_progress, args.max_iterations, args.channels_last, args.reset_fusion_weights),
-    )
-    config.data.resolve()
+    if args.allow_changes and args.resume is None:
+        parser.error("--allow-changes goes with --resume")
+    config = config_from_values(_config_values(vars(args)))
+    config.given = {dest: getattr(args, dest) for dest in explicit_destinations(parser, argv)}
+    config.allow_changes = args.allow_changes
+    if not args.resume:  # a resumed run's settings are checked once the checkpoint's are laid under them
+        config.data.resolve()
+        check_schedule(config)
     return config
+
+
+def check_schedule(config: TrainConfig) -> ScheduleConfig:
+    """The learning-rate schedule of `config`; SystemExit (before any work) when it does not fit the epochs."""
+    optim = config.optim
+    try:
+        return ScheduleConfig(base_lr=optim.lr, epochs=config.run.epochs, burn_in_epochs=optim.burn_in_epochs,
+                              flat_until_epoch=optim.flat_until_epoch, final_epochs=optim.final_epochs,
+                              min_lr=optim.min_lr)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def resumed_config(config: TrainConfig, saved: dict, source: str) -> tuple[TrainConfig, list[str]]:
+    """The saved run's config, with the flags given explicitly now laid over it.
+
+    A flag that changes what the run computes (data, model, optimization, schedule, seed) is an error unless
+    `--allow-changes` is given; returns the config and one line per change (logged by the caller).
+    """
+    try:
+        saved_values = {(section, name): value for section in ("data", "optim", "run")
+                        for name, value in dict(saved[section]).items()}
+        saved_values.update({("model", name): value for name, value in dict(saved.get("model") or {}).items()})
+        base = config_from_values(saved_values)
+    except (KeyError, TypeError, ValueError) as error:
+        raise SystemExit(f"error: {source}: its saved training settings cannot be read ({error}); start a new "
+                         "run with --init instead.") from None
+    changes, contradictions = [], []
+    merged = dict(saved_values)
+    for key, value in _config_values(config.given).items():
+        before = saved_values.get(key)
+        same = before == value or (key[1] in _PATH_FIELDS and before is not None and value is not None
+                                   and Path(str(before)).resolve() == Path(str(value)).resolve())
+        merged[key] = value
+        if same:
+            continue
+        line = f"{key[1]}: {before!r} -> {value!r}"
+        (changes if key in RESUME_FREE_FIELDS else contradictions).append(line)
+    if contradictions and not config.allow_changes:
+        raise SystemExit(f"error: {source} was started with other settings ({'; '.join(contradictions)}); a "
+                         "resumed run continues with its own settings, so drop these flags, or add "
+                         "--allow-changes to change them.")
+    resumed = config_from_values(merged)
+    resumed.given, resumed.allow_changes = config.given, config.allow_changes
+    return resumed, changes + [f"{line} (--allow-changes)" for line in contradictions]
+
+
+# ----------------------------------------------------------------------------------------------- guards
+
+
+def check_class_names(saved: list[str] | None, class_names: list[str], source: str, annotations: str) -> None:
+    """A resumed run continues on the classes it was trained on, in the same order: SystemExit otherwise."""
+    if not saved:
+        return
+    try:
+        mapping, _ = match_classes(saved, class_names, source, annotations)
+    except ClassMismatchError as error:
+        raise SystemExit(f"error: {error}") from None
+    if mapping != list(range(len(mapping))):
+        raise SystemExit(f"error: {annotations} orders its categories differently from {source}; a resumed run "
+                         "needs the same class order (start a new run with --init instead).")
+
+
+def prepare_output_folder(out: Path, resuming: bool) -> None:
+    """Create --out; refuse to start a new run over another run's checkpoint; clear a killed write's leftovers."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: {describe_os_error(error, out)}") from None
+    if not resuming and (out / "last.pt").exists():
+        raise SystemExit(f"error: {out} already holds a run's last.pt; continue it with --resume {out / 'last.pt'}, "
+                         "or give another --out (nothing was overwritten).")
+    for name in ("last.pt", "best.pt"):
+        if removed := remove_stale_temporaries(out / name):
+            logger.info("removed %d unfinished temporary copies of %s (left by an interrupted save)",
+                        removed, out / name)
+
+
+def weight_probe(size: int, device: torch.device) -> torch.Tensor:
+    """A fixed input for `unsound_weights`: seeded noise, the same in every epoch."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, 3, size, size, generator=generator).to(device)
+
+
+@torch.no_grad()
+def unsound_weights(model: nn.Module, ema: ModelEMA | None, probe: torch.Tensor) -> str | None:
+    """Why the weights must not be saved (None when they may): non-finite parameters or buffers, in the model or
+    its EMA, or non-finite outputs on a fixed probe input (weights that exploded without overflowing yet)."""
+    for name, module in (("weights", unwrap_model(model)), ("EMA weights", ema.module if ema is not None else None)):
+        if module is None:
+            continue
+        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            return f"{len(bad)} of {len(tensors)} {name} tensors hold NaN or infinity (e.g. {bad[0]})"
+        was_training = module.training
+        module.eval()
+        try:
+            outputs = module(probe)
+        finally:
+            module.train(was_training)
+        # The raw outputs, not the decoded boxes: exp() of a young model's size logits may overflow harmlessly.
+        if not all(torch.isfinite(level.prediction).all() for level in outputs):
+            return f"the {name} give non-finite outputs on a probe input (exploded weights)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -424,10 +627,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def _train(config: TrainConfig, context: DistributedContext) -> dict:
     from .data.augment import TrainDataset, TrainTransform
 
+    resume_data = None
+    if config.run.resume:
+        try:
+            resume_data = read_checkpoint(config.run.resume)
+            parse_checkpoint(resume_data, config.run.resume)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from None
+        if not isinstance(resume_data.get("training"), dict):
+            raise SystemExit(f"error: {config.run.resume} has no training state (a weights-only file); use it "
+                             "with --init to start a new run from its weights instead of --resume")
+        config, changes = resumed_config(config, resume_data["training"].get("train_config") or {},
+                                         config.run.resume)
+        for line in changes:
+            logger.info("resume: %s", line)
+        config.data.resolve()
+        check_schedule(config)
     data, optim, run = config.data, config.optim, config.run
     out = Path(run.out)
     if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_output_folder(out, resuming=resume_data is not None)
     seed_everything(run.seed)
     try:
         train_set = COCODetection(data.train_annotations, data.train_images)
@@ -439,17 +658,20 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict:
         raise SystemExit(f"error: {data.val_annotations} and {data.train_annotations} have different categories")
 
     # The model config: from the resumed/initial checkpoint when there is one, else the command line.
-    resume_data, init_state, reference, reference_source = None, None, None, None
+    init_state, reference, reference_source, reference_metadata = None, None, None, {}
     try:
         if run.resume:
-            resume_data = read_checkpoint(run.resume)
-            reference, _, _ = parse_checkpoint(resume_data, run.resume)
+            reference, resume_weights, reference_metadata = parse_checkpoint(resume_data, run.resume)
+            check_finite(resume_weights, run.resume)
             reference_source = run.resume
         elif run.init and not run.init.endswith((".weights", ".conv.74")):
-            reference, init_state, _ = parse_checkpoint(read_checkpoint(run.init), run.init)
+            reference, init_state, reference_metadata = parse_checkpoint(read_checkpoint(run.init), run.init)
+            check_finite(init_state, run.init)
             reference_source = run.init
     except CheckpointError as error:
         raise SystemExit(f"error: {error}") from None
+    if run.resume:
+        check_class_names(reference_metadata.get("class_names"), class_names, run.resume, data.train_annotations)
     model_config = resolve_model_config(config.model, len(class_names), reference, reference_source)
     if run.resume and reference.num_classes != len(class_names):
         raise SystemExit(f"error: {run.resume} was trained on {reference.num_classes} classes, the data has "
@@ -488,13 +710,7 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict:
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.momentum, 0.999))
     else:
         optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, dampening=0)
-    try:
-        schedule_config = ScheduleConfig(base_lr=optim.lr, epochs=run.epochs, burn_in_epochs=optim.burn_in_epochs,
-                                         flat_until_epoch=optim.flat_until_epoch, final_epochs=optim.final_epochs,
-                                         min_lr=optim.min_lr)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    schedule = LearningRateSchedule(optimizer, schedule_config, iterations_per_epoch)
+    schedule = LearningRateSchedule(optimizer, check_schedule(config), iterations_per_epoch)
     amp_dtype, use_scaler = amp_settings(run.amp, context.device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     ema = ModelEMA(model, optim.ema_decay) if optim.ema else None
@@ -507,8 +723,14 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict:
         except (ValueError, RuntimeError) as error:
             raise SystemExit(f"error: cannot resume from {run.resume}: {error}") from None
         history = resume_data["training"].get("history", {})
+        history["epochs"] = [row for row in history.get("epochs", []) if row.get("epoch", 0) < start_epoch]
+        history["metrics"] = [row for row in history.get("metrics", []) if row.get("epoch", 0) < start_epoch]
         logger.info("resumed %s at epoch %d (step %d)", run.resume, start_epoch, state.global_step)
         del resume_data
+    if context.is_main:
+        # An interrupted run logged the epoch it did not finish: those rows are logged again, once.
+        for name in ("scalars.csv", "fusion_weights.csv", "gradient_norms.csv", "metrics.csv"):
+            truncate_csv_epochs(out / name, start_epoch)
 
     training_model: nn.Module = model
     if context.distributed:
@@ -529,6 +751,9 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict:
                 "dataset": {"train_annotations": data.train_annotations, "train_images": len(train_set)}}
     best_ap = max((row.get("AP") or 0.0 for row in history.get("metrics", [])), default=-1.0)
     summary: dict = {"checkpoint": str(out / "last.pt"), "best_ap": best_ap if best_ap >= 0 else None}
+    # The newest checkpoint known to hold sound weights: named whenever the run has to stop.
+    last_good = f"{run.resume} (the checkpoint this run resumed)" if run.resume else None
+    probe = weight_probe(data.min_size, context.device)
     if context.is_main:
         parameters = sum(p.numel() for p in model.parameters())
         logger.info("%s, %.2fM parameters, %d classes, %d training images, %d iterations/epoch x %d images x %d "
@@ -554,6 +779,12 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict:
                                          num_epochs=run.epochs)
             if fusion_statistics is not None and fusion_statistics.active:
                 fusion_statistics.reduce()
+            if result.get("unreadable_images"):
+                logger.warning("epoch %d: %d images could not be read and were replaced by others (e.g. %s)",
+                               epoch, result["unreadable_images"], result.get("unreadable_example"))
+            if result["steps"] == 0:
+                raise NonFiniteLossError(f"epoch {epoch}: every step was skipped (non-finite losses); nothing of "
+                                         "it is kept. Lower the learning rate or check the data.")
             epoch_row = {"epoch": epoch, **{k: round(v, 5) for k, v in result.items() if isinstance(v, float)},
                          "steps": result["steps"], "images": result["images"]}
             history.setdefault("epochs", []).append(epoch_row)
@@ -583,20 +814,30 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict:
                         f"{k} {v:.4f}" for k, v in metrics.items() if v is not None))
 
             if context.is_main and ((epoch + 1) % run.checkpoint_interval == 0 or last_epoch or metrics):
+                problem = unsound_weights(model, ema, probe)
+                if problem:
+                    raise NonFiniteLossError(f"epoch {epoch}: {problem}; not saved, so no checkpoint holds them.")
                 checkpoint = training_checkpoint(
                     model, {**metadata, "epoch": epoch, "metrics": metrics}, optimizer=optimizer,
                     schedule=schedule, epoch=epoch + 1, state=state, train_config=config.to_dict(), scaler=scaler,
                     ema=ema, history=history)
                 if (epoch + 1) % run.checkpoint_interval == 0 or last_epoch:
                     save_training_checkpoint(out / "last.pt", checkpoint)
+                    last_good = f"{out / 'last.pt'} (epoch {epoch})"
                 if metrics is not None and metrics["AP"] > best_ap:
                     best_ap = metrics["AP"]
                     summary["best_ap"] = best_ap
                     save_training_checkpoint(out / "best.pt", checkpoint)
                 del checkpoint
     except NonFiniteLossError as error:
-        logger.error("%s The last good checkpoint is %s.", error, out / "last.pt")
+        where = (f"The last good checkpoint is {last_good}" if last_good else "No checkpoint was saved")
+        best = f"; the best by validation AP is {out / 'best.pt'}" if (out / "best.pt").is_file() else ""
+        logger.error("%s %s%s.", error, where, best)
         summary["error"] = str(error)
+    except OSError as error:  # a full disk or a folder gone: the checkpoint on disk is the previous one, intact
+        message = describe_os_error(error)
+        logger.error("%s. The last good checkpoint is %s.", message, last_good or "none (no checkpoint was saved)")
+        summary["error"] = message
     finally:
         log.close()
     summary["epochs"] = history.get("epochs", [])

@@ -29,14 +29,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
     buffer = np.frombuffer(data, dtype=np.uint8)
     if buffer.size == 0:
         raise ImageError(f"{name}: empty file")
-    # Check the pixel count from the header before decoding, so a huge image cannot exhaust memory.
-    try:
-        header = cv2.imdecode(buffer, cv2.IMREAD_REDUCED_GRAYSCALE_8)
-    except cv2.error:
-        header = None
-    if header is not None and header.shape[0] * header.shape[1] * 64 > max_pixels:
-        raise ImageError(f"{name}: about {header.shape[1] * 8}x{header.shape[0] * 8} pixels, more than the "
-                         f"{max_pixels / 1e6:.0f} MP this tool accepts; downscale it first.")
+    check_pixel_count(buffer, name, max_pixels)
     try:
         image = _decode_keeping_alpha(buffer)
     except cv2.error as error:
@@ -48,6 +41,21 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
         raise ImageError(f"{name}: {image.shape[1]}x{image.shape[0]} pixels, more than the "
                          f"{max_pixels / 1e6:.0f} MP this tool accepts; downscale it first.")
     return to_rgb_uint8(image, name)
+
+
+def check_pixel_count(buffer: np.ndarray, name: str, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an encoded image of more than `max_pixels` from a 1/8-scale decode, before decoding it whole.
+
+    The policy of every tool that reads images (detect, the app, datasets for train/evaluate/analyze): a huge
+    image cannot exhaust memory.
+    """
+    try:
+        header = cv2.imdecode(buffer, cv2.IMREAD_REDUCED_GRAYSCALE_8) if buffer.size else None
+    except cv2.error:
+        header = None
+    if header is not None and header.shape[0] * header.shape[1] * 64 > max_pixels:
+        raise ImageError(f"{name}: about {header.shape[1] * 8}x{header.shape[0] * 8} pixels, more than the "
+                         f"{max_pixels / 1e6:.0f} MP this tool accepts; downscale it first.")
 
 
 def _decode_keeping_alpha(buffer: np.ndarray) -> np.ndarray | None:

@@ -113,7 +113,7 @@ def test_truncated_checkpoint_gives_clear_error(project_checkpoint, tmp_path):
     data = project_checkpoint.read_bytes()
     truncated = tmp_path / "half.pt"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"half\.pt: not a readable PyTorch checkpoint \(truncated"):
+    with pytest.raises(CheckpointError, match=r"half\.pt: a truncated or damaged zip archive"):
         load_model(truncated)
 
 
@@ -134,7 +134,7 @@ def test_garbage_and_plain_pickles_give_clear_errors(tmp_path):
         read_checkpoint(garbage)
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps({"weights": [1, 2, 3]}, protocol=4))
-    with pytest.raises(CheckpointError, match=r"plain\.pkl: not a PyTorch checkpoint of plain weights"):
+    with pytest.raises(CheckpointError, match=r"plain\.pkl: a plain pickle, not torch.save.s format"):
         read_checkpoint(plain)
     listing = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], listing)

@@ -214,7 +214,12 @@ def test_adamw_option_trains_and_resumes_with_its_own_state(synthetic, tmp_path)
     checkpoint = torch.load(tmp_path / "adamw" / "last.pt", weights_only=True)
     states = checkpoint["training"]["optimizer"]["state"]
     assert states and all("exp_avg_sq" in state for state in states.values())  # AdamW's moments, not SGD's
+    # Resumed without --optimizer: the run's own settings (AdamW) come from the checkpoint; the longer schedule
+    # is a change of settings, accepted with --allow-changes.
     resumed = train_module.main(tiny_args(synthetic, tmp_path / "adamw", epochs=2,
-                                          extra=["--optimizer", "adamw", "--resume",
-                                                 str(tmp_path / "adamw" / "last.pt")]))
+                                          extra=["--resume", str(tmp_path / "adamw" / "last.pt"),
+                                                 "--allow-changes"]))
     assert "error" not in resumed
+    checkpoint = torch.load(tmp_path / "adamw" / "last.pt", weights_only=True)
+    assert checkpoint["training"]["train_config"]["optim"]["optimizer"] == "adamw"
+    assert checkpoint["training"]["epoch"] == 2

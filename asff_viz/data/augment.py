@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
+from asff_viz.data.errors import DatasetError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = (cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_NEAREST, cv2.INTER_LANCZOS4)
@@ -546,9 +548,22 @@ class TrainDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         index, size = item if isinstance(item, (tuple, list)) else (item, self.input_size)
         rng = random_generator()
-        image, targets, info = self.mixup.load_item(int(index), rng)
+        unreadable = None
+        # An image that cannot be read is replaced by the next readable one (counted by the training loop
+        # through info["unreadable"]); only a dataset of which nothing can be read stops the run.
+        for offset in range(len(self)):
+            try:
+                image, targets, info = self.mixup.load_item((int(index) + offset) % len(self), rng)
+                break
+            except DatasetError as error:
+                unreadable = unreadable or str(error)
+        else:
+            raise DatasetError(f"none of the {len(self)} training images can be read (e.g. {unreadable})")
         tensor, labels = self.transform(image, targets, size, rng=rng)
-        return tensor, labels, {**info, "input_size": int(size) if np.isscalar(size) else tuple(size)}
+        info = {**info, "input_size": int(size) if np.isscalar(size) else tuple(size)}
+        if unreadable:
+            info["unreadable"] = unreadable
+        return tensor, labels, info
 
 
 class ValDataset(Dataset):

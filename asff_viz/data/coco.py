@@ -39,6 +39,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from asff_viz.data.errors import DatasetError
+from asff_viz.transforms import MAX_PIXELS, ImageError, check_pixel_count
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ _SKIP_REASONS = {
     "non_positive_box": "boxes with non-positive size",
     "outside_box": "boxes outside their image",
     "missing_image": "images whose file is missing",
+    "unsafe_path": "images whose file_name leaves the image folder (absolute or with '..')",
     "malformed_box": "annotations without a valid bbox",
     "unknown_image": "annotations of unknown images",
     "unknown_category": "annotations of unknown categories",
@@ -55,12 +57,31 @@ _SKIP_REASONS = {
 }
 
 
-def load_rgb_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB; raise ``DatasetError`` naming the file if it cannot."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+def load_rgb_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB, as the official loader does (``cv2.imread``, colour).
+
+    The image-reading policy of every tool: images over ``max_pixels`` are refused from their header, before
+    decoding. Raises ``DatasetError`` naming the file if it is missing, unreadable, too large or not an image.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"image file {path} does not exist; check image_dir or the annotation file") from None
+    except IsADirectoryError:
+        raise DatasetError(f"image file {path} is a folder, not an image") from None
+    except PermissionError:
+        raise DatasetError(f"image file {path} cannot be read: permission denied") from None
+    except OSError as error:
+        raise DatasetError(f"image file {path} cannot be read: {error.strerror or error}") from None
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    try:
+        check_pixel_count(buffer, str(path), max_pixels)
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    except ImageError as error:
+        raise DatasetError(str(error)) from None
+    except cv2.error:
+        image = None
     if image is None:
-        if not os.path.exists(path):
-            raise DatasetError(f"image file {path} does not exist; check image_dir or the annotation file")
         raise DatasetError(
             f"could not decode image {path}: the file is corrupt or not an image; "
             "replace it or remove its entry from the annotation file"
@@ -94,8 +115,14 @@ def xyxy_to_coco_bbox(boxes: np.ndarray) -> np.ndarray:
     )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _load_annotation_document(annotation_file: Path) -> dict:
-    """Read and validate the top level of a COCO annotation file."""
+    """Read and validate the structure of a COCO annotation file (types, unique ids)."""
+    if annotation_file.is_dir():
+        raise DatasetError(f"annotation file {annotation_file} is a folder; pass the COCO annotation JSON in it")
     if not annotation_file.is_file():
         raise DatasetError(
             f"annotation file {annotation_file} does not exist; pass the path of a COCO annotation JSON "
@@ -104,11 +131,18 @@ def _load_annotation_document(annotation_file: Path) -> dict:
     try:
         with open(annotation_file, "rb") as file:
             document = json.load(file)
+    except PermissionError:
+        raise DatasetError(f"annotation file {annotation_file} cannot be read: permission denied") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(
             f"annotation file {annotation_file} is not valid JSON ({error}); "
             "expected a COCO annotation file with 'images', 'annotations' and 'categories'"
         ) from None
+    except RecursionError:
+        raise DatasetError(f"annotation file {annotation_file} is nested too deeply to be a COCO annotation "
+                           "file") from None
+    except OSError as error:
+        raise DatasetError(f"annotation file {annotation_file} cannot be read: {error.strerror or error}") from None
     if not isinstance(document, dict):
         raise DatasetError(
             f"annotation file {annotation_file} holds a JSON {type(document).__name__}, not an object; "
@@ -132,12 +166,20 @@ def _load_annotation_document(annotation_file: Path) -> dict:
             f"annotation file {annotation_file} has no categories, so the class list cannot be derived; "
             "add the 'categories' entries ({'id': ..., 'name': ...})"
         )
+    category_ids = set()
     for position, category in enumerate(document["categories"]):
-        if not isinstance(category, dict) or "id" not in category or "name" not in category:
+        if (not isinstance(category, dict) or not _is_int(category.get("id"))
+                or not isinstance(category.get("name"), str)):
             raise DatasetError(
-                f"annotation file {annotation_file}: categories[{position}] = {category!r} "
-                "needs an 'id' and a 'name'"
+                f"annotation file {annotation_file}: categories[{position}] = {str(category)[:200]} "
+                "needs an integer 'id' and a string 'name'"
             )
+        if category["id"] in category_ids:
+            raise DatasetError(
+                f"annotation file {annotation_file}: category id {category['id']} appears twice; category ids "
+                "must be unique (a repeated id would add a class and shift every label after it)"
+            )
+        category_ids.add(category["id"])
     seen_ids = set()
     for position, image in enumerate(document["images"]):
         if not isinstance(image, dict) or any(key not in image for key in ("id", "file_name", "width", "height")):
@@ -145,6 +187,16 @@ def _load_annotation_document(annotation_file: Path) -> dict:
                 f"annotation file {annotation_file}: images[{position}] = {str(image)[:200]} "
                 "needs 'id', 'file_name', 'width' and 'height'"
             )
+        problem = None
+        if not _is_int(image["id"]):
+            problem = f"its id {str(image['id'])[:60]} is not an integer"
+        elif not isinstance(image["file_name"], str) or not image["file_name"]:
+            problem = "its file_name is not a non-empty string"
+        elif not (_is_int(image["width"]) and _is_int(image["height"]) and image["width"] > 0
+                  and image["height"] > 0):
+            problem = f"width {image['width']!r} and height {image['height']!r} must be positive integers"
+        if problem:
+            raise DatasetError(f"annotation file {annotation_file}: images[{position}]: {problem}")
         if image["id"] in seen_ids:
             raise DatasetError(
                 f"annotation file {annotation_file}: image id {image['id']} appears twice; image ids must be unique"
@@ -153,12 +205,20 @@ def _load_annotation_document(annotation_file: Path) -> dict:
     return document
 
 
+def _inside_folder(file_name: str) -> bool:
+    """Whether `file_name` names a file under the image folder: relative, with no '..' component."""
+    relative = Path(file_name)
+    return not relative.is_absolute() and ".." not in relative.parts and not file_name.startswith("~")
+
+
 def _check_image_dir(image_dir: Path) -> None:
     if not image_dir.is_dir():
         raise DatasetError(
             f"image folder {image_dir} does not exist or is not a folder; pass the folder that holds the "
             "files named by 'file_name' in the annotation file"
         )
+    if not os.access(image_dir, os.R_OK | os.X_OK):
+        raise DatasetError(f"image folder {image_dir} cannot be read: permission denied")
     with os.scandir(image_dir) as entries:
         if not any(True for _ in entries):
             raise DatasetError(
@@ -221,6 +281,9 @@ class COCODetection(Dataset):
         self._records: list[dict[str, Any]] = []
         for image_id in self.coco.getImgIds():
             image = self.coco.imgs[image_id]
+            if not _inside_folder(image["file_name"]):
+                self.skipped["unsafe_path"] += 1
+                continue
             path = self.image_dir / image["file_name"]
             if not path.is_file():
                 self.skipped["missing_image"] += 1
@@ -276,9 +339,19 @@ class COCODetection(Dataset):
             annotation = dict(annotation)
             annotation.setdefault("iscrowd", 0)
             annotation.setdefault("area", float(bbox[2]) * float(bbox[3]))
-            if "id" not in annotation:
-                annotation["id"] = len(kept) + 1
             kept.append(annotation)
+        # pycocotools indexes annotations by id: a repeated id would make every image that has one of them
+        # serve the last such annotation as its ground truth. Ids are not used for anything else, so every
+        # kept annotation gets its own (its position); a file whose ids repeat is worth a warning.
+        file_ids = Counter(annotation.get("id") for annotation in kept if "id" in annotation)
+        repeated = {key: count for key, count in file_ids.items() if count > 1}
+        if repeated:
+            example, count = next(iter(repeated.items()))
+            logger.warning("%s: %d annotation ids appear more than once (e.g. id %s, %d times); annotations "
+                           "were renumbered so that each keeps its own box (COCO requires unique ids)",
+                           self.annotation_file, len(repeated), example, count)
+        for number, annotation in enumerate(kept, start=1):
+            annotation["id"] = number
         return kept
 
     def _image_targets(self, image: dict, class_index_of: dict[int, int]) -> np.ndarray:
