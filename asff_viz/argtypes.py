@@ -129,3 +129,11 @@ def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> 
     if getattr(error, "errno", None) == 28 or "No space left" in str(error):
         reason = "no space left on the device"
     return f"cannot write {target}: {reason}"
+
+
+def cosine_value(text: str) -> float:
+    """A cosine similarity threshold in [-1, 1]."""
+    value = _number(text, float)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between -1 and 1, got {value}")
+    return value

@@ -50,8 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .argtypes import input_size, non_negative_int, output_file, positive_int
 from .config import ModelConfig
 from .fast import optimize_for_inference
+from .fileio import atomic_write_text
 from .models import build_model
 from .models.deform_conv import DeformConv2d
 from .postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD, postprocess
@@ -769,13 +771,14 @@ def format_table(results: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m asff_viz.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes (default 320 416 608)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None,
+    parser.add_argument("--sizes", type=input_size, nargs="+", default=None,
+                        help="input sizes, multiples of 32 (default 320 416 608)")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=None,
                         help="batch sizes (default 1 8 on CPU, 1 8 64 on GPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed rounds per measurement (default 5)")
     parser.add_argument("--quick", action="store_true", help="reduced set for development (~2 minutes on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's own choice; 1 with --quick on CPU)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default=None,
                         help="wall time, or the thread's CPU time (one thread on CPU only: steadier on a shared "
@@ -786,14 +789,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None, help="checkpoint for the bf16 AP check")
     parser.add_argument("--synthetic", default=None, help="synthetic dataset folder (val split for the AP check, "
                         "train split for the data-loader measurement)")
-    parser.add_argument("--integrated-steps", type=int, default=None,
+    parser.add_argument("--integrated-steps", type=non_negative_int, default=None,
                         help="integrated-gradients steps to time (default 16; 0 in --quick)")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=("forward", "deform", "capture", "analysis", "training", "accuracy"),
                         help="sections to leave out")
-    parser.add_argument("--out", default="bench.json", help="JSON results (the table goes next to it as .md)")
-    parser.add_argument("--table", default=None, help="Markdown table path (default: --out with .md)")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=output_file, default="bench.json",
+                        help="JSON results (the table goes next to it as .md)")
+    parser.add_argument("--table", type=output_file, default=None, help="Markdown table path (default: --out with .md)")
+    args = parser.parse_args(argv)
+    # What can be checked is checked now, not after minutes of timing.
+    if args.weights is not None:
+        from .checkpoint import CheckpointError, load_model
+
+        try:
+            load_model(args.weights)
+        except CheckpointError as error:
+            parser.error(f"argument --weights: {error}")
+    if args.synthetic is not None and not (Path(args.synthetic) / "annotations" / "val.json").is_file():
+        parser.error(f"argument --synthetic: {args.synthetic} has no annotations/val.json; pass a folder written by "
+                     "`python -m asff_viz.data.synthetic` with a validation split")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -897,10 +913,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    atomic_write_text(out, json.dumps(results, indent=2, default=_json_default) + "\n")
     table = format_table(results)
     table_path = Path(args.table) if args.table else out.with_suffix(".md")
-    table_path.write_text(table)
+    atomic_write_text(table_path, table)
     print()
     print(table)
     log(f"wrote {out} and {table_path}")

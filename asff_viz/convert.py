@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .argtypes import describe_os_error, input_size, output_file
 from .checkpoint import CheckpointError, convert_official
 
 
@@ -40,9 +41,10 @@ def read_class_names(path: str | Path) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m asff_viz.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="official checkpoint (.pth, a state_dict with module_list.* keys)")
-    parser.add_argument("destination", help="asff_viz checkpoint to write (.pt)")
+    parser.add_argument("destination", type=output_file, help="asff_viz checkpoint to write (.pt)")
     parser.add_argument("--class-names", default=None, help="text file, one class name per line (or a JSON list)")
-    parser.add_argument("--input-size", type=int, default=None, help="input size stored as the default (608)")
+    parser.add_argument("--input-size", type=input_size, default=None,
+                        help="input size stored as the default (608)")
     return parser.parse_args(argv)
 
 
@@ -59,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     input_size=args.input_size)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk or an unwritable folder: nothing was written (atomic save)
+        print(f"error: {describe_os_error(error, args.destination)}", file=sys.stderr)
         return 1
     print(f"{args.source} -> {args.destination}: {metadata['variant']}, {len(metadata['class_names'])} classes, "
           f"input size {metadata['input_size']}")

@@ -4,9 +4,10 @@
         [--show-threshold 0.3] [--device cpu]
 
 Writes DIR/<name> (annotated image, same name and format as the source) or DIR/<stem>.mp4 (annotated
-video), and DIR/detections.json: a list with one record per box above --conf, {image, [frame,] bbox
+video; `<stem>_<suffix>.mp4` when two sources share a stem, e.g. clip.avi and clip.mp4), and
+DIR/detections.json: a list with one record per box above --conf, {image, [frame,] bbox
 [x, y, w, h] in original pixels, score, category_id, category_name}. Only boxes scoring at least
---show-threshold are drawn. Unreadable files and frames are reported and skipped. Exit status 0 when
+--show-threshold are drawn. Unreadable files, broken links and frames are reported and skipped. Exit status 0 when
 anything was processed, 1 otherwise.
 """
 
@@ -25,7 +26,9 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .argtypes import describe_os_error, device, input_size, output_folder, unit_interval
 from .checkpoint import CheckpointError
+from .fileio import atomic_write_text
 from .inference import DetectionResult, Detector
 from .postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
 from .transforms import IMAGE_SUFFIXES, ImageError, read_image
@@ -94,31 +97,56 @@ def write_image_rgb(path: Path, image: np.ndarray) -> None:
 
 
 def find_inputs(source: Path) -> list[Path]:
-    """The image and video files of `source`: the file itself, or a folder's files (sorted, not recursive)."""
+    """The image and video files of `source`: the file itself, or a folder's files (sorted, not recursive).
+
+    Broken symbolic links with an image or video suffix are listed too, so that they are reported as skipped.
+    """
     if source.is_file():
         return [source]
     return sorted(p for p in source.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+                  if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+
+
+def output_names(inputs: Sequence[Path]) -> dict[Path, str]:
+    """The file each input's annotated copy is written to: its own name (images), `<stem>.mp4` (videos).
+
+    Inputs that would share an output (`clip.avi` and `clip.mp4` both give `clip.mp4`) get their suffix in the
+    name instead (`clip_avi.mp4`, `clip_mp4.mp4`): no output overwrites another.
+    """
+    default = {path: path.name if not is_video(path) else f"{path.stem}.mp4" for path in inputs}
+    counts: dict[str, int] = {}
+    for name in default.values():
+        counts[name.lower()] = counts.get(name.lower(), 0) + 1
+    names = {}
+    for path, name in default.items():
+        if counts[name.lower()] > 1:
+            name = f"{path.stem}_{path.suffix[1:].lower()}{Path(name).suffix}"
+        names[path] = name
+    return names
 
 
 def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def process_image(detector: Detector, path: Path, out_dir: Path, show_threshold: float) -> list[dict]:
-    """Detect in one image file, write its annotated copy; returns its records. Raises ImageError."""
+def process_image(detector: Detector, path: Path, output: Path, show_threshold: float) -> list[dict]:
+    """Detect in one image file, write its annotated copy to `output`; returns its records. Raises ImageError."""
+    if path.is_symlink() and not path.exists():
+        raise ImageError(f"{path}: a broken symbolic link (its target {path.readlink()} does not exist)")
     image = read_image(path)
     result = detector(image)
-    output = out_dir / (path.name if path.suffix.lower() in IMAGE_SUFFIXES else f"{path.stem}.jpg")
     write_image_rgb(output, annotate(image, result, show_threshold))
     return result.to_records(path.name)
 
 
-def process_video(detector: Detector, path: Path, out_dir: Path, show_threshold: float) -> list[dict]:
-    """Detect in every frame of a video, write DIR/<stem>.mp4 annotated; records carry the frame index.
+def process_video(detector: Detector, path: Path, output: Path, show_threshold: float) -> list[dict]:
+    """Detect in every frame of a video, write `output` (mp4) annotated; records carry the frame index.
 
     Raises ImageError when no frame can be read.
     """
+    if path.is_symlink() and not path.exists():
+        raise ImageError(f"{path}: a broken symbolic link (its target {path.readlink()} does not exist)")
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         capture.release()
@@ -126,7 +154,6 @@ def process_video(detector: Detector, path: Path, out_dir: Path, show_threshold:
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = fps if math.isfinite(fps) and fps > 0 else DEFAULT_FPS
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    output = out_dir / f"{path.stem}.mp4"
     writer, records, frame_index = None, [], 0
     try:
         with tqdm(total=total, desc=path.name, unit="frame", leave=False) as progress:
@@ -159,15 +186,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None,
                         help="checkpoint (asff_viz or official ASFF); default: the embedded model")
     parser.add_argument("--source", required=True, help="an image, a folder of images, or a video file")
-    parser.add_argument("--out", required=True, help="output folder (created if needed)")
-    parser.add_argument("--size", type=int, default=None,
+    parser.add_argument("--out", required=True, type=output_folder, help="output folder (created if needed)")
+    parser.add_argument("--size", type=input_size, default=None,
                         help="square input size, a multiple of 32; default: the checkpoint's input size")
-    parser.add_argument("--conf", type=float, default=DISPLAY_CONF_THRESHOLD,
-                        help="score threshold (objectness x class probability) for the records")
-    parser.add_argument("--nms", type=float, default=NMS_THRESHOLD, help="per-class NMS IoU threshold")
-    parser.add_argument("--show-threshold", type=float, default=SHOW_THRESHOLD,
+    parser.add_argument("--conf", type=unit_interval, default=DISPLAY_CONF_THRESHOLD,
+                        help="score threshold (objectness x class probability) for the records, 0..1")
+    parser.add_argument("--nms", type=unit_interval, default=NMS_THRESHOLD, help="per-class NMS IoU threshold")
+    parser.add_argument("--show-threshold", type=unit_interval, default=SHOW_THRESHOLD,
                         help="only boxes scoring at least this are drawn")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ...")
     return parser.parse_args(argv)
 
 
@@ -178,7 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     source, out_dir = Path(args.source), Path(args.out)
     if not source.exists():
         return _fail(f"--source {source} does not exist.")
-    inputs = find_inputs(source)
+    try:
+        inputs = find_inputs(source)
+    except OSError as error:
+        return _fail(f"--source {source} cannot be listed: {error.strerror or error}")
     if not inputs:
         return _fail(f"--source {source} holds no images ({', '.join(IMAGE_SUFFIXES)}) or videos "
                      f"({', '.join(VIDEO_SUFFIXES)}).")
@@ -193,17 +223,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error).replace("pass weights=PATH", "pass --weights PATH"))
     except ValueError as error:
         return _fail(str(error))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return _fail(describe_os_error(error, out_dir))
 
+    outputs = output_names(inputs)
     records: list[dict] = []
     processed, skipped = 0, 0
     with logging_redirect_tqdm():
         for path in tqdm(inputs, desc="detect", unit="file"):
             try:
-                if is_video(path):
-                    records.extend(process_video(detector, path, out_dir, args.show_threshold))
-                else:
-                    records.extend(process_image(detector, path, out_dir, args.show_threshold))
+                process = process_video if is_video(path) else process_image
+                records.extend(process(detector, path, out_dir / outputs[path], args.show_threshold))
                 processed += 1
             except (ImageError, OSError, cv2.error) as error:
                 skipped += 1
@@ -211,8 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 message = lines[0] if lines else type(error).__name__
                 logger.warning("skipped %s", message if str(path) in message else f"{path}: {message}")
     json_path = out_dir / "detections.json"
-    json_path.write_text("[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n"
-                         if records else "[]\n")
+    try:
+        atomic_write_text(json_path, "[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n"
+                          if records else "[]\n")
+    except OSError as error:
+        return _fail(describe_os_error(error, json_path))
     logger.info("%d of %d files processed (%d skipped), %d detections -> %s", processed, len(inputs), skipped,
                 len(records), json_path)
     if processed == 0:

@@ -39,7 +39,7 @@ class ScheduleConfig:
             raise ValueError(
                 f"schedule does not fit in {self.epochs} epochs: need burn_in_epochs ({self.burn_in_epochs}) "
                 f"<= flat_until_epoch + 1 ({self.flat_until_epoch + 1}) <= epochs - final_epochs "
-                f"({self.epochs - self.final_epochs}); lower --burn-in/--flat-epochs/--final-epochs"
+                f"({self.epochs - self.final_epochs}); lower --burn-in/--flat-until/--final-epochs, or raise --epochs"
             )
 
     @property

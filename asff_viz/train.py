@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .argtypes import (
+    describe_os_error,
     input_size,
     non_negative_float,
     non_negative_int,
@@ -49,7 +50,6 @@ from .argtypes import (
     positive_int,
     unit_interval,
 )
-from .argtypes import describe_os_error
 from .argtypes import device as device_type
 from .checkpoint import (
     CheckpointError,
@@ -65,7 +65,6 @@ from .config import FUSION_MODES, ModelConfig
 from .data.coco import COCODetection
 from .data.errors import DatasetError
 from .ema import ModelEMA, unwrap_model
-from .fileio import remove_stale_temporaries
 from .engine import (
     DistributedContext,
     EpochOptions,
@@ -89,6 +88,7 @@ from .engine import (
     training_checkpoint,
     truncate_csv_epochs,
 )
+from .fileio import remove_stale_temporaries
 from .loss import build_criterion
 from .models import build_model, reset_fusion_weights
 from .schedule import LearningRateSchedule, ScheduleConfig
@@ -391,7 +391,7 @@ def resumed_config(config: TrainConfig, saved: dict, source: str) -> tuple[Train
         saved_values = {(section, name): value for section in ("data", "optim", "run")
                         for name, value in dict(saved[section]).items()}
         saved_values.update({("model", name): value for name, value in dict(saved.get("model") or {}).items()})
-        base = config_from_values(saved_values)
+        config_from_values(saved_values)  # fails here when the saved settings are malformed
     except (KeyError, TypeError, ValueError) as error:
         raise SystemExit(f"error: {source}: its saved training settings cannot be read ({error}); start a new "
                          "run with --init instead.") from None

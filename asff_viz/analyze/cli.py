@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ..argtypes import describe_os_error
 from ..checkpoint import CheckpointError
 from ..data.errors import DatasetError
 from ..introspection.trace import TraceError
@@ -43,4 +44,7 @@ def main(argv: Sequence[str] | None = None):
         return args.handler(args, argv)
     except (AnalysisError, CheckpointError, DatasetError, ImageError, TraceError) as error:
         print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:  # a full disk or a folder made unwritable while the command ran
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -18,6 +18,7 @@ import argparse
 
 import numpy as np
 
+from ..argtypes import positive_int, unit_interval
 from ..coco_eval import METRIC_NAMES, coco_metrics
 from ..data.coco import xyxy_to_coco_bbox
 from ..transforms import read_image
@@ -49,8 +50,8 @@ def add_parser(subparsers) -> None:
                         help="also run the first checkpoint under this fusion mode (repeatable): uniform, "
                              "one_hot:K, drop:K")
     parser.add_argument("--labels", nargs="+", help="names of the variants in the figures, in order")
-    parser.add_argument("--show", type=int, default=3, help="images in the detections figure (default 3)")
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="detections drawn (default >= 0.3)")
+    parser.add_argument("--show", type=positive_int, default=3, help="images in the detections figure (default 3)")
+    parser.add_argument("--score-threshold", type=unit_interval, default=0.3, help="detections drawn (default >= 0.3)")
     add_dataset_options(parser)
     add_matching_options(parser)
     add_common_options(parser, weights=False)

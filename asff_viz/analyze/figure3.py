@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import positive_int, unit_interval
 from . import plots
 from .inputs import AnalysisError, check_image_paths, load_analysed_model
 from .provenance import preprocessing_record
@@ -26,8 +27,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--counterfactual", type=parse_counterfactual, default=None,
                         help="draw the weights of a fusion mode instead of the learned ones: uniform, one_hot:K, "
                              "drop:K")
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="detections drawn (default >= 0.3)")
-    parser.add_argument("--max-detections", type=int, default=20, help="at most this many boxes per image")
+    parser.add_argument("--score-threshold", type=unit_interval, default=0.3, help="detections drawn (default >= 0.3)")
+    parser.add_argument("--max-detections", type=positive_int, default=20, help="at most this many boxes per image")
     add_common_options(parser)
     parser.set_defaults(handler=run)
 

@@ -23,6 +23,7 @@ import logging
 
 import numpy as np
 
+from ..argtypes import cosine_value, positive_int, unit_interval
 from . import plots
 from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
 from .provenance import preprocessing_record
@@ -48,13 +49,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--modes", nargs="+", type=parse_counterfactual, default=None,
                         help="fusion modes of the ASFF checkpoint to analyse (default: learned uniform)")
     parser.add_argument("--sum-weights", help="also analyse this sum-fusion checkpoint (trained with --fusion sum)")
-    parser.add_argument("--significance", type=float, default=0.1,
+    parser.add_argument("--significance", type=unit_interval, default=0.1,
                         help="a term counts in a conflict if its norm >= this x the largest there (default 0.1)")
-    parser.add_argument("--active-fraction", type=float, default=1e-3,
+    parser.add_argument("--active-fraction", type=unit_interval, default=1e-3,
                         help="locations whose gradient is below this x the image's largest are ignored")
-    parser.add_argument("--cosine-threshold", type=float, default=0.0,
+    parser.add_argument("--cosine-threshold", type=cosine_value, default=0.0,
                         help="two significant terms conflict when their cosine is below this (default 0)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the images for CIs")
+    parser.add_argument("--bootstrap", type=positive_int, default=1000,
+                        help="bootstrap resamples of the images for CIs")
     add_dataset_options(parser)
     add_common_options(parser)
     parser.set_defaults(handler=run)

@@ -6,6 +6,7 @@ without a traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, default_checkpoint_path, file_sha256, load_model
+from ..class_names import ClassMismatchError, match_classes
 from ..introspection.capture import has_fusion_weights
+
+logger = logging.getLogger(__name__)
 
 
 class AnalysisError(ValueError):
@@ -188,11 +192,20 @@ class AnalysisDataset:
                 "num_images_in_file": len(self.coco.imgs), "class_names": self.class_names}
 
     def check_classes(self, model: AnalysedModel) -> None:
-        """Refuse a model whose classes differ from the dataset's (statistics by class would be wrong)."""
-        if len(model.class_names) != len(self.class_names):
-            raise AnalysisError(
-                f"{model.path} predicts {len(model.class_names)} classes but {self.annotation_path} has "
-                f"{len(self.class_names)} categories; analyse a model trained on this dataset's classes.")
+        """Refuse a model whose classes are not the dataset's, by name and in the same order (statistics by
+        class, true and false positives compare class indices); a model without class names is matched by
+        position, with a warning."""
+        try:
+            mapping, note = match_classes(model.class_names, self.class_names, model.path,
+                                          str(self.annotation_path))
+        except ClassMismatchError as error:
+            raise AnalysisError(str(error)) from None
+        if mapping != list(range(len(mapping))):
+            raise AnalysisError(f"{self.annotation_path} orders its categories differently from {model.path} "
+                                "(the same names at other positions); analyses compare class indices, so "
+                                "reorder the categories to the checkpoint's class order.")
+        if note:
+            logger.warning("warning: %s", note)
 
 
 def check_image_paths(paths) -> list[Path]:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..fileio import atomic_write_text
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -83,7 +84,7 @@ class RunRecord:
                           for p in self.data["outputs"]})
         self.data["outputs"] = outputs
         path = out_dir / "run.json"
-        path.write_text(json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
         return path
 
 

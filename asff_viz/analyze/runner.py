@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..argtypes import device, input_size, output_folder, positive_int, unit_interval
 from ..introspection.capture import COUNTERFACTUAL_KINDS, Counterfactual
 from ..postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
 from .cache import AnalysisCache, ImageResult
@@ -41,33 +42,37 @@ MATCH_IOU_THRESHOLD = 0.5
 
 def add_common_options(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--out", required=True, type=Path, help="output folder (figures, CSV tables, run.json)")
+    group.add_argument("--out", required=True, type=lambda text: Path(output_folder(text)),
+                       help="output folder (figures, CSV tables, run.json)")
     if weights:
         group.add_argument("--weights", help="checkpoint (asff_viz or official ASFF); default: the embedded model")
-    group.add_argument("--size", type=int, help="square input size, a multiple of 32 (default: the checkpoint's)")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (cuda when available)")
-    group.add_argument("--conf-threshold", type=float, default=DISPLAY_CONF_THRESHOLD,
+    group.add_argument("--size", type=input_size,
+                       help="square input size, a multiple of 32 (default: the checkpoint's)")
+    group.add_argument("--device", type=lambda text: text if text == "auto" else device(text), default="auto",
+                       help="cpu, cuda, cuda:1 or auto (cuda when available)")
+    group.add_argument("--conf-threshold", type=unit_interval, default=DISPLAY_CONF_THRESHOLD,
                        help="keep detections with objectness x class probability >= this (default 0.01)")
-    group.add_argument("--nms-threshold", type=float, default=NMS_THRESHOLD, help="per-class NMS IoU (0.65)")
+    group.add_argument("--nms-threshold", type=unit_interval, default=NMS_THRESHOLD,
+                       help="per-class NMS IoU (0.65)")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice (bootstrap resampling)")
     group.add_argument("--cache", type=Path, help="trace cache folder (default OUT/cache)")
     group.add_argument("--no-cache", action="store_true", help="do not read or write cached traces")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
-    group.add_argument("--png-dpi", type=int, default=300, help="resolution of the PNG figures (default 300)")
+    group.add_argument("--png-dpi", type=positive_int, default=300, help="resolution of the PNG figures (default 300)")
 
 
 def add_dataset_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     group = parser.add_argument_group("dataset (COCO format, with ground truth)")
     group.add_argument("--annotations", required=required, type=Path, help="COCO annotation JSON")
     group.add_argument("--images", required=required, type=Path, help="folder of the images it names")
-    group.add_argument("--limit", type=int, help="use only the first N images of the annotation file")
+    group.add_argument("--limit", type=positive_int, help="use only the first N images of the annotation file")
 
 
 def add_matching_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("true positives, false positives and misses")
-    group.add_argument("--match-score", type=float, default=MATCH_SCORE_THRESHOLD,
+    group.add_argument("--match-score", type=unit_interval, default=MATCH_SCORE_THRESHOLD,
                        help="detections with score >= this are matched to ground truth (default 0.3)")
-    group.add_argument("--match-iou", type=float, default=MATCH_IOU_THRESHOLD,
+    group.add_argument("--match-iou", type=unit_interval, default=MATCH_IOU_THRESHOLD,
                        help="IoU needed for a true positive, same class, greedy by score (default 0.5)")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import positive_int
 from . import plots
 from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
 from .provenance import preprocessing_record
@@ -50,7 +51,7 @@ def add_parser(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counterfactual", type=parse_counterfactual, default=None,
                         help="analyse a fusion mode instead of the learned weights: uniform, one_hot:K, drop:K")
-    parser.add_argument("--min-count", type=int, default=5,
+    parser.add_argument("--min-count", type=positive_int, default=5,
                         help="fine size bins with fewer boxes are left out of the line figure (default 5)")
     add_dataset_options(parser)
     add_matching_options(parser)

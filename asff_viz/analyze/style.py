@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
+from ..fileio import atomic_write, atomic_write_text
 from .statistics import LEVEL_LABELS
 
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper (IEEE / CVF)
@@ -108,11 +110,12 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[s
         columns = []
         for row in rows:
             columns.extend(key for key in row if key not in columns)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _csv_value(row.get(key)) for key in columns})
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _csv_value(row.get(key)) for key in columns})
+    atomic_write_text(path, handle.getvalue())
     return path
 
 
@@ -132,9 +135,11 @@ def save_figure(figure: Figure, directory: str | os.PathLike, name: str, rows: S
     paths = []
     with publication_style():
         pdf = directory / f"{name}.pdf"
-        figure.savefig(pdf, format="pdf", metadata={"Creator": "asff_viz.analyze", "CreationDate": None})
+        atomic_write(pdf, lambda stream: figure.savefig(stream, format="pdf", metadata={
+            "Creator": "asff_viz.analyze", "CreationDate": None}))
         png = directory / f"{name}.png"
-        figure.savefig(png, format="png", dpi=png_dpi, metadata={"Software": "asff_viz.analyze"})
+        atomic_write(png, lambda stream: figure.savefig(stream, format="png", dpi=png_dpi,
+                                                        metadata={"Software": "asff_viz.analyze"}))
         paths += [pdf, png]
     if rows is not None:
         paths.append(write_csv(directory / f"{name}.csv", rows, columns))

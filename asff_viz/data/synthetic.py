@@ -39,6 +39,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from asff_viz.argtypes import non_negative_int, output_folder, positive_float, positive_int, unit_interval
+
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -128,6 +130,26 @@ class RenderSettings(NamedTuple):
     max_object_fraction: float = 0.8
     max_iou: float = 0.3
     max_noise_sigma: float = 8.0
+
+    def validate(self) -> None:
+        """ValueError naming the first inconsistent setting (before anything is rendered)."""
+        if self.size < 32 and self.min_size is None:
+            raise ValueError(f"size must be at least 32 pixels, got {self.size}")
+        if (self.min_size is None) != (self.max_size is None):
+            raise ValueError("--min-size and --max-size go together")
+        if self.min_size is not None and not 32 <= self.min_size <= self.max_size:
+            raise ValueError(f"need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if not 0 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 0 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if not 0 < self.max_object_fraction <= 1:
+            raise ValueError(f"max_object_fraction must be in (0, 1], got {self.max_object_fraction}")
+        shorter = self.size if self.min_size is None else self.min_size
+        if not 0 < self.min_object_size <= self.max_object_fraction * shorter:
+            raise ValueError(f"min_object_size {self.min_object_size} does not fit: objects may be at most "
+                             f"{self.max_object_fraction * shorter:g} px (max_object_fraction x the shorter side)")
+        if not 0 <= self.max_iou <= 1 or self.max_noise_sigma < 0:
+            raise ValueError(f"need 0 <= max_iou <= 1 and max_noise_sigma >= 0, got {self.max_iou}, "
+                             f"{self.max_noise_sigma}")
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -636,6 +658,7 @@ def generate(
         max_object_fraction=max_object_fraction,
         max_iou=max_iou,
     )
+    settings.validate()
     root = Path(out_dir)
     paths = {}
     with contextlib.ExitStack() as stack:
@@ -661,20 +684,31 @@ def main(argv: Sequence[str] | None = None) -> GeneratedPaths:
         prog="python -m asff_viz.data.synthetic",
         description="Write a seeded synthetic multi-scale shape detection dataset in COCO format.",
     )
-    parser.add_argument("--out", required=True, help="output folder (annotations/ and images/ go inside)")
+    parser.add_argument("--out", required=True, type=output_folder,
+                        help="output folder (annotations/ and images/ go inside)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=1000, help="number of training images (may be 0)")
-    parser.add_argument("--val", type=int, default=200, help="number of validation images (may be 0)")
-    parser.add_argument("--size", type=int, default=320, help="side of square images")
-    parser.add_argument("--min-size", type=int, default=None, help="with --max-size: varied non-square images")
-    parser.add_argument("--max-size", type=int, default=None)
-    parser.add_argument("--min-objects", type=int, default=1)
-    parser.add_argument("--max-objects", type=int, default=8)
-    parser.add_argument("--min-object-size", type=float, default=8.0, help="smallest object side in pixels")
-    parser.add_argument("--max-object-fraction", type=float, default=0.8, help="largest object / shorter image side")
+    parser.add_argument("--train", type=non_negative_int, default=1000, help="number of training images (may be 0)")
+    parser.add_argument("--val", type=non_negative_int, default=200, help="number of validation images (may be 0)")
+    parser.add_argument("--size", type=positive_int, default=320, help="side of square images")
+    parser.add_argument("--min-size", type=positive_int, default=None,
+                        help="with --max-size: varied non-square images")
+    parser.add_argument("--max-size", type=positive_int, default=None)
+    parser.add_argument("--min-objects", type=non_negative_int, default=1)
+    parser.add_argument("--max-objects", type=non_negative_int, default=8)
+    parser.add_argument("--min-object-size", type=positive_float, default=8.0, help="smallest object side in pixels")
+    parser.add_argument("--max-object-fraction", type=unit_interval, default=0.8,
+                        help="largest object / shorter image side")
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="jpg", help="jpg (quality 95) or png")
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering in parallel")
+    parser.add_argument("--workers", type=positive_int, default=1, help="processes rendering in parallel")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"argument --seed: must be 0 or more, got {args.seed}")
+    try:  # every remaining inconsistency (min above max, objects larger than images) is refused before rendering
+        RenderSettings(size=args.size, min_size=args.min_size, max_size=args.max_size, min_objects=args.min_objects,
+                       max_objects=args.max_objects, min_object_size=args.min_object_size,
+                       max_object_fraction=args.max_object_fraction).validate()
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     paths = generate(
