@@ -365,8 +365,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     config.given = {dest: getattr(args, dest) for dest in explicit_destinations(parser, argv)}
     config.allow_changes = args.allow_changes
     if not args.resume:  # a resumed run's settings are checked once the checkpoint's are laid under them
-        config.data.resolve()
-        check_schedule(config)
+        try:
+            config.data.resolve()
+            check_schedule(config)
+        except SystemExit as error:  # a usage error: argparse's one line and exit status 2
+            parser.error(str(error.code).removeprefix("error: "))
     return config
 
 

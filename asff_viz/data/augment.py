@@ -483,7 +483,11 @@ class MixupDataset(Dataset):
 
         partner = int(rng.integers(len(self.dataset) - 1))
         partner += partner >= index  # uniform among the *other* images
-        image2, targets2, info2 = self.dataset.load_item(partner)
+        try:
+            image2, targets2, info2 = self.dataset.load_item(partner)
+        except DatasetError as error:  # an unreadable partner: this item goes unmixed, and is counted
+            ones = np.ones((len(targets), 1), np.float32)
+            return image, np.hstack([targets, ones]), {**info, "unreadable": str(error)}
         targets2 = np.asarray(targets2, np.float32).reshape(-1, 5)
         height = max(image.shape[0], image2.shape[0])
         width = max(image.shape[1], image2.shape[1])
@@ -555,14 +559,14 @@ class TrainDataset(Dataset):
             try:
                 image, targets, info = self.mixup.load_item((int(index) + offset) % len(self), rng)
                 break
-            except DatasetError as error:
+            except DatasetError as error:  # the image itself: the next one takes its place
                 unreadable = unreadable or str(error)
         else:
             raise DatasetError(f"none of the {len(self)} training images can be read (e.g. {unreadable})")
         tensor, labels = self.transform(image, targets, size, rng=rng)
         info = {**info, "input_size": int(size) if np.isscalar(size) else tuple(size)}
         if unreadable:
-            info["unreadable"] = unreadable
+            info["unreadable"] = unreadable  # (a partner's failure is already recorded by the mixup)
         return tensor, labels, info
 
 
