@@ -6,6 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
+# The app listens on this machine only; `make app ADDRESS=0.0.0.0` opens it to the network.
+ADDRESS ?= 127.0.0.1
+PORT ?= 8501
 
 .PHONY: app test test-all setup lint clean-venv figures
 
@@ -21,7 +24,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)
 
 app: $(STAMP)
-	$(BIN)/streamlit run app.py
+	$(BIN)/streamlit run app.py --server.address $(ADDRESS) --server.port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -307,8 +307,12 @@ def _summarize(keys: list[str], limit: int = 6) -> str:
     return ", ".join(parts) + (f", and {more} more groups" if more > 0 else "")
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Load with every key and shape checked; the error names missing, unexpected and mismatched keys."""
+def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "checkpoint", assign: bool = True
+                           ) -> None:
+    """Load with every key and shape checked; the error names missing, unexpected and mismatched keys.
+
+    With `assign=False` only the check is made (for a model on the `meta` device).
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -325,7 +329,31 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "ch
         name = model.config.variant if hasattr(model, "config") else type(model).__name__
         raise CheckpointError(f"{source}: does not fit the model ({name}): " + "; ".join(problems)
                               + ". Is it a checkpoint of another architecture or class count?")
-    model.load_state_dict(state_dict, strict=True)
+    if assign:
+        model.load_state_dict(state_dict, strict=True)
+
+
+# The largest models a checkpoint's config may ask for: the official network is width 1, depth 1, 80 classes.
+MAX_WIDTH, MAX_DEPTH, MAX_CLASSES = 2.0, 2.0, 10_000
+
+
+def check_config_fits(config: ModelConfig, state_dict: dict, source: str = "checkpoint") -> None:
+    """Check a checkpoint's config and weights against each other before any memory is spent on the model.
+
+    The config's ranges are checked first; then the model is built on the `meta` device (shapes only, no
+    storage) and its parameter names and shapes compared with the stored tensors, so a config that asks for a
+    huge model, or weights of another model, is refused in milliseconds.
+    """
+    from .models import build_model
+
+    if not (0 < config.width <= MAX_WIDTH and 0 < config.depth <= MAX_DEPTH
+            and 0 < config.num_classes <= MAX_CLASSES):
+        raise CheckpointError(f"{source}: its config asks for width {config.width}, depth {config.depth} and "
+                              f"{config.num_classes} classes; at most width {MAX_WIDTH}, depth {MAX_DEPTH} and "
+                              f"{MAX_CLASSES} classes are accepted (the official model is 1, 1, 80).")
+    with torch.device("meta"):
+        shapes = build_model(config)
+    load_state_dict_strict(shapes, state_dict, source, assign=False)
 
 
 def parse_checkpoint(data: dict, source: str = "checkpoint") -> tuple[ModelConfig, dict, dict]:
@@ -398,6 +426,7 @@ def load_model(weights: str | os.PathLike | None = None, *, device: str | torch.
     hint = "Check the path, or omit it to use the embedded default model." if weights is not None else ""
     config, state_dict, metadata = parse_checkpoint(read_checkpoint(path, hint), str(path))
     check_finite(state_dict, str(path))
+    check_config_fits(config, state_dict, str(path))
     model = build_model(config)
     load_state_dict_strict(model, state_dict, str(path))
     metadata.update(checkpoint=str(path), sha256=file_sha256(path))

@@ -20,7 +20,8 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -31,6 +32,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from .introspection.capture import LEVEL_NAMES, LEVEL_STRIDES
 from .introspection.trace import Trace, fusion_entropy
+from .transforms import ImageTransform
 
 WEIGHT_CMAP = "viridis"
 ENTROPY_CMAP = "magma"
@@ -167,12 +169,15 @@ def draw_detections_on(ax, records: Sequence, *, max_detections: int | None = No
         text = f"{record.class_name} {record.score:.2f}"
         if show_level:
             text += f" | s{LEVEL_NAMES[record.level].split()[-1]}"
-        # Above the box's top edge, or just inside it when that edge is at the top of the image.
+        # Above the box's top edge, or just inside it when that edge is at the top of the image; from the box's
+        # left edge, or ending at its right edge in the right part of the image, so no label runs off it.
         inside = y1 < (0.03 * height if math.isfinite(height) else 0.0)
-        label_x = min(max(x1, 0.0), max(width - 1.0, 0.0))
+        right_side = math.isfinite(width) and x1 > 0.55 * width
+        label_x = min(max(x2 if right_side else x1, 0.0), max(width, 0.0))
         label_y = min(max(y1, 0.0), max(height - 1.0, 0.0))
         ax.text(label_x, label_y, text, fontsize=fontsize, color="black", va="top" if inside else "bottom",
-                ha="left", clip_on=True, bbox={"facecolor": color, "edgecolor": "none", "pad": 1.0, "alpha": 0.85})
+                ha="right" if right_side else "left", clip_on=True,
+                bbox={"facecolor": color, "edgecolor": "none", "pad": 1.0, "alpha": 0.85})
         drawn += 1
     return drawn
 
@@ -194,20 +199,62 @@ def draw_detections(image: np.ndarray, records: Sequence, *, max_detections: int
 # ------------------------------------------------------------------------------------ fusion weights
 
 
+def _draw_records(ax, trace: Trace, records: Sequence | None, show_detections: bool) -> None:
+    """The detections of a fusion figure: `records` when given (what a view shows), else with
+    `show_detections` the trace's best 20 of every level."""
+    if records is None and not show_detections:
+        return
+    draw_detections_on(ax, trace.detections if records is None else records,
+                       max_detections=20 if records is None else None, image_shape=trace.image.shape)
+    ax.set_xlim(0, trace.image.shape[1])
+    ax.set_ylim(trace.image.shape[0], 0)
+
+
+def downscaled_for_export(trace: Trace, records: Sequence | None = None, max_side: int = 2048
+                          ) -> tuple[Trace, list | None, float]:
+    """A copy of `trace` (and `records`) whose image is at most `max_side` pixels on its long side, for figures.
+
+    Drawing an 8000 x 8000 photo with cell-exact maps takes minutes and gives a file no page can show; the
+    maps keep their cells (they are mapped onto the smaller image exactly), boxes are scaled. Returns
+    (trace, records, factor): factor 1.0 when nothing changed, else the original / shown size.
+    """
+    height, width = trace.image.shape[:2]
+    factor = max(height, width) / max_side
+    if factor <= 1.0:
+        return trace, None if records is None else list(records), 1.0
+    new_width, new_height = max(1, round(width / factor)), max(1, round(height / factor))
+    image = cv2.resize(trace.image, (new_width, new_height), interpolation=cv2.INTER_AREA)
+    scale = np.array([new_width / width, new_height / height] * 2)
+
+    def scaled(record):
+        return replace(record, box_xyxy=np.asarray(record.box_xyxy, dtype=np.float64) * scale)
+
+    transform = ImageTransform(new_height, new_width, trace.transform.size)
+    view = replace(trace, image=image, transform=transform, detections=[scaled(r) for r in trace.detections])
+    return view, None if records is None else [scaled(r) for r in records], factor
+
+
+def note_scale(figure: Figure, factor: float, original_shape: tuple[int, ...]) -> None:
+    """State on `figure` that its image was drawn downscaled (`downscaled_for_export`)."""
+    if factor > 1.0:
+        figure.text(0.01, 0.005, f"image shown at 1/{factor:.2g} of its {original_shape[1]}x{original_shape[0]} px",
+                    fontsize=7, ha="left", va="bottom", color="0.3")
+
+
 def weight_overlay(trace: Trace, level: int, source: int, alpha: float = 0.5, cmap: str = WEIGHT_CMAP, *,
-                   show_detections: bool = False, interpolation: str = "nearest", panel_inches: float = 5.0) -> Figure:
-    """One fusion weight map alpha^level_source over the original image, fixed 0..1 scale, with colorbar."""
+                   show_detections: bool = False, records: Sequence | None = None, interpolation: str = "nearest",
+                   panel_inches: float = 5.0) -> Figure:
+    """One fusion weight map alpha^level_source over the original image, fixed 0..1 scale, with colorbar.
+
+    `records` draws those detections (of every level); `show_detections` without records draws the best 20.
+    """
     level, source = _check_level(level), _check_level(source, "source")
     figure = _figure_for(trace.image, panel_inches=panel_inches)
     ax = figure.add_subplot()
     _show_image(ax, trace.image)
     weights = trace.weights_on_original(level, interpolation)[source]
     mappable = _overlay(ax, trace.image, weights, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha)
-    if show_detections:
-        draw_detections_on(ax, [r for r in trace.detections if r.level == level], max_detections=20,
-                           image_shape=trace.image.shape)
-        ax.set_xlim(0, trace.image.shape[1])
-        ax.set_ylim(trace.image.shape[0], 0)
+    _draw_records(ax, trace, records, show_detections)
     figure.colorbar(mappable, ax=ax, label=WEIGHT_LABEL, fraction=0.046, pad=0.02)
     ax.set_title(f"level {LEVEL_NAMES[level]}: weight of source {LEVEL_NAMES[source]}{_trace_title(trace)}")
     return figure
@@ -238,7 +285,8 @@ def figure3_grid(trace: Trace, alpha: float = 0.5, cmap: str = WEIGHT_CMAP, *, w
     return figure
 
 
-def rgb_composite(trace: Trace, level: int, *, alpha: float = 0.75, panel_inches: float = 5.0) -> Figure:
+def rgb_composite(trace: Trace, level: int, *, alpha: float = 0.75, records: Sequence | None = None,
+                  panel_inches: float = 5.0) -> Figure:
     """The three weights of `level` as one RGB picture (red = stride 32, green = 16, blue = 8 source).
 
     Pure red/green/blue = one source chosen; mixed colours = a blend. `alpha` blends it over the image
@@ -255,12 +303,13 @@ def rgb_composite(trace: Trace, level: int, *, alpha: float = 0.75, panel_inches
     handles = [Patch(facecolor=color, label=f"source {name}")
                for color, name in zip(SOURCE_COLOR_NAMES, LEVEL_NAMES, strict=True)]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
+    _draw_records(ax, trace, records, False)
     ax.set_title(f"level {LEVEL_NAMES[level]}: weights as RGB{_trace_title(trace)}")
     return figure
 
 
 def entropy_map(trace: Trace, level: int, *, alpha: float = 0.6, cmap: str = ENTROPY_CMAP,
-                panel_inches: float = 5.0) -> Figure:
+                records: Sequence | None = None, panel_inches: float = 5.0) -> Figure:
     """How decided the fusion of `level` is: entropy of its weights / log 3 (0 = one source, 1 = uniform)."""
     level = _check_level(level)
     entropy = trace.transform.map_to_original(fusion_entropy(trace.fusion_weights[level]), "nearest")
@@ -268,6 +317,7 @@ def entropy_map(trace: Trace, level: int, *, alpha: float = 0.6, cmap: str = ENT
     ax = figure.add_subplot()
     _show_image(ax, trace.image)
     mappable = _overlay(ax, trace.image, entropy, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha)
+    _draw_records(ax, trace, records, False)
     figure.colorbar(mappable, ax=ax, label="entropy / log 3 (0 = one source, 1 = uniform)", fraction=0.046, pad=0.02)
     ax.set_title(f"level {LEVEL_NAMES[level]}: fusion entropy{_trace_title(trace)}")
     return figure
@@ -413,6 +463,56 @@ def conflict_maps(flows: Sequence, *, trace: Trace | None = None, cmap: str = CO
         figure.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     figure.colorbar(mappable, ax=axes, label="cancellation 1 - |sum g| / sum |g|", shrink=0.8)
     figure.suptitle(f"gradient conflict: {flows[0].objective}", fontsize=10)
+    return figure
+
+
+def gradient_flow_comparison(flows: Mapping[str, object], trace: Trace, target: int, source: int, *,
+                             alpha: float = 0.75, map_cmap: str = ENTROPY_CMAP, conflict_cmap: str = CONFLICT_CMAP,
+                             panel_inches: float = 3.2) -> Figure:
+    """The app's gradient-flow view as one figure: a row per flow (e.g. learned, uniform), with its 3x3 matrix,
+    the value-path gradient from `target` into `source` over the image, and the conflict map of `source`.
+
+    Matrices share one colour scale, and so do the gradient maps (relative to their common largest value; under
+    1 % is left clear, as on screen); conflict is on its fixed 0..1 scale.
+    """
+    target, source = _check_level(target, "target"), _check_level(source)
+    names = list(flows)
+    image = trace.image
+    figure = _figure_for(image, len(names), 3, panel_inches=panel_inches, extra_width=1.6)
+    axes = figure.subplots(len(names), 3, squeeze=False)
+    matrix_top = max(float(np.max(flows[name].matrix)) for name in names) or 1.0
+    map_top = max(float(flows[name].maps[target][source].max()) for name in names) or 1.0
+    matrix_image = map_image = conflict_image = None
+    for row, name in enumerate(names):
+        flow = flows[name]
+        ax = axes[row][0]
+        matrix_image = ax.imshow(flow.matrix, cmap=_colormap(GRADIENT_CMAP), vmin=0.0, vmax=matrix_top)
+        for (i, j), value in np.ndenumerate(flow.matrix):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7,
+                    color="black" if value / matrix_top > 0.6 else "white")
+        ax.set_xticks(range(3), [f"src {n}" for n in LEVEL_NAMES], fontsize=7)
+        ax.set_yticks(range(3), [f"tgt {n}" for n in LEVEL_NAMES], fontsize=7)
+        ax.set_ylabel(f"{name} ({flow.counterfactual_label})", fontsize=8)
+        ax.set_title(f"conflict rate {flow.overall_conflict_rate:.1%}", fontsize=8)
+        relative = flow.maps[target][source] / map_top
+        ax = axes[row][1]
+        _show_image(ax, image)
+        map_image = _overlay(ax, image, trace.transform.map_to_original(
+            np.where(relative >= 0.01, relative, np.nan), "nearest"), cmap=map_cmap, vmin=0.0, vmax=1.0, alpha=alpha)
+        ax.set_title(f"gradient {LEVEL_NAMES[target]} -> {LEVEL_NAMES[source]}", fontsize=8)
+        ax = axes[row][2]
+        _show_image(ax, image)
+        conflict = flow.conflict[source]
+        conflict_image = _overlay(ax, image, trace.transform.map_to_original(
+            np.where(conflict.active, conflict.cancellation, np.nan), "nearest"), cmap=conflict_cmap, vmin=0.0,
+            vmax=1.0, alpha=alpha)
+        ax.set_title(f"conflict at {LEVEL_NAMES[source]}: {conflict.rate:.1%}", fontsize=8)
+    figure.colorbar(matrix_image, ax=axes[:, 0].tolist(), location="bottom", shrink=0.8, label="gradient norm")
+    figure.colorbar(map_image, ax=axes[:, 1].tolist(), location="bottom", shrink=0.8,
+                    label="norm / largest (clear < 1 %)")
+    figure.colorbar(conflict_image, ax=axes[:, 2].tolist(), location="bottom", shrink=0.8,
+                    label="cancellation (blank = no gradient)")
+    figure.suptitle(f"gradient flow: {flows[names[0]].objective}", fontsize=9)
     return figure
 
 

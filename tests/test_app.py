@@ -56,6 +56,12 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
+def _server_root(tmp_path_factory, monkeypatch):
+    """Server paths are read only under $ASFF_VIZ_SERVER_ROOT: here, the tests' temporary folder."""
+    monkeypatch.setenv("ASFF_VIZ_SERVER_ROOT", str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_caches():
     st.cache_data.clear()
     st.cache_resource.clear()
@@ -87,6 +93,14 @@ def metric(app: AppTest, label: str) -> str:
 def open_view(app: AppTest, view: str) -> AppTest:
     app.session_state["view"] = view
     app.run()
+    return app
+
+
+def compute_gradient_flow(app: AppTest) -> AppTest:
+    """Press the gradient-flow view's button (it computes only when asked) if this objective still needs it."""
+    buttons = [button for button in app.button if button.key == "compute_gradient_flow"]
+    if buttons:
+        buttons[0].click().run()
     return app
 
 
@@ -160,6 +174,7 @@ def test_views_and_controls_never_rerun_the_model_for_a_view_change(weights, mon
     assert_healthy(app)
     for objective in ("sum", "loss", "score"):
         app.radio(key="gradient_objective").set_value(objective).run()
+        compute_gradient_flow(app)
         assert_healthy(app)
         assert not app.warning, [w.value for w in app.warning]
         assert any(m.label == "Conflict rate" for m in app.metric)
@@ -330,6 +345,7 @@ def test_ground_truth_upload_enables_the_loss_objective(weights):
     app.file_uploader(key="image_upload").set_value(("scene.png", image, "image/png")).run()
     app.file_uploader(key="annotations_upload").set_value(
         ("scene.json", json.dumps(document).encode(), "application/json")).run()
+    compute_gradient_flow(app)
     assert_healthy(app)
     assert any("Ground truth: 1 boxes" in caption.value for caption in app.caption)
     assert any(m.label == "Conflict rate" for m in app.metric), "the loss objective did not run"
@@ -349,7 +365,7 @@ def test_downloads_are_valid_files(weights, tmp_path):
 
     model = load_model(weights["asff"])
     trace = trace_image(model, str(sample_path("shapes_square.jpg")), size=128, conf_threshold=0.25)
-    analysis = SimpleNamespace(trace=trace)
+    analysis = SimpleNamespace(trace=trace, records=list(trace.detections))
     for mode in VIEWS:
         figure = static_figure(analysis, mode, 1, 0, 0.5, "magma")
         assert cache.figure_bytes(figure, "png").startswith(b"\x89PNG"), mode

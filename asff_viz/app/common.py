@@ -21,6 +21,7 @@ from .inputs import ImageChoice, Settings, WeightsChoice
 
 SELECTED_DETECTION = "selected_detection"
 PICKED_POINT = "picked_point"
+DOWNLOADS = "offered_downloads"
 SLOT_NAMES = ("anchor 1", "anchor 2", "anchor 3", "anchor-free")
 # Views list, draw and match at most this many detections (the best by score): an untrained or badly
 # thresholded model can return thousands, which no one reads and which would slow every redraw.
@@ -199,20 +200,25 @@ def initial(key: str, value: Any, valid: Any = None) -> Any:
     return value
 
 
-def level_control(label: str, key: str, default: int = 1, help: str | None = None) -> int:
+def level_control(label: str, key: str, default: int = 1, help: str | None = None, disabled: bool = False) -> int:
     """A three-way level switch (L0 stride 32, L1 stride 16, L2 stride 8)."""
     value = st.segmented_control(label, (0, 1, 2), key=key, format_func=SHORT_LEVEL_NAMES.__getitem__,
-                                 default=initial(key, default, (0, 1, 2)), required=True, help=help)
+                                 default=initial(key, default, (0, 1, 2)), required=True, help=help,
+                                 disabled=disabled)
     return int(value if value is not None else default)
 
 
 def download_row(items: list[tuple[str, Any, str, str]], key: str) -> None:
     """Download buttons side by side: (label, data or zero-argument callable, file name, mime type).
 
-    Callables run only when clicked (rendering a PDF on every redraw would slow every view change).
+    Callables run only when clicked (rendering a PDF on every redraw would slow every view change). Each item
+    is also listed in the session under `DOWNLOADS` (file name -> (data, mime)), so that a test can produce
+    every file the current page offers and check it.
     """
+    offered = st.session_state.setdefault(DOWNLOADS, {})
     columns = st.columns(len(items))
     for column, (label, data, file_name, mime) in zip(columns, items, strict=True):
+        offered[f"{key}/{file_name}"] = (data, mime)
         column.download_button(label, data=data, file_name=file_name, mime=mime, on_click="ignore",
                                key=f"{key}_{file_name}", icon=":material/download:", width="stretch")
 

@@ -27,6 +27,7 @@ class Side:
     weights: object
     trace: object | None
     records: list
+    total: int  # detections above the threshold; `records` holds the best MAX_LISTED of them
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def side_for(label: str, weights, model, image_choice, image, settings) -> Side:
     if has_fusion_weights(model):
         trace = cache.trace(image_choice.key, key, settings.size, settings.conf_threshold, settings.nms_threshold,
                             settings.device, cache.LEARNED, image, image_choice.name)
-        return Side(label, model, weights, trace, list(trace.detections[:MAX_LISTED]))
+        return Side(label, model, weights, trace, list(trace.detections[:MAX_LISTED]), len(trace.detections))
     result = cache.detections_only(image_choice.key, key, settings.size, settings.conf_threshold,
                                    settings.nms_threshold, settings.device, image)
     grid_sizes = model.grid_sizes(settings.size)
@@ -54,7 +55,7 @@ def side_for(label: str, weights, model, image_choice, image, settings) -> Side:
                for box, score, label, name, row in zip(result.boxes.numpy(), result.scores.numpy(),
                                                        result.labels.numpy(), result.class_names,
                                                        result.detections.indices.numpy(), strict=True)]
-    return Side(label, model, weights, None, records[:MAX_LISTED])
+    return Side(label, model, weights, None, records[:MAX_LISTED], len(records))
 
 
 @st.fragment
@@ -64,11 +65,15 @@ def compare_view(analysis: Analysis | None, *, image_choice, image, weights, set
     with st.container(border=True):
         try:
             other_weights = weights_ui(key_prefix="compare_", label="Second checkpoint",
-                                       default_source="checkpoints/ folder")
+                                       default_source="checkpoints/ folder", avoid=weights.path)
         except InputError as error:
             st.error(str(error), icon=":material/error:")
             return
     if other_weights is None:
+        return
+    if other_weights.sha256 == weights.sha256:
+        st.info("B is the same checkpoint as A: a model compared with itself shows no difference. Choose another "
+                "checkpoint for B (another epoch, or a model with another fusion).", icon=":material/info:")
         return
     other_model, error = load_model(other_weights, settings.device)
     if error:
@@ -94,8 +99,11 @@ def compare_view(analysis: Analysis | None, *, image_choice, image, weights, set
         with column:
             metadata = getattr(side.model, "metadata", {}) or {}
             st.markdown(f"**{side.label}**")
+            shown = (f"{len(side.records)} detections" if side.total <= len(side.records) else
+                     f"the best {len(side.records)} of {side.total} detections (raise the confidence threshold to "
+                     "see fewer)")
             st.caption(f"{metadata.get('variant', side.model.config.variant)} · {side.model.num_classes} classes · "
-                       f"sha256 `{side.weights.sha256[:12]}` · {len(side.records)} detections")
+                       f"sha256 `{side.weights.sha256[:12]}` · {shown}")
             figure = figures.image_figure(image, height=400)
             figures.add_boxes(figure, np.array([r.box_xyxy for r in side.records]).reshape(-1, 4),
                               [r.label for r in side.records], [detection_caption(r) for r in side.records],

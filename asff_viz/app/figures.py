@@ -30,8 +30,28 @@ def class_colour(label: int) -> str:
     return render.class_color(label)
 
 
-def plotly_colorscale(name: str) -> str:
-    return "greys_r" if name == "gray" else name
+def plotly_colorscale(name: str) -> list[list]:
+    """The named scale as explicit [position, colour] stops, safe to send through Streamlit.
+
+    Streamlit's front end reads `#000001`..`#000040` as placeholders for its theme colours and replaces them
+    (magma and inferno start at `#000004`, which arrived as lilac `#ab63fa`: zero drawn as a large value).
+    Such colours are sent one red step up (`#010004`), which no eye can tell apart.
+    """
+    import plotly.colors
+
+    stops = plotly.colors.get_colorscale("greys_r" if name == "gray" else name)
+    return [[float(position), _streamlit_safe(colour)] for position, colour in stops]
+
+
+def _streamlit_safe(colour: str) -> str:
+    """`colour` as #rrggbb, moved off Streamlit's placeholder range #000001..#000040."""
+    if colour.startswith("rgb"):
+        red, green, blue = (int(float(v)) for v in colour[colour.index("(") + 1:colour.index(")")].split(","))
+    else:
+        red, green, blue = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    if red == 0 and green == 0 and 1 <= blue <= 0x40:
+        red = 1
+    return f"#{red:02x}{green:02x}{blue:02x}"
 
 
 def _data_uri(image: np.ndarray) -> tuple[str, float]:
@@ -208,12 +228,14 @@ def matrix_figure(matrix: np.ndarray, title: str, colorscale: str = "magma", zma
     text = [[format(value, value_format) for value in row] for row in matrix]
     figure = go.Figure(go.Heatmap(
         z=matrix, x=[f"from {label}" for label in labels], y=[f"to {label}" for label in labels],
-        colorscale=colorscale, zmin=0.0, zmax=zmax if zmax is not None else float(matrix.max() or 1.0),
+        colorscale=plotly_colorscale(colorscale), zmin=0.0,
+        zmax=zmax if zmax is not None else float(matrix.max() or 1.0),
         text=text, texttemplate="%{text}", hovertemplate="%{y} %{x}: %{z:.4g}<extra></extra>",
         colorbar=dict(thickness=12)))
-    figure.update_yaxes(autorange="reversed", fixedrange=True)
-    figure.update_xaxes(side="top", fixedrange=True)
-    figure.update_layout(height=height, margin=dict(l=10, r=10, t=60, b=10),
+    figure.update_yaxes(autorange="reversed", fixedrange=True, automargin=True)
+    figure.update_xaxes(side="top", fixedrange=True, automargin=True)
+    # The left margin holds the row labels ("to L0"): wide enough without relying on automargin alone.
+    figure.update_layout(height=height, margin=dict(l=64, r=10, t=60, b=10),
                          title=dict(text=title, font=dict(size=14), y=0.98))
     return figure
 
@@ -225,7 +247,7 @@ def map_figure(values: np.ndarray, title: str, colorscale: str = "magma", zmin: 
     if symmetric:
         limit = float(np.abs(values).max() or 1.0)
         zmin, zmax = -limit, limit
-    figure = go.Figure(go.Heatmap(z=values, colorscale=colorscale, zmin=zmin,
+    figure = go.Figure(go.Heatmap(z=values, colorscale=plotly_colorscale(colorscale), zmin=zmin,
                                   zmax=zmax if zmax is not None else float(values.max() or 1.0),
                                   colorbar=dict(thickness=10), hovertemplate="(%{y}, %{x}): %{z:.4g}<extra></extra>"))
     figure.update_yaxes(autorange="reversed", scaleanchor="x", visible=False, constrain="domain")

@@ -55,19 +55,23 @@ def fusion_view(analysis: Analysis) -> None:
         show_boxes = st.toggle("Show detections", value=True, key="fusion_boxes",
                                help="Draw the detections' boxes over the maps (click a dot to select one).")
     controls = st.columns([1.3, 1.3, 1.2, 1])
+    # A control that does nothing in the current view is shown disabled, not silently ignored.
     with controls[0]:
-        target = level_control("Target level", "fusion_target", 1,
-                               help="The pyramid level whose fused feature map is shown (rows of Figure 3).")
+        target = level_control("Target level", "fusion_target", 1, disabled=mode == "Figure 3 grid",
+                               help="The pyramid level whose fused feature map is shown (rows of Figure 3). The "
+                                    "grid shows all three.")
     with controls[1]:
-        source = level_control("Source level", "fusion_source", 0,
+        source = level_control("Source level", "fusion_source", 0, disabled=mode != "Overlay",
                                help="The level whose resized features the weight multiplies (columns of Figure 3). "
-                                    "Used by the Overlay view.")
+                                    "Used by the Overlay view only.")
     with controls[2]:
         opacity = st.slider("Opacity", 0.0, 1.0, 0.6, 0.05, key="fusion_opacity",
                             help="Opacity of the map over the image (the model is not re-run).")
     with controls[3]:
         colormap = st.selectbox("Colormap", figures.COLORMAPS, key="fusion_colormap",
-                                help="Colour scale of the weight map, always on the fixed 0..1 range.")
+                                disabled=mode == "RGB composite",
+                                help="Colour scale of the weight map, always on the fixed 0..1 range (the RGB "
+                                     "composite has its own colours).")
 
     image_column, readout_column = st.columns([3, 1.25], gap="medium")
     with readout_column:
@@ -91,10 +95,12 @@ def fusion_view(analysis: Analysis) -> None:
             st.caption(caption_for(mode, target, source, analysis))
 
     download_row([
-        ("Figure PNG", lambda: cache.figure_bytes(static_figure(analysis, mode, target, source, opacity, colormap),
-                                                  "png"), f"fusion_{_slug(mode)}_L{target}.png", "image/png"),
-        ("Figure PDF", lambda: cache.figure_bytes(static_figure(analysis, mode, target, source, opacity, colormap),
-                                                  "pdf"), f"fusion_{_slug(mode)}_L{target}.pdf", "application/pdf"),
+        ("Figure PNG", lambda: cache.figure_bytes(static_figure(analysis, mode, target, source, opacity, colormap,
+                                                                show_boxes), "png"),
+         f"fusion_{_slug(mode)}_L{target}.png", "image/png"),
+        ("Figure PDF", lambda: cache.figure_bytes(static_figure(analysis, mode, target, source, opacity, colormap,
+                                                                show_boxes), "pdf"),
+         f"fusion_{_slug(mode)}_L{target}.pdf", "application/pdf"),
         ("Trace .npz", lambda: cache.trace_npz_bytes(trace), "trace.npz", "application/octet-stream"),
         ("Detections JSON", lambda: cache.detections_json(trace, analysis.image_choice.name), "detections.json",
          "application/json"),
@@ -165,13 +171,20 @@ def readout_table(analysis: Analysis, point: tuple[float, float], target: int) -
                                    for k in range(3)}})
 
 
-def static_figure(analysis: Analysis, mode: str, target: int, source: int, opacity: float, colormap: str):
-    """The matplotlib figure of what the view shows, for the PNG/PDF downloads."""
-    trace = analysis.trace
+def static_figure(analysis: Analysis, mode: str, target: int, source: int, opacity: float, colormap: str,
+                  show_boxes: bool = True):
+    """The matplotlib figure of what the view shows, for the PNG/PDF downloads: the same map, level, source,
+    opacity and colormap, and the same detections when they are shown. A large image is drawn downscaled (long
+    side 2048 px; the figure says so), so an 8000 x 8000 photo exports in seconds."""
+    records = analysis.records if show_boxes and mode != "Figure 3 grid" else None
+    trace, records, factor = render.downscaled_for_export(analysis.trace, records)
     if mode == "Figure 3 grid":
-        return render.figure3_grid(trace, alpha=opacity, cmap=colormap)
-    if mode == "RGB composite":
-        return render.rgb_composite(trace, target, alpha=opacity)
-    if mode == "Entropy":
-        return render.entropy_map(trace, target, alpha=opacity, cmap=colormap)
-    return render.weight_overlay(trace, target, source, alpha=opacity, cmap=colormap, show_detections=True)
+        figure = render.figure3_grid(trace, alpha=opacity, cmap=colormap)
+    elif mode == "RGB composite":
+        figure = render.rgb_composite(trace, target, alpha=opacity, records=records)
+    elif mode == "Entropy":
+        figure = render.entropy_map(trace, target, alpha=opacity, cmap=colormap, records=records)
+    else:
+        figure = render.weight_overlay(trace, target, source, alpha=opacity, cmap=colormap, records=records)
+    render.note_scale(figure, factor, analysis.trace.image.shape)
+    return figure

@@ -82,6 +82,23 @@ def gradient_view(analysis: Analysis) -> None:
         objective = ("loss", hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest())
         label = "training loss vs ground truth"
 
+    # Backward passes through the whole model, twice: seconds on a GPU, up to a minute on a busy CPU. They run
+    # when asked (once per image, model, settings and objective; the result is cached).
+    request = (analysis.trace_key, objective)
+    requested = st.session_state.setdefault("gradient_requested", [])
+    if request not in requested:
+        st.info(f"Ready to compute the gradient flow of the {label} (backward passes with the learned and with "
+                "uniform weights; tens of seconds on a CPU).", icon=":material/play_circle:")
+        if not st.button("Compute the gradient flow", key="compute_gradient_flow", type="primary"):
+            return
+        requested.append(request)
+    if objective_kind == "score":
+        # The maps open on the level that predicted the picked detection (its gradient starts there).
+        level = int(analysis.records[index].level)
+        if st.session_state.get("gradient_target_for") != (analysis.trace_key, index):
+            st.session_state["gradient_target_for"] = (analysis.trace_key, index)
+            st.session_state["gradient_target"] = level
+
     flows = {}
     progress = st.progress(0.0, text="Computing the gradient flow with the learned weights…")
     try:
@@ -155,10 +172,10 @@ def gradient_view(analysis: Analysis) -> None:
             plotly_chart(figure, key=f"conflict_map_{name}", config={"displaylogo": False}, width="stretch")
 
     download_row([
-        ("Figure PNG", lambda: cache.figure_bytes(_static_figure(flows, analysis), "png"), "gradient_flow.png",
-         "image/png"),
-        ("Figure PDF", lambda: cache.figure_bytes(_static_figure(flows, analysis), "pdf"), "gradient_flow.pdf",
-         "application/pdf"),
+        ("Figure PNG", lambda: cache.figure_bytes(static_figure(flows, analysis, target, source, opacity), "png"),
+         "gradient_flow.png", "image/png"),
+        ("Figure PDF", lambda: cache.figure_bytes(static_figure(flows, analysis, target, source, opacity), "pdf"),
+         "gradient_flow.pdf", "application/pdf"),
         ("Matrices JSON", lambda: _flows_json(flows, label), "gradient_flow.json", "application/json"),
     ], key="gradient_download")
 
@@ -173,10 +190,11 @@ def _add_positives(figure, flow, source: int, cell: tuple[float, float]) -> None
                          y1=(row + 1) * cell[1], line=dict(color="#00e5ff", width=1.5))
 
 
-def _static_figure(flows: dict, analysis: Analysis):
+def static_figure(flows: dict, analysis: Analysis, target: int, source: int, opacity: float):
+    """The matplotlib figure of what the view shows (matrices, the target -> source maps, conflict maps)."""
     from .. import render
 
-    return render.gradient_flow_comparison(flows["learned"], flows["uniform"], analysis.image)
+    return render.gradient_flow_comparison(flows, analysis.trace, target, source, alpha=opacity)
 
 
 def _flows_json(flows: dict, label: str) -> str:

@@ -71,6 +71,28 @@ class InputError(ValueError):
     """A choice in the sidebar that cannot be used; the message says what to do."""
 
 
+SERVER_ROOT_ENV = "ASFF_VIZ_SERVER_ROOT"
+
+
+def server_root() -> Path:
+    """The folder whose files the app may read by server path: $ASFF_VIZ_SERVER_ROOT, else the folder the app
+    was started from. Anyone who reaches the app can type a path, so nothing outside it is opened."""
+    return Path(os.environ.get(SERVER_ROOT_ENV) or Path.cwd()).expanduser().resolve()
+
+
+def server_file(text: str, what: str) -> Path:
+    """A typed server path -> the file, refused (InputError) when it is outside `server_root()` or missing."""
+    root = server_root()
+    path = Path(text).expanduser()
+    resolved = (path if path.is_absolute() else root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise InputError(f"{path}: outside {root}, the folder this app may read. Upload the file instead, or "
+                         f"start the app with {SERVER_ROOT_ENV} set to a folder that holds it.")
+    if not resolved.is_file():
+        raise InputError(f"{path}: no such {what} on the server. Check the path.")
+    return resolved
+
+
 def repository_root() -> Path:
     return default_checkpoint_path().parent.parent
 
@@ -120,13 +142,12 @@ def image_ui() -> ImageChoice | None:
         data = upload.getvalue()
         return ImageChoice(hashlib.sha256(data).hexdigest(), upload.name, data, ground_truth_ui(upload.name))
     text = st.text_input("Image path on the server", key="image_path", placeholder="/data/images/0001.jpg",
-                         help="A path readable by the machine that runs the app.").strip()
+                         help="A file under the folder the app was started from (or $ASFF_VIZ_SERVER_ROOT), on the "
+                              "machine that runs the app.").strip()
     if not text:
         st.info("Type the path of an image on the server.")
         return None
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise InputError(f"{path}: no such file on the server. Check the path.")
+    path = server_file(text, "image file")
     size = path.stat().st_size
     if size > MAX_IMAGE_UPLOAD_MB * 1024 * 1024:
         raise InputError(f"{path}: {size / 2**20:.0f} MB, more than the {MAX_IMAGE_UPLOAD_MB} MB this app reads; "
@@ -163,11 +184,12 @@ def ground_truth_ui(image_name: str) -> SampleAnnotations | None:
 # ---------------------------------------------------------------------------------------------- weights
 
 
-def weights_ui(key_prefix: str = "", label: str = "Weights", default_source: str = WEIGHT_SOURCES[0]
-               ) -> WeightsChoice | None:
+def weights_ui(key_prefix: str = "", label: str = "Weights", default_source: str = WEIGHT_SOURCES[0],
+               avoid: str | None = None) -> WeightsChoice | None:
     """Weights source controls; returns the chosen checkpoint, or None when none is chosen yet.
 
-    `key_prefix` separates the widgets of a second weights choice (the comparison) from the main one.
+    `key_prefix` separates the widgets of a second weights choice (the comparison) from the main one; the
+    checkpoints/ list then starts with a file other than `avoid` (the first choice's path).
     """
     source = st.radio(label, WEIGHT_SOURCES, key=f"{key_prefix}weights_source",
                       index=WEIGHT_SOURCES.index(default_source), horizontal=bool(key_prefix),
@@ -184,6 +206,8 @@ def weights_ui(key_prefix: str = "", label: str = "Weights", default_source: str
         if not found:
             raise InputError(f"No checkpoint files (*.pt, *.pth) under {checkpoints_folder()}.")
         folder = checkpoints_folder()
+        if avoid is not None:  # the other checkpoint first: comparing a model with itself is not a default
+            found = sorted(found, key=lambda path: str(path) == str(avoid))
         choice = st.selectbox("Checkpoint", found, key=f"{key_prefix}weights_file",
                               format_func=lambda path: str(path.relative_to(folder)),
                               help="Every .pt/.pth file under checkpoints/.")
@@ -195,9 +219,7 @@ def weights_ui(key_prefix: str = "", label: str = "Weights", default_source: str
         if not text:
             st.info("Type the path of a checkpoint on the server.")
             return None
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise InputError(f"{path}: no such checkpoint file on the server. Check the path.")
+        path = server_file(text, "checkpoint file")
         return _weights_from_path(path, path.name)
     upload = st.file_uploader("Upload a checkpoint", type=[s.lstrip(".") for s in CHECKPOINT_SUFFIXES],
                               key=f"{key_prefix}weights_upload", max_upload_size=MAX_CHECKPOINT_UPLOAD_MB,

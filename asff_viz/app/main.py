@@ -21,6 +21,18 @@ INTRO = ("At each pyramid level, ASFF blends the features of all three levels wi
          "gradients flow between levels, and what changes when the learned weights are replaced.")
 VIEWS = ("Fusion weights", "Detections", "Gradient flow", "Counterfactuals", "Compare checkpoints")
 DETECTION_ONLY_VIEWS = ("Detections", "Compare checkpoints")
+SYNTHETIC_NOTE = ("This model was trained on the project's **synthetic shapes** only (circle, square, star, …): on a "
+                  "photograph its boxes and labels are shape names and mean nothing. To analyse real images, load "
+                  "COCO weights, e.g. the official `YOLOv3-ASFF_40.6.pth`, under **Model** in the sidebar (Path or "
+                  "Upload); the fusion weights and gradients of the shapes model are still what it computes.")
+
+
+def knows_only_synthetic_shapes(model) -> bool:
+    """Whether `model` is a model of the synthetic shapes dataset (the embedded default is)."""
+    from ..data.synthetic import CLASS_NAMES
+
+    names = (getattr(model, "metadata", None) or {}).get("class_names") or []
+    return list(names) == list(CLASS_NAMES)
 
 
 def _guarded(function, *args, **kwargs):
@@ -84,6 +96,8 @@ def main() -> None:
         st.error(str(error), icon=":material/broken_image:")
         return
 
+    if knows_only_synthetic_shapes(model) and st.session_state.get("image_source") != "Sample":
+        st.info(SYNTHETIC_NOTE, icon=":material/category:")
     if not has_fusion_weights(model):
         st.warning(f"This model fuses its pyramid levels by **{model.config.fusion}**, without learned weights: "
                    "only its detections and the comparison view are available. Load an ASFF checkpoint to see "
