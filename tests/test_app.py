@@ -427,3 +427,201 @@ def test_uploaded_checkpoints_are_stored_once_and_pruned(tmp_path):
     assert again.read_bytes() == bytes([2]) * 10
     store_upload(folder, b"new", "digest5", ".pt", keep=3)
     assert sorted(p.name for p in folder.iterdir()) == ["digest2.pt", "digest4.pt", "digest5.pt"]
+
+
+# ------------------------------------------------------------------------------- the audit's defects
+
+
+def check_download(name: str, data: bytes | str, mime: str) -> None:
+    """The bytes are a valid file of the promised type."""
+    import csv
+    import json
+
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    assert raw, f"{name}: empty"
+    if mime == "image/png":
+        assert raw.startswith(b"\x89PNG") and cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR) is not None
+    elif mime == "application/pdf":
+        assert raw.startswith(b"%PDF") and b"%%EOF" in raw[-1024:], name
+    elif mime == "application/json":
+        json.loads(raw)
+    elif mime == "text/csv":
+        rows = list(csv.reader(io.StringIO(raw.decode())))
+        assert len(rows) >= 2, name
+    elif name.endswith(".npz"):
+        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+            assert archive.files, name
+    else:
+        raise AssertionError(f"{name}: no check for {mime}")
+
+
+def produce_downloads(app: AppTest) -> dict[str, tuple]:
+    offered = dict(app.session_state["offered_downloads"]) if "offered_downloads" in app.session_state else {}
+    app.session_state["offered_downloads"] = {}
+    return offered
+
+
+@pytest.mark.parametrize("model", ["asff", "sum"])
+def test_every_download_of_every_view_is_a_valid_file(weights, model):
+    app = start(weights[model])
+    assert_healthy(app)
+    produced = produce_downloads(app)
+    for view in [tab.label for tab in app.tabs]:
+        open_view(app, view)
+        if view == "Gradient flow":
+            compute_gradient_flow(app)
+        if view == "Detections" and model == "asff":
+            app.multiselect(key="attribution_methods").set_value(["saliency"]).run()
+            app.button(key="compute_attributions").click().run()
+        if view == "Compare checkpoints":
+            app.radio(key="compare_weights_source").set_value("Path").run()
+            app.text_input(key="compare_weights_path").set_value(str(weights["asff" if model == "sum" else "sum"])).run()
+        assert_healthy(app)
+        produced.update(produce_downloads(app))
+    expected = ({"fusion_download/trace.npz", "fusion_download/detections.json", "gradient_download/gradient_flow.png",
+                 "gradient_download/gradient_flow.pdf", "gradient_download/gradient_flow.json"}
+                if model == "asff" else {"plain_download/detections.json"})
+    assert expected <= set(produced), sorted(produced)
+    if model == "asff":  # every view's row: fusion, detections (+ attributions), gradient flow, counterfactuals
+        prefixes = {name.split("/")[0] for name in produced}
+        assert {"fusion_download", "detection_download", "attribution_download", "gradient_download",
+                "counterfactual_download"} <= prefixes, sorted(prefixes)
+    for name, (data, mime) in produced.items():
+        check_download(name, data() if callable(data) else data, mime)
+
+
+def test_colour_scales_avoid_streamlit_placeholder_colours():
+    from asff_viz.app.figures import COLORMAPS, plotly_colorscale
+
+    for name in COLORMAPS:
+        for _, colour in plotly_colorscale(name):
+            value = int(colour[1:], 16)
+            assert not 0x000001 <= value <= 0x000040, (name, colour)
+    assert plotly_colorscale("magma")[0][1] == "#010004"  # magma's zero, one red step up: still black
+
+
+def test_fusion_exports_show_what_the_screen_shows(weights):
+    from types import SimpleNamespace
+
+    from matplotlib.patches import Rectangle
+
+    from asff_viz import load_model
+    from asff_viz.app.fusion_view import static_figure
+    from asff_viz.introspection import trace_image
+
+    model = load_model(weights["asff"])
+    trace = trace_image(model, str(sample_path("shapes_square.jpg")), size=128, conf_threshold=0.25)
+    records = list(trace.detections[:12])
+    assert len({r.level for r in records}) > 1, "the test needs detections of several levels"
+    analysis = SimpleNamespace(trace=trace, records=records)
+
+    def boxes(figure):
+        return sum(isinstance(p, Rectangle) and not p.get_fill() for ax in figure.axes for p in ax.patches)
+
+    for mode in ("Overlay", "RGB composite", "Entropy"):
+        assert boxes(static_figure(analysis, mode, 1, 0, 0.5, "viridis", show_boxes=True)) == len(records), mode
+        assert boxes(static_figure(analysis, mode, 1, 0, 0.5, "viridis", show_boxes=False)) == 0, mode
+
+
+def test_large_images_export_downscaled_with_the_scale_stated(weights):
+    from types import SimpleNamespace
+
+    from asff_viz import load_model
+    from asff_viz.app.fusion_view import static_figure
+    from asff_viz.introspection import trace_image
+
+    model = load_model(weights["asff"])
+    big = cv2.resize(cv2.imread(str(sample_path("shapes_square.jpg")))[:, :, ::-1], (4200, 3000))
+    trace = trace_image(model, big, size=128, conf_threshold=0.25)
+    figure = static_figure(SimpleNamespace(trace=trace, records=list(trace.detections)), "Overlay", 1, 0, 0.5,
+                           "viridis")
+    image = figure.axes[0].images[0].get_array()
+    assert max(image.shape[:2]) == 2048
+    assert any("1/2.1 of its 4200x3000 px" in text.get_text() for text in figure.texts)
+
+
+def test_labels_stay_inside_the_image():
+    from types import SimpleNamespace
+
+    from matplotlib.figure import Figure
+
+    from asff_viz.render import draw_detections_on
+
+    figure = Figure(figsize=(4, 3))
+    ax = figure.add_subplot()
+    ax.imshow(np.zeros((300, 400, 3), np.uint8), extent=(0, 400, 300, 0))
+    record = SimpleNamespace(box_xyxy=np.array([330.0, 100, 398, 150]), score=0.9, label=0,
+                             class_name="a long class name", level=1)
+    draw_detections_on(ax, [record], image_shape=(300, 400, 3))
+    text = ax.texts[0]
+    assert text.get_horizontalalignment() == "right" and text.get_position()[0] <= 400
+
+
+def test_server_paths_stay_inside_the_allowed_folder(weights, monkeypatch, tmp_path):
+    monkeypatch.setenv("ASFF_VIZ_SERVER_ROOT", str(tmp_path))
+    app = start(None, image_source="Server path")
+    app.text_input(key="image_path").set_value("/etc/passwd").run()
+    assert not app.exception
+    assert app.error and "outside" in app.error[0].value and str(tmp_path) in app.error[0].value
+    app.text_input(key="image_path").set_value("../../etc/hostname").run()
+    assert app.error and "outside" in app.error[0].value
+    image = tmp_path / "inside.png"
+    cv2.imwrite(str(image), np.full((64, 80, 3), 90, np.uint8))
+    app.text_input(key="image_path").set_value("inside.png").run()
+    assert_healthy(app)
+
+
+def test_the_app_listens_on_this_machine_only_by_default():
+    config = (Path(APP).parent / ".streamlit" / "config.toml").read_text()
+    assert 'address = "127.0.0.1"' in config and 'fileWatcherType = "none"' in config
+    makefile = (Path(APP).parent / "Makefile").read_text()
+    assert "ADDRESS ?= 127.0.0.1" in makefile and "--server.address $(ADDRESS)" in makefile
+
+
+def test_controls_that_do_nothing_are_disabled(weights):
+    app = start(weights["asff"])
+    for mode, source_disabled, colormap_disabled, target_disabled in (
+            ("Overlay", False, False, False), ("RGB composite", True, True, False), ("Entropy", True, False, False),
+            ("Figure 3 grid", True, False, True)):
+        app.segmented_control(key="fusion_mode").set_value(mode).run()
+        assert_healthy(app)
+        assert app.segmented_control(key="fusion_source").disabled == source_disabled, mode
+        assert app.selectbox(key="fusion_colormap").disabled == colormap_disabled, mode
+        assert app.segmented_control(key="fusion_target").disabled == target_disabled, mode
+
+
+def test_gradient_flow_waits_to_be_asked_and_opens_on_the_detections_level(weights):
+    app = start(weights["asff"])
+    open_view(app, "Gradient flow")
+    assert_healthy(app)
+    assert not any(m.label == "Conflict rate" for m in app.metric), "computed before being asked"
+    assert [b for b in app.button if b.key == "compute_gradient_flow"]
+    index = app.session_state["gradient_detection"] if "gradient_detection" in app.session_state else 0
+    compute_gradient_flow(app)
+    assert_healthy(app)
+    assert any(m.label == "Conflict rate" for m in app.metric)
+    from asff_viz import load_model
+    from asff_viz.introspection import trace_image
+
+    trace = trace_image(load_model(weights["asff"]), str(sample_path(app.session_state["sample_name"])), size=128,
+                        conf_threshold=app.session_state["conf_threshold"])
+    assert app.segmented_control(key="gradient_target").value == int(trace.detections[index].level)
+
+
+def test_compare_does_not_open_on_the_model_against_itself():
+    app = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    app.run()
+    open_view(app, "Compare checkpoints")
+    assert_healthy(app)
+    assert any("same checkpoint as A" in info.value for info in app.info)
+    assert not any(m.label == "In both" for m in app.metric)
+
+
+def test_a_shapes_model_on_a_photo_says_what_its_labels_mean(weights):
+    app = start(weights["asff"], image_source="Upload")
+    app.file_uploader(key="image_upload").set_value(("photo.png", encode(np.full((60, 90, 3), 120, np.uint8), ".png"),
+                                                     "image/png")).run()
+    assert_healthy(app)
+    assert any("synthetic shapes" in info.value and "COCO" in info.value for info in app.info)
+    sample = start(weights["asff"])
+    assert not any("synthetic shapes" in info.value for info in sample.info)

@@ -382,3 +382,22 @@ def test_truncated_darknet_file_is_refused(tmp_path):
         load_darknet_weights(backbone, path)
     with pytest.raises(CheckpointError, match="no such Darknet weights file"):
         load_darknet_weights(backbone, tmp_path / "absent.weights")
+
+
+def test_a_config_is_checked_against_its_weights_before_the_model_is_built(tmp_path, monkeypatch):
+    import asff_viz.models
+
+    built = []
+    real = asff_viz.models.build_model
+    monkeypatch.setattr(asff_viz.models, "build_model", lambda *a, **k: built.append(
+        torch.get_default_device().type) or real(*a, **k))
+    for width, message in ((3.0, r"huge\.pt: its config asks for width 3\.0"),
+                           (1.5, r"huge\.pt: does not fit the model \(asff\): \d+ missing keys")):
+        path = tmp_path / "huge.pt"
+        torch.save({"format": "asff_viz", "format_version": 1, "config": ModelConfig(width=width).to_dict(),
+                    "model": {}, "metadata": {}}, path)
+        assert path.stat().st_size < 4096
+        built.clear()
+        with pytest.raises(CheckpointError, match=message):
+            load_model(path)
+        assert built in ([], ["meta"]), "a real model was built before the weights were checked"
