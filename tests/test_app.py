@@ -96,6 +96,21 @@ def open_view(app: AppTest, view: str) -> AppTest:
     return app
 
 
+def explore(app: AppTest, click: dict | None = None, **changes) -> AppTest:
+    """Report a change from the fusion explorer (the browser component) as the browser would, and rerun."""
+    from asff_viz.app.explorer import FusionState
+
+    keys = FusionState.SESSION_KEYS
+    state = {name: app.session_state[key] for name, key in keys.items() if key in app.session_state}
+    value = {**state, **changes, "seq": int(state.get("seq", 0)) + 1}
+    if click is not None:
+        explore.clicks = getattr(explore, "clicks", 0) + 1
+        value["click"] = {"id": f"test-{explore.clicks}", **click}
+    app.session_state["fusion_explorer"] = value
+    app.run()
+    return app
+
+
 def compute_gradient_flow(app: AppTest) -> AppTest:
     """Press the gradient-flow view's button (it computes only when asked) if this objective still needs it."""
     buttons = [button for button in app.button if button.key == "compute_gradient_flow"]
@@ -139,17 +154,23 @@ def test_views_and_controls_never_rerun_the_model_for_a_view_change(weights, mon
     assert len(calls) == 1
     assert int(metric(app, "Detections")) > 0
 
-    # Every fusion view and control: the trace is reused, the model never runs again.
+    # Every fusion view and control (switched in the browser, reported back): the model never runs again.
     for mode in ("RGB composite", "Entropy", "Figure 3 grid", "Overlay"):
-        app.segmented_control(key="fusion_mode").set_value(mode).run()
+        explore(app, mode=mode)
         assert_healthy(app)
-        assert app.get("plotly_chart"), f"the {mode} view drew nothing"
-    app.segmented_control(key="fusion_target").set_value(2).run()
-    app.segmented_control(key="fusion_source").set_value(1).run()
-    app.slider(key="fusion_opacity").set_value(0.3).run()
-    app.selectbox(key="fusion_colormap").set_value("magma").run()
-    app.toggle(key="fusion_boxes").set_value(False).run()
+        assert app.session_state["fusion_mode"] == mode
+    explore(app, target=2, source=1, opacity=0.3, colormap="magma", show_boxes=False)
     assert_healthy(app)
+    assert (app.session_state["fusion_target"], app.session_state["fusion_source"], app.session_state["fusion_opacity"],
+            app.session_state["fusion_colormap"], app.session_state["fusion_boxes"]) == (2, 1, 0.3, "magma", False)
+    explore(app, click={"x": 40.5, "y": 30.5})
+    assert app.session_state["picked_point"] == (40.5, 30.5)
+    explore(app, click={"detection": 1})
+    assert app.session_state["selected_detection"] == 1
+    explore(app)  # the same report again: the click is not handled twice
+    app.session_state["selected_detection"] = 0
+    app.run()
+    assert app.session_state["selected_detection"] == 0
     app.number_input(key="pick_x").set_value(5).run()
     app.number_input(key="pick_y").set_value(100).run()
     assert_healthy(app)
@@ -320,13 +341,14 @@ def test_sessions_share_the_model_and_do_not_interfere(weights):
 
     first = start(weights["asff"], sample_name="shapes_wide.jpg")
     second = start(weights["asff"], sample_name="shapes_tall.jpg", conf_threshold=0.05)
-    first.slider(key="fusion_opacity").set_value(0.2).run()
+    explore(first, opacity=0.2)
     assert_healthy(first)
     assert_healthy(second)
     for app, name in ((first, "shapes_wide.jpg"), (second, "shapes_tall.jpg")):
         height, width = cv2.imread(str(sample_path(name))).shape[:2]
         assert metric(app, "Image") == f"{width}×{height}"
-    assert second.slider(key="fusion_opacity").value == 0.6, "one session's control moved the other's"
+    assert first.session_state["fusion_opacity"] == 0.2
+    assert second.session_state["fusion_opacity"] == 0.6, "one session's control moved the other's"
     model = cache.model(str(weights["asff"].resolve()), cache.file_sha256(
         str(weights["asff"].resolve()), weights["asff"].stat().st_mtime_ns, weights["asff"].stat().st_size), "cpu")
     assert hook_count(model) == 0, "a hook stayed on the shared model"
@@ -578,16 +600,19 @@ def test_the_app_listens_on_this_machine_only_by_default():
     assert "ADDRESS ?= 127.0.0.1" in makefile and "--server.address $(ADDRESS)" in makefile
 
 
-def test_controls_that_do_nothing_are_disabled(weights):
+def test_an_older_report_from_the_browser_does_not_undo_a_newer_state(weights):
+    from asff_viz.app.explorer import FusionState
+
     app = start(weights["asff"])
-    for mode, source_disabled, colormap_disabled, target_disabled in (
-            ("Overlay", False, False, False), ("RGB composite", True, True, False), ("Entropy", True, False, False),
-            ("Figure 3 grid", True, False, True)):
-        app.segmented_control(key="fusion_mode").set_value(mode).run()
-        assert_healthy(app)
-        assert app.segmented_control(key="fusion_source").disabled == source_disabled, mode
-        assert app.selectbox(key="fusion_colormap").disabled == colormap_disabled, mode
-        assert app.segmented_control(key="fusion_target").disabled == target_disabled, mode
+    explore(app, mode="Entropy", target=2)
+    seq = app.session_state["fusion_seq"]
+    app.session_state["fusion_explorer"] = {**FusionState().__dict__, "mode": "Overlay", "seq": seq - 1}
+    app.run()
+    assert app.session_state["fusion_mode"] == "Entropy" and app.session_state["fusion_target"] == 2
+    app.session_state["fusion_explorer"] = {"mode": "nonsense", "target": 7, "opacity": "x", "seq": seq + 1}
+    app.run()
+    assert_healthy(app)
+    assert app.session_state["fusion_mode"] == "Overlay" and app.session_state["fusion_target"] == 1
 
 
 def test_gradient_flow_waits_to_be_asked_and_opens_on_the_detections_level(weights):
@@ -625,3 +650,22 @@ def test_a_shapes_model_on_a_photo_says_what_its_labels_mean(weights):
     assert any("synthetic shapes" in info.value and "COCO" in info.value for info in app.info)
     sample = start(weights["asff"])
     assert not any("synthetic shapes" in info.value for info in sample.info)
+
+
+def test_the_zoomed_crop_shows_the_whole_box():
+    from asff_viz.app.detection_view import crop_panels
+
+    image = np.full((240, 360, 3), 128, np.uint8)
+    weights = np.random.default_rng(0).dirichlet([1, 1, 1], size=(15, 23)).transpose(2, 0, 1)
+    cell = (360 / 416 * 16, 240 / 416 * 16)
+    picture = crop_panels(image, weights, cell, np.array([250.0, 60, 355, 200]), 5, 20, "#ff0000", "viridis")
+    assert picture.shape[0] == 170
+    panel_width = (picture.shape[1] - 3 * 6) // 4
+    first = picture[:, :panel_width]
+    red = (first[..., 0] == 255) & (first[..., 1] == 0) & (first[..., 2] == 0)
+    xs = np.nonzero(red.any(axis=0))[0]
+    # The window is x 52..360 (the box's 2.2x square, pushed inside the image): the right edge at 355 is in it.
+    assert abs(xs.max() - round((355 - 52) * 170 / 240)) <= 1 and xs.max() < panel_width - 1  # 2-px line
+    assert abs(xs.min() - round((250 - 52) * 170 / 240)) <= 1
+    for infinite in (np.array([10.0, 10, np.inf, np.inf]), np.array([np.nan, 0, 5, 5])):
+        assert crop_panels(image, weights, cell, infinite, 0, 0, "#00ff00", "magma").shape[0] == 170

@@ -120,34 +120,60 @@ def crop_window(box: np.ndarray, width: int, height: int, margin: float = 0.6) -
     return left, top, min(width, left + side), min(height, top + side)
 
 
+def crop_panels(image: np.ndarray, weights: np.ndarray, cell: tuple[float, float], box, row: int, col: int,
+                colour: str, colormap: str, panel_height: int = 170, gap: int = 6) -> np.ndarray:
+    """The box's neighbourhood as one RGB picture: the image, then the weight of each source over it.
+
+    Drawn here, as pixels, rather than as four narrow interactive charts (which the page clipped to about 60 % of
+    the crop): the whole window of `crop_window` is shown, the box outlined in its class colour, the predicting
+    cell (row, col) outlined in white. weights: (3, H_l, W_l) of the predicting level; cell: its size in original
+    pixels.
+    """
+    height, width = image.shape[:2]
+    # An untrained model's box can be infinite: what can be drawn is its part on the image.
+    box = np.clip(np.nan_to_num(np.asarray(box, dtype=np.float64), nan=0.0, posinf=1e9, neginf=-1e9),
+                  0, [width, height, width, height])
+    left, top, right, bottom = crop_window(box, width, height)
+    scale = panel_height / max(bottom - top, 1e-6)
+    panel_width = max(1, round((right - left) * scale))
+    x0, y0, x1, y1 = int(left), int(top), max(int(np.ceil(right)), int(left) + 1), max(int(np.ceil(bottom)),
+                                                                                    int(top) + 1)
+    crop = cv2.resize(image[y0:y1, x0:x1], (panel_width, panel_height), interpolation=cv2.INTER_AREA)
+    # The cell of each panel pixel, from its centre in original pixels.
+    xs = left + (np.arange(panel_width) + 0.5) / scale
+    ys = top + (np.arange(panel_height) + 0.5) / scale
+    cols = np.clip((xs // cell[0]).astype(int), 0, weights.shape[2] - 1)
+    rows = np.clip((ys // cell[1]).astype(int), 0, weights.shape[1] - 1)
+
+    def to_panel(x: float, y: float) -> tuple[int, int]:
+        return (int(round(min(max((x - left) * scale, 0), panel_width - 1))),
+                int(round(min(max((y - top) * scale, 0), panel_height - 1))))
+
+    rgb = tuple(int(colour.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4))
+    panels = []
+    for source in range(-1, 3):
+        panel = crop.copy() if source < 0 else render.weight_overlay_array(
+            crop, np.asarray(weights[source])[rows[:, None], cols[None, :]], alpha=0.65, cmap=colormap)
+        cv2.rectangle(panel, to_panel(col * cell[0], row * cell[1]), to_panel((col + 1) * cell[0], (row + 1) * cell[1]),
+                      (255, 255, 255), 2)
+        cv2.rectangle(panel, to_panel(box[0], box[1]), to_panel(box[2], box[3]), rgb, 2)
+        panels.append(panel)
+        panels.append(np.full((panel_height, gap, 3), 255, np.uint8))
+    return np.concatenate(panels[:-1], axis=1)
+
+
 def crop_panel(analysis: Analysis, record) -> None:
     """The box's neighbourhood, zoomed: the image, then the weight of each source at the predicting level."""
-    height, width = analysis.image.shape[:2]
-    left, top, right, bottom = crop_window(np.asarray(record.box_xyxy), width, height)
     level = int(record.level)
-    weights = np.asarray(analysis.trace.fusion_weights[level])
-    cell = analysis.cell(level)
     colormap = st.session_state.get("fusion_colormap", "viridis")
     st.markdown("**Zoomed crop with the maps**")
-    st.caption(f"The weight of each source at the predicting level {level_name(level)}, {colormap} colormap on "
-               "the fixed 0..1 scale of the fusion view; the outlined cell predicted the box.")
-    columns = st.columns(4)
-    crop = analysis.image[int(top):int(np.ceil(bottom)), int(left):int(np.ceil(right))]
-    for position, column in enumerate(columns):
-        figure = figures.image_figure(crop, height=150)
-        figure.update_traces(x0=left + 0.5, y0=top + 0.5, selector=dict(type="image"))
-        figure.update_xaxes(range=[left, right])
-        figure.update_yaxes(range=[bottom, top])
-        if position > 0:
-            figures.add_map(figure, weights[position - 1], cell, colormap=colormap, opacity=0.65, title="",
-                            zmin=0.0, zmax=1.0, show_scale=False)
-        figures.add_boxes(figure, np.asarray(record.box_xyxy)[None], [record.label], [""], clickable=False)
-        figures.add_cell_outline(figure, int(record.row), int(record.col), cell)
-        figure.layout.annotations = ()
-        with column:
-            st.caption("image" if position == 0 else f"from L{position - 1}")
-            plotly_chart(figure, key=f"crop_{position}", config={"displayModeBar": False, "staticPlot": True},
-                         width="stretch")
+    st.caption(f"Left to right: the image, then the weight of source L0, L1 and L2 at the predicting level "
+               f"{level_name(level)} ({colormap}, fixed 0..1 scale as in the fusion view). The box is outlined in its "
+               "class colour, the cell that predicted it in white.")
+    picture = crop_panels(analysis.image, np.asarray(analysis.trace.fusion_weights[level]), analysis.cell(level),
+                          np.asarray(record.box_xyxy, dtype=np.float64), int(record.row), int(record.col),
+                          figures.class_colour(record.label), colormap)
+    st.image(picture, width="stretch")
 
 
 def attribution_panel(analysis: Analysis, index: int) -> None:

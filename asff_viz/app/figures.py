@@ -111,43 +111,6 @@ def add_map(figure: go.Figure, values: np.ndarray, cell: tuple[float, float], *,
     ))
 
 
-def add_rgb_map(figure: go.Figure, weights: np.ndarray, cell: tuple[float, float], *, opacity: float) -> None:
-    """(3, H_l, W_l) weights in 0..1 as colours: red = L0, green = L1, blue = L2 (they sum to one)."""
-    rgb = (np.clip(np.moveaxis(np.asarray(weights, dtype=np.float32), 0, -1), 0, 1) * 255).round().astype(np.uint8)
-    figure.add_trace(go.Image(z=rgb, x0=cell[0] / 2, dx=cell[0], y0=cell[1] / 2, dy=cell[1], opacity=opacity,
-                              hoverinfo="skip", name="RGB composite"))
-    # A legend in place of a colorbar: which colour is which source.
-    for level, colour in enumerate(("#ff0000", "#00c000", "#0000ff")):
-        figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"weight of {SHORT_LEVEL_NAMES[level]}",
-                                    marker=dict(size=12, color=colour, symbol="square"), showlegend=True))
-    figure.update_layout(showlegend=True, legend=dict(x=1.01, y=1, xanchor="left", yanchor="top",
-                                                      title=dict(text="0..1 per channel")))
-
-
-def add_cell_picker(figure: go.Figure, weights: np.ndarray, cell: tuple[float, float], level: int,
-                    display_scale: float) -> None:
-    """Invisible, clickable points at every cell centre of a level; hovering one reads its three weights.
-
-    weights: (3, H_l, W_l). display_scale: screen pixels per original pixel, to size the click targets.
-    customdata per point: (level, row, col, w0, w1, w2).
-    """
-    _, rows, cols = weights.shape
-    grid_rows, grid_cols = np.mgrid[0:rows, 0:cols]
-    x = (grid_cols.ravel() + 0.5) * cell[0]
-    y = (grid_rows.ravel() + 0.5) * cell[1]
-    flat = np.asarray(weights, dtype=np.float64).reshape(3, -1)
-    customdata = np.column_stack([np.full(x.size, level), grid_rows.ravel(), grid_cols.ravel(), flat.T])
-    marker_size = float(np.clip(min(cell) * display_scale, 4, 60))
-    figure.add_trace(go.Scatter(
-        x=x, y=y, mode="markers", customdata=customdata, name="cells", showlegend=False,
-        marker=dict(size=marker_size, symbol="square", color="rgba(0,0,0,0)", opacity=0),
-        selected=dict(marker=dict(opacity=0)), unselected=dict(marker=dict(opacity=0)),
-        hovertemplate=("target %{customdata[0]:.0f} · cell (%{customdata[1]:.0f}, %{customdata[2]:.0f})<br>"
-                       "from L0 %{customdata[3]:.3f}<br>from L1 %{customdata[4]:.3f}<br>"
-                       "from L2 %{customdata[5]:.3f}<extra></extra>"),
-    ))
-
-
 def add_boxes(figure: go.Figure, boxes: np.ndarray, labels: Sequence[int], captions: Sequence[str], *,
               selected: int | None = None, clickable: bool = True, dash: str | None = None,
               colour: str | None = None, max_captions: int = 60) -> None:
@@ -237,23 +200,6 @@ def matrix_figure(matrix: np.ndarray, title: str, colorscale: str = "magma", zma
     # The left margin holds the row labels ("to L0"): wide enough without relying on automargin alone.
     figure.update_layout(height=height, margin=dict(l=64, r=10, t=60, b=10),
                          title=dict(text=title, font=dict(size=14), y=0.98))
-    return figure
-
-
-def map_figure(values: np.ndarray, title: str, colorscale: str = "magma", zmin: float = 0.0,
-               zmax: float | None = None, height: int = 260, symmetric: bool = False) -> go.Figure:
-    """A small standalone (H, W) map with equal aspect and a colorbar."""
-    values = np.asarray(values, dtype=np.float64)
-    if symmetric:
-        limit = float(np.abs(values).max() or 1.0)
-        zmin, zmax = -limit, limit
-    figure = go.Figure(go.Heatmap(z=values, colorscale=plotly_colorscale(colorscale), zmin=zmin,
-                                  zmax=zmax if zmax is not None else float(values.max() or 1.0),
-                                  colorbar=dict(thickness=10), hovertemplate="(%{y}, %{x}): %{z:.4g}<extra></extra>"))
-    figure.update_yaxes(autorange="reversed", scaleanchor="x", visible=False, constrain="domain")
-    figure.update_xaxes(visible=False, constrain="domain")
-    figure.update_layout(height=height, margin=dict(l=0, r=0, t=28, b=0),
-                         title=dict(text=title, font=dict(size=12), y=0.98))
     return figure
 
 

@@ -11,23 +11,21 @@ import streamlit as st
 from .. import render
 from . import cache, figures
 from .common import (
+    PICKED_POINT,
+    SELECTED_DETECTION,
     Analysis,
     cell_at,
     detection_caption,
     download_row,
-    initial,
-    level_control,
     level_name,
-    on_chart_select,
     plotly_chart,
     point_picker,
     selected_detection,
 )
+from .explorer import KEY as EXPLORER_KEY
+from .explorer import MODES, FusionState, apply_browser_value, explorer_arguments, fusion_explorer
 
-VIEWS = ("Overlay", "RGB composite", "Entropy", "Figure 3 grid")
-VIEW_HELP = ("Overlay: the weight one target level gives one source level, over the image. RGB composite: the "
-             "three weights of a target level as red (L0), green (L1), blue (L2). Entropy: how mixed the weights "
-             "are, 0 = one source only, 1 = uniform. Figure 3 grid: all nine (target, source) maps, as in the paper.")
+VIEWS = MODES  # the view modes: Overlay, RGB composite, Entropy, Figure 3 grid
 
 
 HOW_TO_READ = """
@@ -47,60 +45,40 @@ def fusion_view(analysis: Analysis) -> None:
     trace = analysis.trace
     with st.expander("How to read these maps", icon=":material/help:"):
         st.markdown(HOW_TO_READ)
-    top = st.columns([3, 1], vertical_alignment="bottom")
-    with top[0]:
-        mode = st.segmented_control("View", VIEWS, key="fusion_mode", default=initial("fusion_mode", VIEWS[0], VIEWS),
-                                    required=True, help=VIEW_HELP) or VIEWS[0]
-    with top[1]:
-        show_boxes = st.toggle("Show detections", value=True, key="fusion_boxes",
-                               help="Draw the detections' boxes over the maps (click a dot to select one).")
-    controls = st.columns([1.3, 1.3, 1.2, 1])
-    # A control that does nothing in the current view is shown disabled, not silently ignored.
-    with controls[0]:
-        target = level_control("Target level", "fusion_target", 1, disabled=mode == "Figure 3 grid",
-                               help="The pyramid level whose fused feature map is shown (rows of Figure 3). The "
-                                    "grid shows all three.")
-    with controls[1]:
-        source = level_control("Source level", "fusion_source", 0, disabled=mode != "Overlay",
-                               help="The level whose resized features the weight multiplies (columns of Figure 3). "
-                                    "Used by the Overlay view only.")
-    with controls[2]:
-        opacity = st.slider("Opacity", 0.0, 1.0, 0.6, 0.05, key="fusion_opacity",
-                            help="Opacity of the map over the image (the model is not re-run).")
-    with controls[3]:
-        colormap = st.selectbox("Colormap", figures.COLORMAPS, key="fusion_colormap",
-                                disabled=mode == "RGB composite",
-                                help="Colour scale of the weight map, always on the fixed 0..1 range (the RGB "
-                                     "composite has its own colours).")
+    # The explorer's last report first: the readout, the exports and the next drawing all use that state.
+    click = apply_browser_value(st.session_state.get(EXPLORER_KEY))
+    if click is not None:
+        if "detection" in click:
+            st.session_state[SELECTED_DETECTION] = int(click["detection"])
+        elif "x" in click and "y" in click:
+            st.session_state[PICKED_POINT] = (float(click["x"]), float(click["y"]))
+    state = FusionState.from_session()
+    state.to_session()
 
     image_column, readout_column = st.columns([3, 1.25], gap="medium")
     with readout_column:
         st.markdown("**Weights at a pixel**")
         st.caption("Click a cell of the map, or type a pixel.")
         point = point_picker(analysis)
-        readout_table(analysis, point, target)
+        readout_table(analysis, point, state.target)
 
     with image_column:
-        if mode == "Figure 3 grid":
-            plotly_chart(figures.figure3_mosaic(analysis.image, trace.fusion_weights, opacity=opacity,
-                                                colormap=colormap),
-                         key="fusion_grid", config={"displayModeBar": False}, width="stretch")
-            st.caption("Rows: target level (the fused map being built); columns: source level. Each panel is the "
-                       "softmax weight over the image, fixed 0..1 scale.")
-        else:
-            figure = overlay_figure(analysis, mode, target, source, opacity, colormap, point, show_boxes)
-            plotly_chart(figure, key="fusion_chart", on_select=lambda: on_chart_select("fusion_chart"),
-                         selection_mode="points", config={"displaylogo": False, "scrollZoom": False},
-                         width="stretch")
-            st.caption(caption_for(mode, target, source, analysis))
+        records = analysis.records
+        picked_cells = [list(cell_at(analysis, level, point)) for level in range(3)]
+        fusion_explorer(explorer_arguments(analysis, state, records, selected_detection(analysis), picked_cells,
+                                           [detection_caption(r) for r in records]))
+        st.caption("View, levels, opacity, colormap and boxes change here in the browser, without re-running "
+                   "anything; hover a cell for its three weights, click it to read them on the right.")
 
     download_row([
-        ("Figure PNG", lambda: cache.figure_bytes(static_figure(analysis, mode, target, source, opacity, colormap,
-                                                                show_boxes), "png"),
-         f"fusion_{_slug(mode)}_L{target}.png", "image/png"),
-        ("Figure PDF", lambda: cache.figure_bytes(static_figure(analysis, mode, target, source, opacity, colormap,
-                                                                show_boxes), "pdf"),
-         f"fusion_{_slug(mode)}_L{target}.pdf", "application/pdf"),
+        ("Figure PNG", lambda: cache.figure_bytes(static_figure(analysis, state.mode, state.target, state.source,
+                                                                state.opacity, state.colormap, state.show_boxes),
+                                                  "png"),
+         f"fusion_{_slug(state.mode)}_L{state.target}.png", "image/png"),
+        ("Figure PDF", lambda: cache.figure_bytes(static_figure(analysis, state.mode, state.target, state.source,
+                                                                state.opacity, state.colormap, state.show_boxes),
+                                                  "pdf"),
+         f"fusion_{_slug(state.mode)}_L{state.target}.pdf", "application/pdf"),
         ("Trace .npz", lambda: cache.trace_npz_bytes(trace), "trace.npz", "application/octet-stream"),
         ("Detections JSON", lambda: cache.detections_json(trace, analysis.image_choice.name), "detections.json",
          "application/json"),
@@ -109,45 +87,6 @@ def fusion_view(analysis: Analysis) -> None:
 
 def _slug(text: str) -> str:
     return text.lower().replace(" ", "_")
-
-
-def caption_for(mode: str, target: int, source: int, analysis: Analysis) -> str:
-    grid = analysis.trace.fusion_weights[target].shape[-2:]
-    where = f"target {level_name(target)}, a {grid[0]}x{grid[1]} grid of cells"
-    if mode == "Overlay":
-        return f"Weight of source {level_name(source)} in the fusion for {where}. Fixed scale 0..1."
-    if mode == "RGB composite":
-        return f"Red = L0 (stride 32), green = L1 (16), blue = L2 (8) weights for {where}; they sum to 1."
-    return f"Normalised entropy of the three weights for {where}: 0 = one source only, 1 = all equal."
-
-
-def overlay_figure(analysis: Analysis, mode: str, target: int, source: int, opacity: float, colormap: str,
-                   point: tuple[float, float], show_boxes: bool):
-    trace = analysis.trace
-    weights = np.asarray(trace.fusion_weights[target])  # (3, H_l, W_l)
-    cell = analysis.cell(target)
-    height, width = analysis.image.shape[:2]
-    figure = figures.image_figure(analysis.image, height=580)
-    if mode == "Overlay":
-        figures.add_weight_map(figure, weights[source], cell, colormap=colormap, opacity=opacity,
-                               title=f"weight of {level_name(source).split(' ·')[0]}")
-    elif mode == "RGB composite":
-        figures.add_rgb_map(figure, weights, cell, opacity=opacity)
-    else:
-        figures.add_weight_map(figure, trace.entropy(target), cell, colormap=colormap,
-                               opacity=opacity, title="entropy / ln 3")
-    if show_boxes:
-        records = analysis.records
-        figures.add_boxes(figure, np.array([r.box_xyxy for r in records]).reshape(-1, 4),
-                          [r.label for r in records], [detection_caption(r) for r in records],
-                          selected=selected_detection(analysis))
-    # Screen pixels per original pixel, for the click targets' size (the chart is about 580 px tall).
-    display_scale = min(580 / height, 900 / width)
-    figures.add_cell_picker(figure, weights, cell, target, display_scale)
-    row, col = cell_at(analysis, target, point)
-    figures.add_cell_outline(figure, row, col, cell)
-    figure.update_layout(uirevision=analysis.image_choice.key, dragmode="zoom")
-    return figure
 
 
 def readout_table(analysis: Analysis, point: tuple[float, float], target: int) -> None:

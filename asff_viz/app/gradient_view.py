@@ -87,10 +87,13 @@ def gradient_view(analysis: Analysis) -> None:
     request = (analysis.trace_key, objective)
     requested = st.session_state.setdefault("gradient_requested", [])
     if request not in requested:
-        st.info(f"Ready to compute the gradient flow of the {label} (backward passes with the learned and with "
-                "uniform weights; tens of seconds on a CPU).", icon=":material/play_circle:")
-        if not st.button("Compute the gradient flow", key="compute_gradient_flow", type="primary"):
-            return
+        prompt = st.empty()
+        with prompt.container():
+            st.info(f"Ready to compute the gradient flow of the {label} (backward passes with the learned and with "
+                    "uniform weights; tens of seconds on a CPU).", icon=":material/play_circle:")
+            if not st.button("Compute the gradient flow", key="compute_gradient_flow", type="primary"):
+                return
+        prompt.empty()
         requested.append(request)
     if objective_kind == "score":
         # The maps open on the level that predicted the picked detection (its gradient starts there).
