@@ -497,7 +497,8 @@ def test_every_download_of_every_view_is_a_valid_file(weights, model):
             app.button(key="compute_attributions").click().run()
         if view == "Compare checkpoints":
             app.radio(key="compare_weights_source").set_value("Path").run()
-            app.text_input(key="compare_weights_path").set_value(str(weights["asff" if model == "sum" else "sum"])).run()
+            other = weights["asff" if model == "sum" else "sum"]
+            app.text_input(key="compare_weights_path").set_value(str(other)).run()
         assert_healthy(app)
         produced.update(produce_downloads(app))
     expected = ({"fusion_download/trace.npz", "fusion_download/detections.json", "gradient_download/gradient_flow.png",

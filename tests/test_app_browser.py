@@ -358,7 +358,8 @@ def test_the_app_in_chromium(server, tmp_path):
             frame = explorer_frame(page)
             state = explorer_state(frame)
             assert (state["mode"], state["target"]) == (2, 2), state  # the controls show Entropy at L2 ...
-            assert state["name"] == "weight map" and "Normalised entropy" in state["caption"], state  # ... the chart too
+            # ... and so does the chart
+            assert state["name"] == "weight map" and "Normalised entropy" in state["caption"], state
             assert "L2" in state["caption"], state
             downloads["fusion"] = downloads_of(page, shots, "fusion")
             page.screenshot(path=shots / "05_second_upload_keeps_the_view.png")
