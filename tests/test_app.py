@@ -670,3 +670,49 @@ def test_the_zoomed_crop_shows_the_whole_box():
     assert abs(xs.min() - round((250 - 52) * 170 / 240)) <= 1
     for infinite in (np.array([10.0, 10, np.inf, np.inf]), np.array([np.nan, 0, 5, 5])):
         assert crop_panels(image, weights, cell, infinite, 0, 0, "#00ff00", "magma").shape[0] == 170
+
+
+def test_across_images_summarizes_the_samples(weights):
+    app = start(weights["asff"])
+    open_view(app, "Across images")
+    assert_healthy(app)
+    table = app.dataframe[0].value
+    assert set(table["size"].astype(str)) <= {"small", "medium", "large", "background"}
+    assert "background" in set(table["size"].astype(str))
+    # Each (target, size) group is a mean of probability vectors: its three sources sum to one.
+    sums = table.groupby(["target", "size"], observed=True)["mean weight"].sum()
+    np.testing.assert_allclose(sums.to_numpy(), 1.0, atol=1e-9)
+    assert any("objects by size" in caption.value for caption in app.caption)
+
+
+def test_a_clicked_dot_opens_its_image_in_the_other_views(weights, monkeypatch):
+    from types import SimpleNamespace
+
+    from asff_viz.app import dataset_view
+    from asff_viz.samples import list_samples
+
+    name = list_samples()[2]
+    choice = dataset_view.DatasetChoice("samples", tuple(
+        dataset_view.DatasetItem(n, sample_path(n), None, None, ("Sample", n)) for n in list_samples()), True)
+    state = {"dataset_chart": {"selection": {"points": [{"customdata": {"0": "2", "1": name}}]}},
+             "image_source": "Upload", "view": "Across images"}
+    with monkeypatch.context() as patch:
+        patch.setattr(dataset_view, "st", SimpleNamespace(session_state=state))
+        dataset_view.open_clicked(choice)  # the chart's on_select callback
+    assert (state["image_source"], state["sample_name"], state["view"]) == ("Sample", name, "Fusion weights")
+    # What the callback sets is what the app follows.
+    app = start(weights["asff"], image_source="Upload")
+    for key in ("image_source", "sample_name", "view"):
+        app.session_state[key] = state[key]
+    app.run()
+    assert_healthy(app)
+    height, width = cv2.imread(str(sample_path(name))).shape[:2]
+    assert metric(app, "Image") == f"{width}×{height}"
+
+
+def test_across_images_over_a_folder_outside_the_allowed_root_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("ASFF_VIZ_SERVER_ROOT", str(tmp_path))
+    app = start(None, dataset_source="Image folder", dataset_folder="/etc")
+    open_view(app, "Across images")
+    assert not app.exception
+    assert any("outside" in warning.value for warning in app.warning)

@@ -263,6 +263,8 @@ def downloads_of(page, shots: Path, prefix: str) -> list[str]:
             assert data.startswith(b"%PDF") and b"%%EOF" in data[-1024:], path
         elif kind == ".json":
             json.loads(data)
+        elif kind == ".csv":
+            assert len(data.decode().splitlines()) >= 2, path
         elif kind == ".npz":
             import numpy as np
 
@@ -415,6 +417,24 @@ def test_the_app_in_chromium(server, tmp_path):
             page.bring_to_front()
             assert "360×240" in page.inner_text("body")
             other.screenshot(path=shots / "10_second_session.png")
+
+            # Across images: scale-stats over the bundled samples; a per-image dot opens that image.
+            page.get_by_role("tab", name="Across images").click()
+            page.wait_for_function("() => document.body.innerText.includes('objects by size')", timeout=WAIT_MS)
+            wait_idle(page)
+            page.screenshot(path=shots / "11_across_images.png")
+            downloads["across"] = downloads_of(page, shots, "across")
+            position = page.evaluate(FIND_TRACE, {"name": "images", "point": 0, "inside": False})
+            assert position is not None, "no per-image dots"
+            page.mouse.move(position["x"] - 10, position["y"] - 10)
+            page.mouse.move(position["x"], position["y"], steps=4)
+            page.wait_for_timeout(200)
+            page.mouse.click(position["x"], position["y"])
+            page.wait_for_function("() => !document.body.innerText.includes('360×240')", timeout=WAIT_MS)
+            wait_idle(page)
+            assert page.get_by_role("tab", name="Fusion weights").get_attribute("aria-selected") == "true"
+            explorer_frame(page)
+            page.screenshot(path=shots / "12_opened_from_across_images.png")
         except BaseException:
             page.screenshot(path=shots / "failure.png", full_page=True)
             raise
@@ -425,6 +445,7 @@ def test_the_app_in_chromium(server, tmp_path):
     print(f"\nbrowser timings: {timings}\nscreenshots: {shots}")
     assert {"trace.npz", "detections.json"} <= set(downloads["fusion"])
     assert {"gradient_flow.png", "gradient_flow.pdf", "gradient_flow.json"} <= set(downloads["gradient"])
+    assert {"fusion_by_size_objects.csv", "fusion_by_size.csv"} <= set(downloads["across"])
 
 
 def _cpu_name() -> str:

@@ -93,6 +93,19 @@ def server_file(text: str, what: str) -> Path:
     return resolved
 
 
+def server_folder(text: str) -> Path:
+    """A typed server folder -> the folder, refused (InputError) outside `server_root()` or when missing."""
+    root = server_root()
+    path = Path(text).expanduser()
+    resolved = (path if path.is_absolute() else root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise InputError(f"{path}: outside {root}, the folder this app may read. Start the app with "
+                         f"{SERVER_ROOT_ENV} set to a folder that holds it.")
+    if not resolved.is_dir():
+        raise InputError(f"{path}: no such folder on the server. Check the path.")
+    return resolved
+
+
 def repository_root() -> Path:
     return default_checkpoint_path().parent.parent
 

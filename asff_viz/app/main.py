@@ -13,13 +13,14 @@ from ..introspection.capture import has_fusion_weights
 from ..transforms import ImageError
 from . import cache
 from .common import MAX_LISTED, Analysis, load_model
+from .dataset_view import dataset_ui
 from .inputs import InputError, device_ui, image_ui, settings_ui, weights_ui
 
 TITLE = "ASFF fusion explorer"
 INTRO = ("At each pyramid level, ASFF blends the features of all three levels with per-pixel softmax weights that "
          "sum to one. See where each level listened to which, which level and cell produced each detection, how "
          "gradients flow between levels, and what changes when the learned weights are replaced.")
-VIEWS = ("Fusion weights", "Detections", "Gradient flow", "Counterfactuals", "Compare checkpoints")
+VIEWS = ("Fusion weights", "Detections", "Gradient flow", "Counterfactuals", "Compare checkpoints", "Across images")
 DETECTION_ONLY_VIEWS = ("Detections", "Compare checkpoints")
 SYNTHETIC_NOTE = ("This model was trained on the project's **synthetic shapes** only (circle, square, star, …): on a "
                   "photograph its boxes and labels are shape names and mean nothing. To analyse real images, load "
@@ -74,14 +75,17 @@ def sidebar() -> tuple:
         st.markdown("**Settings**")
         default_size = int((getattr(model, "metadata", None) or {}).get("input_size", 416)) if model else 416
         settings = settings_ui(default_size, device)
-    return image_choice, weights, model, settings, errors
+        with st.expander("Across images", icon=":material/photo_library:"):
+            st.caption("The set of images the *Across images* view summarizes.")
+            dataset = _guarded(dataset_ui)
+    return image_choice, weights, model, settings, errors, dataset
 
 
 def main() -> None:
     st.set_page_config(page_title=TITLE, page_icon=":material/stacked_line_chart:", layout="wide",
                        initial_sidebar_state="expanded")
     st.html("<style>[data-testid='stMainBlockContainer'] {padding-top: 2.2rem; padding-bottom: 2rem}</style>")
-    image_choice, weights, model, settings, errors = sidebar()
+    image_choice, weights, model, settings, errors, dataset = sidebar()
     st.title(TITLE, anchor=False)
     st.caption(INTRO)
     for error in errors:
@@ -117,7 +121,7 @@ def main() -> None:
         analysis = Analysis(image_choice, image, weights, model, settings, trace)
         summary(analysis, seconds)
 
-    views(analysis, image_choice, image, weights, model, settings)
+    views(analysis, image_choice, image, weights, model, settings, dataset)
 
 
 def summary(analysis: Analysis, seconds: float) -> None:
@@ -139,11 +143,12 @@ def summary(analysis: Analysis, seconds: float) -> None:
                    "the threshold in the sidebar to see fewer.", icon=":material/filter_alt:")
 
 
-def views(analysis, image_choice, image, weights, model, settings) -> None:
+def views(analysis, image_choice, image, weights, model, settings, dataset) -> None:
     """The tabs. Only the open one runs (lazy tabs); each view is a fragment, so its own controls rerun just
     the view, not the sidebar and the trace lookup."""
     from .compare_view import compare_view
     from .counterfactual_view import counterfactual_view
+    from .dataset_view import dataset_view
     from .detection_view import detection_view, detections_only_view
     from .fusion_view import fusion_view
     from .gradient_view import gradient_view
@@ -168,5 +173,7 @@ def views(analysis, image_choice, image, weights, model, settings) -> None:
                 gradient_view(analysis)
             elif name == "Counterfactuals":
                 counterfactual_view(analysis)
+            elif name == "Across images":
+                dataset_view(analysis, *dataset)
             else:
                 compare_view(analysis, image_choice=image_choice, image=image, weights=weights, settings=settings)
