@@ -483,29 +483,34 @@ def produce_downloads(app: AppTest) -> dict[str, tuple]:
     return offered
 
 
-@pytest.mark.parametrize("model", ["asff", "sum"])
+@pytest.mark.parametrize("model", ["asff", "sum", "default"])
 def test_every_download_of_every_view_is_a_valid_file(weights, model):
-    app = start(weights[model])
+    if model == "default":
+        from asff_viz.checkpoint import default_checkpoint_path
+
+        if not default_checkpoint_path().is_file():
+            pytest.skip("the embedded default model is not installed")
+    app = start(weights[model] if model != "default" else None)
     assert_healthy(app)
     produced = produce_downloads(app)
     for view in [tab.label for tab in app.tabs]:
         open_view(app, view)
         if view == "Gradient flow":
             compute_gradient_flow(app)
-        if view == "Detections" and model == "asff":
+        if view == "Detections" and model != "sum":
             app.multiselect(key="attribution_methods").set_value(["saliency"]).run()
             app.button(key="compute_attributions").click().run()
         if view == "Compare checkpoints":
             app.radio(key="compare_weights_source").set_value("Path").run()
-            other = weights["asff" if model == "sum" else "sum"]
+            other = weights["asff" if model == "sum" else "sum"]  # the default is compared with a sum model
             app.text_input(key="compare_weights_path").set_value(str(other)).run()
         assert_healthy(app)
         produced.update(produce_downloads(app))
     expected = ({"fusion_download/trace.npz", "fusion_download/detections.json", "gradient_download/gradient_flow.png",
                  "gradient_download/gradient_flow.pdf", "gradient_download/gradient_flow.json"}
-                if model == "asff" else {"plain_download/detections.json"})
+                if model != "sum" else {"plain_download/detections.json"})
     assert expected <= set(produced), sorted(produced)
-    if model == "asff":  # every view's row: fusion, detections (+ attributions), gradient flow, counterfactuals
+    if model != "sum":  # every view's row: fusion, detections (+ attributions), gradient flow, counterfactuals
         prefixes = {name.split("/")[0] for name in produced}
         assert {"fusion_download", "detection_download", "attribution_download", "gradient_download",
                 "counterfactual_download"} <= prefixes, sorted(prefixes)
