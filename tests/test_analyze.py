@@ -394,6 +394,9 @@ def test_figure3_end_to_end(fixture_dir, tmp_path):
     assert record["images"][0]["sha256"] == file_sha256(images[0])
     assert record["preprocessing"]["input_size"] == SIZE and record["seed"] == 0
     assert {"torch", "numpy", "matplotlib", "asff_viz"} <= set(record["versions"])
+    from asff_viz.codeversion import code_identity
+
+    assert record["code"] == code_identity() and "git_sha" in record["code"] and "dirty" in record["code"]
     assert record["command_line"].startswith("python -m asff_viz.analyze figure3")
 
 
@@ -515,3 +518,19 @@ def test_scale_stats_on_gpu_matches_cpu(fixture_dir, tmp_path):
         assert a["boxes"] == b["boxes"]
         if a["mean"]:
             assert float(a["mean"]) == pytest.approx(float(b["mean"]), abs=1e-3)
+
+
+def test_cache_entries_are_keyed_on_the_statistic_version_and_the_code(monkeypatch, tmp_path):
+    from asff_viz.analyze import cache as cache_module
+    from asff_viz.codeversion import code_identity
+
+    identity = code_identity()
+    assert set(identity) == {"package", "git_sha", "dirty", "diff_sha256"}
+    if identity["git_sha"] is not None:  # in a checkout: a commit, and the tree's state
+        assert len(identity["git_sha"]) == 40 and isinstance(identity["dirty"], bool)
+    key = cache_module.AnalysisCache.key(kind="gradflow", image="x")
+    assert cache_module.AnalysisCache.key(kind="gradflow", image="x") == key
+    monkeypatch.setitem(cache_module.STATISTIC_VERSIONS, "gradflow", cache_module.STATISTIC_VERSIONS["gradflow"] + 1)
+    assert cache_module.AnalysisCache.key(kind="gradflow", image="x") != key, "a new statistic version reused a key"
+    monkeypatch.setattr(cache_module, "code_identity", lambda: {**identity, "git_sha": "0" * 40})
+    assert cache_module.AnalysisCache.key(kind="gradflow", image="x") != key

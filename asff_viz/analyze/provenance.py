@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..codeversion import code_identity
 from ..fileio import atomic_write_text
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -61,6 +62,8 @@ class RunRecord:
             "seed": arguments.get("seed"),
             "device": None,
             "versions": library_versions(),
+            # The commit and whether the tree had uncommitted changes: `asff_viz 0.1.0` alone names no code.
+            "code": code_identity(),
             "platform": platform.platform(),
             "outputs": [],
         }
