@@ -169,3 +169,108 @@ def test_identity_also_holds_through_the_heads_offsets(model, image, best_row, d
     # The detached offsets of the head are a real difference between training gradients and true derivatives.
     assert not torch.allclose(rerouted.total[0], decomposition.total[0])
     assert hook_count(model) == 0
+
+
+# ------------------------------------------------------------------------------ controls of the conflict metric
+
+
+def test_each_control_is_what_it_says(model, image, best_row):
+    from asff_viz.introspection.gradflow import ALL_CONTROLS, control_weight_maps
+
+    flow = gradient_flow(model, image, TrainingLoss(LABELS), controls=True, control_seed=3)
+    assert set(flow.controls) == set(ALL_CONTROLS)
+    weights = [torch.from_numpy(w)[None] for w in flow.weights]
+    maps = control_weight_maps(weights, seed=3)
+    for level in range(3):
+        learned, shuffled = weights[level][0], maps["shuffled"][level][0]
+        # Shuffled: the same weight vectors, at other places (same distribution, no spatial targeting).
+        assert sorted(map(tuple, learned.flatten(1).T.tolist())) == sorted(map(tuple, shuffled.flatten(1).T.tolist()))
+        assert not torch.equal(learned, shuffled)
+        # Rolled: the sources permuted at every location (same peakedness).
+        torch.testing.assert_close(maps["rolled"][level][0], learned.roll(-1, dims=0), rtol=0, atol=0)
+        torch.testing.assert_close(maps["uniform"][level], torch.full_like(weights[level], 1 / 3))
+    # The uniform control of this pass equals the uniform counterfactual's value terms up to the upstream gradient:
+    # with weights 1/3, the terms are R^T(dO/dy / 3), whatever dO/dy is; so each control's maps are its own.
+    assert not np.allclose(flow.controls["uniform"].maps[0][0], flow.maps[0][0])
+    # Random directions keep the learned norms: the same maps, other directions.
+    np.testing.assert_allclose(flow.controls["random"].maps[1][2], flow.maps[1][2])
+
+
+def test_learned_weights_that_equal_their_shuffle_give_a_zero_paired_difference(image):
+    from asff_viz.analyze.statistics import GradientFlowStatistics, summarize_flow
+
+    flat = tiny_model().double()
+    with torch.no_grad():  # the same weight vector everywhere: shuffling changes nothing
+        for level in flat.fusion.levels:
+            level.weight_logits.weight.zero_()
+            level.weight_logits.bias.copy_(torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64))
+    statistics = GradientFlowStatistics(["learned", "shuffled"])
+    for seed in range(3):
+        noisy = image + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(seed),
+                                          dtype=torch.float64)
+        flow = gradient_flow(flat, noisy, TrainingLoss(LABELS), controls=True, control_seed=seed)
+        for source in range(3):
+            np.testing.assert_array_equal(flow.controls["shuffled"].conflict[source].conflicting,
+                                          flow.conflict[source].conflicting)
+        statistics.add("learned", summarize_flow(flow), f"image{seed}")
+        statistics.add("shuffled", summarize_flow(flow.controls["shuffled"]), f"image{seed}")
+    difference, low, high = statistics.paired_difference("learned", "shuffled", samples=200)
+    finite = np.isfinite(difference)
+    assert finite.any()
+    assert (difference[finite] == 0).all() and (low[finite] == 0).all() and (high[finite] == 0).all()
+
+
+def test_peaked_random_terms_do_not_lower_the_controlled_metric():
+    """The audit's case: random 64-channel terms conflict at a high rate; shrinking two of three terms (peaked
+    weights) drops the rate against uniform with directions unchanged. Against the rolled control (the same
+    peakedness, other sources) the difference is about zero: the controlled metric is not fooled."""
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(3, 64, 32, 32, generator=generator, dtype=torch.float64)
+    winner = torch.randint(0, 3, (32, 32), generator=generator)
+    peaked = torch.full((3, 32, 32), 0.05, dtype=torch.float64)
+    peaked.scatter_(0, winner[None], 0.9)
+    uniform_rate = conflict_statistics(directions / 3).rate
+    learned_rate = conflict_statistics(directions * peaked[:, None]).rate
+    rolled_rate = conflict_statistics(directions * peaked.roll(-1, dims=0)[:, None]).rate
+    assert uniform_rate > 0.8  # the null rate is high
+    assert learned_rate < uniform_rate - 0.5  # peakedness alone "filters" against uniform...
+    assert abs(learned_rate - rolled_rate) < 0.03  # ...but not against the control with the same peakedness
+
+
+def test_paired_bootstrap_against_hand_computed_cases():
+    from asff_viz.analyze.statistics import REGIONS, GradientFlowStatistics
+
+    def record(active, conflicting):
+        counts = np.zeros((3, len(REGIONS)), dtype=np.int64)
+        counts[0, 0] = active
+        conflicts = np.zeros_like(counts)
+        conflicts[0, 0] = conflicting
+        return {"active": counts, "conflicting": conflicts, "objective": 0.0, "value_norms": np.zeros((3, 3)),
+                "weight_branch_norms": np.zeros((3, 3)), "neck_norms": np.zeros(3), "total_norms": np.zeros(3),
+                "fusion_total_norms": np.zeros(3), "region_energy": np.zeros((3, 3, len(REGIONS))),
+                "cancellation": np.zeros((3, len(REGIONS))), "weighted_cancellation": np.zeros((3, len(REGIONS))),
+                "gradient_weight": np.zeros((3, len(REGIONS)))}
+
+    # Two images of 10 active locations: differences 0.1 and 0.3. Resamples are (2, 0), (1, 1), (0, 2) with
+    # probabilities 1/4, 1/2, 1/4, giving 0.1, 0.2, 0.3: the 95 % interval is [0.1, 0.3], the estimate 0.2.
+    statistics = GradientFlowStatistics(["a", "b"])
+    for name, (a, b) in {"one": (5, 4), "two": (7, 4)}.items():
+        statistics.add("a", record(10, a), name)
+        statistics.add("b", record(10, b), name)
+    estimate, low, high = statistics.paired_difference("a", "b", samples=4000, seed=1)
+    assert estimate[0, 0] == pytest.approx(0.2)
+    assert low[0, 0] == pytest.approx(0.1) and high[0, 0] == pytest.approx(0.3)
+    # The same per-image difference everywhere: the interval collapses to it, while the unpaired intervals of
+    # the two modes are wide and overlap.
+    constant = GradientFlowStatistics(["a", "b"])
+    for name, b in {"one": 1, "two": 5, "three": 9}.items():
+        constant.add("a", record(10, b + 1), name)
+        constant.add("b", record(10, b), name)
+    estimate, low, high = constant.paired_difference("a", "b", samples=500)
+    assert estimate[0, 0] == pytest.approx(0.1) and low[0, 0] == pytest.approx(0.1) and high[0, 0] == pytest.approx(0.1)
+    low_a, high_a = constant.bootstrap_interval("a", samples=500)
+    low_b, high_b = constant.bootstrap_interval("b", samples=500)
+    assert low_a[0, 0] < high_b[0, 0]  # the separate intervals overlap
+    with pytest.raises(ValueError, match="same images"):
+        statistics.add("a", record(10, 1), "three")
+        statistics.paired_difference("a", "b")

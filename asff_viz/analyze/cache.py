@@ -166,10 +166,11 @@ class AnalysisCache:
     def gradient_summary(self, model: AnalysedModel, image_path: str | os.PathLike, boxes_xyxy, labels, *,
                          size: int, counterfactual: Counterfactual | str | None = None,
                          significance: float = 0.1, active_fraction: float = 1e-3,
-                         cosine_threshold: float = 0.0) -> dict:
+                         cosine_threshold: float = 0.0, controls: bool = False, control_seed: int = 0) -> dict:
         """The (cached) `summarize_flow` of the training loss of one image against its ground truth.
 
-        boxes_xyxy: (M, 4) ground truth in original pixels; labels: (M,) class indices.
+        boxes_xyxy: (M, 4) ground truth in original pixels; labels: (M,) class indices. With `controls`, the
+        summary also holds "controls": {name: summary} of each control of the conflict metric (`ALL_CONTROLS`).
         """
         counterfactual = as_counterfactual(counterfactual)
         boxes_xyxy = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
@@ -178,19 +179,26 @@ class AnalysisCache:
         key = self.key(kind="gradflow", checkpoint=model.sha256, image=self.image_sha256(image_path), size=size,
                        counterfactual=counterfactual.to_dict(), truth=truth_digest, significance=significance,
                        active_fraction=active_fraction, cosine_threshold=cosine_threshold,
-                       objective="training loss (total), all levels")
+                       objective="training loss (total), all levels", controls=controls,
+                       control_seed=control_seed if controls else None)
         path = self.path("gradflow", key)
         cached = self._load(path, _read_npz)
         if cached is not None:
-            return cached
+            return _unflatten_controls(cached)
         tensor, transform = preprocess(_read(image_path), size)
         truth = ground_truth_labels(boxes_xyxy, labels, transform)
         flow = gradient_flow(model.model, tensor, TrainingLoss(truth), None if counterfactual.is_learned
                              else counterfactual, ground_truth=truth, significance=significance,
-                             active_fraction=active_fraction, cosine_threshold=cosine_threshold)
+                             active_fraction=active_fraction, cosine_threshold=cosine_threshold,
+                             controls=controls, control_seed=control_seed)
         summary = summarize_flow(flow)
+        flat = dict(summary)
+        if controls:
+            summary["controls"] = {name: summarize_flow(control) for name, control in flow.controls.items()}
+            flat.update({f"control:{name}:{field}": value for name, control in summary["controls"].items()
+                         for field, value in control.items()})
         if path is not None:
-            _save_npz(path, **summary)
+            _save_npz(path, **flat)
         return summary
 
 
@@ -217,6 +225,19 @@ def _read(path) -> np.ndarray:
         return read_image(path)
     except ImageError as error:
         raise AnalysisError(str(error)) from None
+
+
+def _unflatten_controls(entry: dict) -> dict:
+    """A cached gradient summary: the control summaries stored as `control:<name>:<field>` back into a dict."""
+    summary = {key: value for key, value in entry.items() if not key.startswith("control:")}
+    controls: dict = {}
+    for key, value in entry.items():
+        if key.startswith("control:"):
+            _, name, field = key.split(":", 2)
+            controls.setdefault(name, {})[field] = value
+    if controls:
+        summary["controls"] = controls
+    return summary
 
 
 def _read_npz(path: Path) -> dict:

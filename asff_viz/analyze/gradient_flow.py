@@ -12,8 +12,16 @@ Outputs (each figure also as .csv):
   gradflow_shares     share of each source's value-path gradient energy coming from each target level
   gradflow_conflict   conflict rate per source level and region, per fusion mode, 95 % bootstrap CI
   gradflow_paths      RMS gradient norm reaching each source by path (value paths, fusion, neck, total)
+  gradflow_conflict_controls  learned minus each control of the conflict metric, paired over images, 95 % CI
   gradflow_conflict_by_level.csv  the same rates at the positives / object background of each target level
   gradflow_per_image.csv          per image and mode: loss, conflict counts per source and region
+
+Controls (computed in the learned weights' own backward pass, unless --no-controls): the conflict rate depends on
+the weights' peakedness and on chance (random 64-channel directions conflict at a high rate), so "learned below
+uniform" alone does not show targeted filtering. Each control changes one thing: shuffled (the learned weight
+vectors at random locations), rolled (the sources permuted: same peakedness), uniform (1/3), random (the learned
+terms' norms in random directions) and with_weight_branch (the weight branch's gradient added to the value path).
+A learned-minus-control difference whose paired interval excludes zero is what the data support.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import logging
 import numpy as np
 
 from ..argtypes import cosine_value, positive_int, unit_interval
+from ..introspection.gradflow import ALL_CONTROLS
 from . import plots
 from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
 from .provenance import preprocessing_record
@@ -55,6 +64,9 @@ def add_parser(subparsers) -> None:
                         help="locations whose gradient is below this x the image's largest are ignored")
     parser.add_argument("--cosine-threshold", type=cosine_value, default=0.0,
                         help="two significant terms conflict when their cosine is below this (default 0)")
+    parser.add_argument("--no-controls", action="store_true",
+                        help="skip the controls of the conflict metric (shuffled, rolled, uniform, random, "
+                             "with the weight branch)")
     parser.add_argument("--bootstrap", type=positive_int, default=1000,
                         help="bootstrap resamples of the images for CIs")
     add_dataset_options(parser)
@@ -117,8 +129,42 @@ def path_rows(statistics: GradientFlowStatistics) -> list[dict]:
     return rows
 
 
+CONTROL_PREFIX = "control: "
+
+
+def control_rows(statistics: GradientFlowStatistics, reference: str, *, samples: int, seed: int
+                 ) -> tuple[list[dict], list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Paired differences `reference` minus each control mode: rows, control names, (M, 3, R) estimate, bounds."""
+    controls = [m for m in statistics.modes if m.startswith(CONTROL_PREFIX) and statistics.images.get(m)]
+    rows, estimates, lowers, uppers = [], [], [], []
+    for control in controls:
+        estimate, lower, upper = statistics.paired_difference(reference, control, samples=samples, seed=seed)
+        estimates.append(estimate)
+        lowers.append(lower)
+        uppers.append(upper)
+        for source in range(3):
+            for region in range(MAIN_REGIONS):
+                low, high = float(lower[source, region]), float(upper[source, region])
+                rows.append({"control": control[len(CONTROL_PREFIX):], "source_level": source,
+                             "source": LEVEL_LABELS[source], "region": REGIONS[region],
+                             "difference": float(estimate[source, region]), "ci95_low": low, "ci95_high": high,
+                             "supported": bool(np.isfinite(low) and np.isfinite(high) and (high < 0 or low > 0)),
+                             "images": statistics.images.get(reference, 0)})
+    if not controls:
+        empty = np.zeros((0, 3, len(REGIONS)))
+        return rows, controls, empty, empty, empty
+    return rows, controls, np.stack(estimates), np.stack(lowers), np.stack(uppers)
+
+
 def write_figures(context: RunContext, statistics: GradientFlowStatistics, *, samples: int) -> None:
-    modes = [m for m in statistics.modes if statistics.images.get(m)]
+    all_modes = [m for m in statistics.modes if statistics.images.get(m)]
+    if any(m.startswith(CONTROL_PREFIX) for m in all_modes):
+        rows, controls, estimates, lower, upper = control_rows(statistics, all_modes[0], samples=samples,
+                                                               seed=context.seed)
+        names = [c[len(CONTROL_PREFIX):] for c in controls]
+        context.figure("gradflow_conflict_controls", lambda: plots.paired_differences(
+            names, estimates, lower, upper, reference=all_modes[0]), rows)
+    modes = [m for m in all_modes if not m.startswith(CONTROL_PREFIX)]
     statistics.modes = modes
     colors = [MODE_COLORS.get(m.split(" ")[0], category_color(3 + i)) for i, m in enumerate(modes)]
     rows, intervals = conflict_rows(statistics, samples=samples, seed=context.seed)
@@ -157,10 +203,16 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
     size = context.size_for(model)
     context.record["preprocessing"] = preprocessing_record(size)
     context.record["objective"] = "training loss (all terms, all levels) against the image's ground truth"
-    context.record["conflict"] = {"significance": args.significance, "active_fraction": args.active_fraction,
-                                  "cosine_threshold": args.cosine_threshold, "bootstrap_resamples": args.bootstrap}
+
     record_dataset_images(context, dataset)
-    statistics = GradientFlowStatistics([label for _, _, label in variants])
+    with_controls = not args.no_controls and variants[0][1].is_learned
+    control_modes = [CONTROL_PREFIX + name for name in ALL_CONTROLS] if with_controls else []
+    context.record["conflict"] = {"significance": args.significance, "active_fraction": args.active_fraction,
+                                  "cosine_threshold": args.cosine_threshold, "bootstrap_resamples": args.bootstrap,
+                                  "controls": ({"names": list(ALL_CONTROLS), "seed": context.seed,
+                                                "reference": variants[0][2], "interval": "paired image bootstrap"}
+                                               if with_controls else None)}
+    statistics = GradientFlowStatistics([label for _, _, label in variants] + control_modes)
     skipped = []
     for image in context.iterate(dataset, total=len(dataset), description="gradflow"):
         truth = image.ground_truth
@@ -168,9 +220,10 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
         summaries = [context.cache.gradient_summary(
             variant_model, image.path, truth.boxes[keep], truth.labels[keep], size=size,
             counterfactual=counterfactual, significance=args.significance, active_fraction=args.active_fraction,
-            cosine_threshold=args.cosine_threshold)
-            for variant_model, counterfactual, _ in variants]
-        finite = [all(np.isfinite(value).all() for value in summary.values()) for summary in summaries]
+            cosine_threshold=args.cosine_threshold, controls=with_controls and index == 0, control_seed=context.seed)
+            for index, (variant_model, counterfactual, _) in enumerate(variants)]
+        finite = [all(np.isfinite(value).all() for key, value in summary.items() if key != "controls")
+                  for summary in summaries]
         if not all(finite):
             # A non-finite loss gradient (an untrained model's overflowing box sizes) would turn every sum into
             # NaN; the image is left out of every mode, so that all modes keep describing the same images.
@@ -179,6 +232,8 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
             continue
         for (_, _, label), summary in zip(variants, summaries, strict=True):
             statistics.add(label, summary, image.file_name)
+        for name, summary in (summaries[0].get("controls") or {}).items():
+            statistics.add(CONTROL_PREFIX + name, summary, image.file_name)
     context.record["skipped_images"] = skipped
     if skipped:
         logger.warning("gradflow: left out %d image(s) with non-finite gradients: %s", len(skipped),

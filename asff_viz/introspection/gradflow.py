@@ -27,7 +27,7 @@ Conflict is measured on the value-path terms only (see `conflict_statistics`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -203,6 +203,7 @@ class GradientDecomposition:
     fused_gradient: list
     weights: list
     counterfactual: Counterfactual
+    controls: dict = field(default_factory=dict)  # control name -> value terms [l][k] (see `CONTROLS`)
 
 
 def input_batch(model: nn.Module, image_tensor: torch.Tensor) -> torch.Tensor:
@@ -218,7 +219,7 @@ def input_batch(model: nn.Module, image_tensor: torch.Tensor) -> torch.Tensor:
 
 def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
                         counterfactual: Counterfactual | str | None = None, *,
-                        through_offsets: bool = False) -> GradientDecomposition:
+                        through_offsets: bool = False, control_weights=None) -> GradientDecomposition:
     """Split the gradient of `objective` at the three neck outputs by path (see the module docstring).
 
     Args:
@@ -229,6 +230,9 @@ def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
         through_offsets: also differentiate through the head's deformable offsets, which the model computes
             from detached guided anchors. Off by default: the analysis is about the gradients training
             sees, and training stops them there.
+        control_weights: optional callable (the 3 weight tensors used, (1, 3, H_l, W_l)) -> {name: 3 weight
+            tensors}; for each, the value-path terms those weights would give under the same upstream gradient
+            dO/dy^l, computed in this pass (`GradientDecomposition.controls`). See `control_weight_maps`.
     """
     # A sum-fusion model is y^l = sum_k R_{k->l}(x^k): the same decomposition with every alpha^l_k = 1.
     plain_sum = not has_fusion_weights(model) and getattr(getattr(model, "fusion", None), "mode", None) == "sum"
@@ -275,6 +279,12 @@ def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
                 value_terms[level][source] = back_through_resize(level, source, direct)[0]
                 weight_terms[level][source] = back_through_resize(
                     level, source, resized_gradient[level][source] - direct)[0]
+        controls = {}
+        if control_weights is not None:
+            for name, weights in control_weights(used_weights).items():
+                controls[name] = [[back_through_resize(level, source, weights[level][:, source:source + 1]
+                                                       * fused_gradient[level])[0] for source in range(3)]
+                                  for level in range(3)]
     return GradientDecomposition(
         objective_value=float(value.detach()),
         value=value_terms, weight_branch=weight_terms,
@@ -284,7 +294,41 @@ def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
         fused_gradient=[g[0].detach() for g in fused_gradient],
         weights=[w[0].detach() for w in used_weights],
         counterfactual=counterfactual,
+        controls=controls,
     )
+
+
+# ----------------------------------------------------------------------------------------------- controls
+
+# Controls of the conflict metric, each computed from the same backward pass as the learned weights (the same
+# upstream gradient dO/dy^l, only the weights of the value path changed):
+#   shuffled: each level's learned weight vectors moved to random locations (same distribution, no spatial
+#             targeting); rolled: the sources permuted, alpha_k <- alpha_{k+1} (same peakedness at every
+#             location, other sources); uniform: 1/3 everywhere (the plain sum's directions).
+# Two more are computed from the learned terms: random: each term's direction replaced by a random one of the
+# same norm (the null of cosines); with_weight_branch: value + weight-branch terms (the whole fusion gradient).
+CONTROLS = ("shuffled", "rolled", "uniform")
+ALL_CONTROLS = (*CONTROLS, "random", "with_weight_branch")
+
+
+def control_weight_maps(weights: list, seed: int = 0) -> dict[str, list]:
+    """The control weights of `CONTROLS` for 3 weight tensors (B, 3, H_l, W_l); seeded, so reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    shuffled, rolled, uniform = [], [], []
+    for level_weights in weights:
+        height, width = level_weights.shape[-2:]
+        order = torch.randperm(height * width, generator=generator).to(level_weights.device)
+        shuffled.append(level_weights.flatten(2)[:, :, order].reshape(level_weights.shape))
+        rolled.append(level_weights.roll(-1, dims=1))
+        uniform.append(torch.full_like(level_weights, 1.0 / 3.0))
+    return {"shuffled": shuffled, "rolled": rolled, "uniform": uniform}
+
+
+def random_direction_terms(terms: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(L, C, H, W) terms -> terms of the same per-location norms in random (isotropic) directions."""
+    noise = torch.randn(terms.shape, generator=generator, dtype=torch.float64).to(terms.device)
+    noise = noise / noise.norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    return noise * terms.double().norm(dim=1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------------------------- conflict
@@ -394,6 +438,7 @@ class GradientFlow:
     positives_at_source: list | None = None
     background_at_source: list | None = None
     conflict_rate_at_objects: np.ndarray | None = None
+    controls: dict = field(default_factory=dict)  # name -> GradientFlow of that control (see `ALL_CONTROLS`)
 
     @property
     def mean_cancellation(self) -> np.ndarray:
@@ -415,7 +460,7 @@ def _norm_map(tensor: torch.Tensor) -> np.ndarray:
 def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
                   counterfactual: Counterfactual | str | None = None, *, ground_truth=None,
                   significance: float = 0.1, active_fraction: float = 1e-3, cosine_threshold: float = 0.0,
-                  through_offsets: bool = False) -> GradientFlow:
+                  through_offsets: bool = False, controls: bool = False, control_seed: int = 0) -> GradientFlow:
     """The gradient-flow analysis of `objective` on one image.
 
     Args:
@@ -428,9 +473,13 @@ def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
             `TrainingLoss` objective when not given.
         significance, active_fraction, cosine_threshold: thresholds of `conflict_statistics`.
         through_offsets: see `decompose_gradients` (off: the gradients training sees).
+        controls: also compute the conflict statistics of every control of `ALL_CONTROLS` in this pass
+            (`GradientFlow.controls`, each a GradientFlow whose conflict fields are the control's); seeded by
+            `control_seed`.
     """
-    decomposition = decompose_gradients(model, image_tensor, objective, counterfactual,
-                                        through_offsets=through_offsets)
+    decomposition = decompose_gradients(
+        model, image_tensor, objective, counterfactual, through_offsets=through_offsets,
+        control_weights=(lambda weights: control_weight_maps(weights, control_seed)) if controls else None)
     size = int(image_tensor.shape[-1])
     value_norm = np.array([[float(decomposition.value[l][k].double().norm()) for k in range(3)] for l in range(3)])
     weight_norm = np.array([[float(decomposition.weight_branch[l][k].double().norm()) for k in range(3)]
@@ -460,17 +509,56 @@ def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
     if ground_truth is not None:
         positives, background = ground_truth_cells(np.asarray(ground_truth, dtype=np.float64), model.config, size)
         flow.positives, flow.background = positives, background
-        flow.positives_at_source, flow.background_at_source, rates = [], [], []
+        flow.positives_at_source, flow.background_at_source = [], []
         for source in range(3):
             shape = flow.maps[0][source].shape
             on_source = np.stack([resample_mask(p, shape) for p in positives])
             flow.positives_at_source.append(on_source)
             flow.background_at_source.append(np.stack([resample_mask(b, shape) for b in background]))
-            objects = on_source.any(axis=0) & conflict[source].active
-            rates.append(float((conflict[source].conflicting & objects).sum() / objects.sum())
-                         if objects.any() else math.nan)
-        flow.conflict_rate_at_objects = np.array(rates)
+        flow.conflict_rate_at_objects = _rates_at_objects(conflict, flow.positives_at_source)
+    if controls:
+        flow.controls = _control_flows(flow, decomposition, significance, active_fraction, cosine_threshold,
+                                       control_seed)
     return flow
+
+
+def _rates_at_objects(conflict: list, positives_at_source: list) -> np.ndarray:
+    """(3,) conflict rate among the active locations of each source that are a positive of some level."""
+    rates = []
+    for source, statistics in enumerate(conflict):
+        objects = np.asarray(positives_at_source[source]).any(axis=0) & statistics.active
+        rates.append(float((statistics.conflicting & objects).sum() / objects.sum()) if objects.any() else math.nan)
+    return np.array(rates)
+
+
+def _control_flows(flow: GradientFlow, decomposition: GradientDecomposition, significance: float,
+                   active_fraction: float, cosine_threshold: float, seed: int) -> dict:
+    """name -> GradientFlow of each control: the learned flow with the control's value terms, maps and conflict
+    statistics (the thresholds are the learned ones, so each difference is the weights' alone)."""
+    generator = torch.Generator().manual_seed(seed)
+    learned = decomposition.value
+    terms_of = {**decomposition.controls,
+                "with_weight_branch": [[learned[l][k] + decomposition.weight_branch[l][k] for k in range(3)]
+                                       for l in range(3)]}
+    result = {}
+    for name in ALL_CONTROLS:
+        conflict = []
+        for source in range(3):
+            if name == "random":
+                stacked = random_direction_terms(torch.stack([learned[l][source].cpu() for l in range(3)]), generator)
+            else:
+                stacked = torch.stack([terms_of[name][l][source].cpu() for l in range(3)])
+            conflict.append(conflict_statistics(stacked, significance, active_fraction, cosine_threshold))
+        terms = learned if name == "random" else terms_of[name]
+        active_total = sum(int(c.active.sum()) for c in conflict)
+        overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else 0.0
+        control = replace(flow, conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]),
+                          overall_conflict_rate=overall, controls={},
+                          maps=[[_norm_map(terms[l][k]) for k in range(3)] for l in range(3)])
+        if flow.positives_at_source is not None:
+            control.conflict_rate_at_objects = _rates_at_objects(conflict, flow.positives_at_source)
+        result[name] = control
+    return result
 
 
 def compare_with_uniform(model: nn.Module, image_tensor: torch.Tensor, objective, **kwargs
