@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -433,6 +434,12 @@ def test_scale_stats_end_to_end_and_replot_from_cache(fixture_dir, tmp_path, mon
     assert second.cache.hits == 3 and second.cache.misses == 0
     assert (out / "scale_stats.csv").read_text() == before
     assert json.loads((out / "run.json").read_text())["cache"]["hits"] == 3
+    # From the command line with no checkpoint and no cache: `replot` reads scale_stats.npz and run.json.
+    shutil.rmtree(out / "cache")
+    (out / "scale_stats.csv").unlink()
+    run_command("replot", out)
+    assert (out / "scale_stats.csv").read_text() == before
+    check_figure(out, "fusion_composition")
 
 
 def test_gradflow_end_to_end_with_sum_checkpoint(fixture_dir, tmp_path):
@@ -453,6 +460,33 @@ def test_gradflow_end_to_end_with_sum_checkpoint(fixture_dir, tmp_path):
     assert len(read_rows(out / "gradflow_per_image.csv")) == 3 * 3  # images x modes
     record = json.loads((out / "run.json").read_text())
     assert [c["fusion"] for c in record["checkpoints"]] == ["asff", "sum"]
+    # The controls of the conflict metric: learned minus each, paired over the same images.
+    check_figure(out, "gradflow_conflict_controls")
+    controls = read_rows(out / "gradflow_conflict_controls.csv")
+    assert {r["control"] for r in controls} == {"shuffled", "rolled", "uniform", "random", "with_weight_branch"}
+    for row in controls:
+        if row["difference"]:
+            low, value, high = float(row["ci95_low"]), float(row["difference"]), float(row["ci95_high"])
+            assert low <= value + 1e-12 and value <= high + 1e-12 and -1 <= value <= 1
+    assert record["conflict"]["controls"]["reference"] == "learned"
+
+    # Re-plot with no model: the checkpoints are gone, the figures come back equal.
+    before = {name: (out / name).read_bytes() for name in ("gradflow_conflict.csv", "gradflow_conflict_controls.csv")}
+    for name in before:
+        (out / name).unlink()
+    (out / "gradflow_conflict.png").unlink()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for checkpoint in ("asff.pt", "sum.pt"):
+        (fixture_dir / checkpoint).rename(moved / checkpoint)
+    try:
+        run_command("replot", out)
+    finally:
+        for checkpoint in ("asff.pt", "sum.pt"):
+            (moved / checkpoint).rename(fixture_dir / checkpoint)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    check_figure(out, "gradflow_conflict")
+    assert len(json.loads((out / "run.json").read_text())["replots"]) == 1
 
 
 def test_evolution_end_to_end(fixture_dir, tmp_path):

@@ -1,6 +1,7 @@
 """The command line: `python -m asff_viz.analyze <command> ... --out DIR`.
 
-Commands: figure3, scale-stats, gradflow, evolution, compare (each with --help). Every command writes its
+Commands: figure3, scale-stats, gradflow, evolution, compare (each with --help), and replot DIR, which re-draws a
+scale-stats or gradflow run's figures from its saved statistics with no model. Every command writes its
 figures as NAME.pdf + NAME.png (300 dpi) with the numbers behind them in NAME.csv, a run.json recording how to
 regenerate them, and caches per-image model results under OUT/cache (or --cache), so that running the same
 command again re-plots without re-running the model.
@@ -18,10 +19,10 @@ from ..checkpoint import CheckpointError
 from ..data.errors import DatasetError
 from ..introspection.trace import TraceError
 from ..transforms import ImageError
-from . import compare, evolution, figure3, gradient_flow, scale_stats
+from . import compare, evolution, figure3, gradient_flow, replot, scale_stats
 from .inputs import AnalysisError
 
-COMMANDS = (figure3, scale_stats, gradient_flow, evolution, compare)
+COMMANDS = (figure3, scale_stats, gradient_flow, evolution, compare, replot)
 
 
 def build_parser() -> argparse.ArgumentParser:

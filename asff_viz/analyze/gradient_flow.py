@@ -240,6 +240,7 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
                        ", ".join(s["image"] for s in skipped[:5]))
     if not any(statistics.images.values()):
         raise AnalysisError("gradflow: every image gave non-finite gradients; is the checkpoint trained?")
+    context.record.add_outputs([statistics.save(context.out / "gradflow_statistics.npz")])  # for `replot`
     write_figures(context, statistics, samples=args.bootstrap)
     context.finish()
     return context

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write
+
 # Object size bins by sqrt(area) in original pixels. 32 and 96 are edges, so COCO's small (area < 32^2),
 # medium (32^2 <= area < 96^2) and large bins are unions of these finer ones.
 FINE_SIZE_EDGES = (0.0, 16.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0, math.inf)
@@ -616,6 +618,43 @@ class GradientFlowStatistics:
             warnings.simplefilter("ignore", RuntimeWarning)
             return (estimate, np.nanpercentile(differences, tail, axis=0),
                     np.nanpercentile(differences, 100 - tail, axis=0))
+
+    PER_IMAGE_ARRAYS = ("active", "conflicting", "cancellation")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Everything `write_figures` needs, as one .npz (no pickles): re-plotting needs no model."""
+        header = {"modes": list(self.modes), "images": self.images,
+                  "per_image": {mode: [{"image": r["image"], "objective": r["objective"]} for r in records]
+                                for mode, records in self.per_image.items()}}
+        arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+        for index, mode in enumerate(self.modes):
+            for name, value in self.sums.get(mode, {}).items():
+                arrays[f"sum/{index}/{name}"] = np.asarray(value, dtype=np.float64)
+            records = self.per_image.get(mode, [])
+            for name in self.PER_IMAGE_ARRAYS:
+                if records:
+                    arrays[f"per_image/{index}/{name}"] = np.stack([r[name] for r in records])
+        atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GradientFlowStatistics:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(data["header"].tobytes().decode())
+            statistics = cls(list(header["modes"]))
+            statistics.images = {mode: int(count) for mode, count in header["images"].items()}
+            for index, mode in enumerate(statistics.modes):
+                prefix = f"sum/{index}/"
+                sums = {name[len(prefix):]: data[name] for name in data.files if name.startswith(prefix)}
+                if sums:
+                    statistics.sums[mode] = sums
+                described = header["per_image"].get(mode, [])
+                if described:
+                    arrays = {name: data[f"per_image/{index}/{name}"] for name in cls.PER_IMAGE_ARRAYS}
+                    statistics.per_image[mode] = [
+                        {**entry, **{name: arrays[name][position] for name in cls.PER_IMAGE_ARRAYS}}
+                        for position, entry in enumerate(described)]
+        return statistics
 
     def per_image_rows(self) -> list[dict]:
         rows = []

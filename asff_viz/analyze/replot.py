@@ -1,0 +1,76 @@
+"""`replot DIR`: re-draw the figures of an earlier `scale-stats` or `gradflow` run from what it saved
+(scale_stats.npz, gradflow_statistics.npz and run.json), with no checkpoint, no dataset and no model.
+
+    python -m asff_viz.analyze replot runs/analysis/gradflow [--png-dpi 600]
+
+The figures and tables are rewritten in DIR with the run's own settings (thresholds, bootstrap resamples, seed);
+run.json keeps its record and gains a `replots` entry. figure3, compare and evolution keep their per-image
+results in their cache: re-running them with the same arguments re-plots without running the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..argtypes import positive_int
+from ..fileio import atomic_write_text
+from .inputs import AnalysisError
+
+REPLOTTABLE = {"scale-stats": "scale_stats.npz", "gradflow": "gradflow_statistics.npz"}
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("replot", help="re-draw a scale-stats or gradflow run's figures from its files",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", type=Path, help="the --out folder of the earlier run")
+    parser.add_argument("--png-dpi", type=positive_int, default=None, help="resolution (default: the run's)")
+    parser.add_argument("--no-progress", action="store_true", help="accepted like the other commands' (no bar here)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, argv=None):
+    from .runner import RunContext
+
+    directory = Path(args.directory)
+    record_path = directory / "run.json"
+    if not record_path.is_file():
+        raise AnalysisError(f"{directory}: no run.json; pass the --out folder of a scale-stats or gradflow run.")
+    try:
+        record = json.loads(record_path.read_text())
+        command = record["command"]
+        arguments = dict(record["arguments"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise AnalysisError(f"{record_path}: not a run.json of asff_viz.analyze ({error}).") from None
+    if command not in REPLOTTABLE:
+        raise AnalysisError(f"{directory}: a {command!r} run; replot reads scale-stats and gradflow runs (figure3, "
+                            "compare and evolution re-plot from their cache when run again with the same arguments).")
+    data_path = directory / REPLOTTABLE[command]
+    if not data_path.is_file():
+        raise AnalysisError(f"{data_path}: missing; it is written by {command} runs of this version.")
+    arguments.update(out=str(directory), no_cache=True, cache=None, device="cpu", no_progress=True)
+    if args.png_dpi is not None:
+        arguments["png_dpi"] = args.png_dpi
+    namespace = argparse.Namespace(**arguments)
+    context = RunContext(command, namespace, argv)
+    if command == "scale-stats":
+        from .scale_stats import write_figures
+        from .statistics import FusionStatistics
+
+        write_figures(context, FusionStatistics.load(data_path), min_count=int(arguments.get("min_count", 5)))
+    else:
+        from .gradient_flow import write_figures
+        from .statistics import GradientFlowStatistics
+
+        write_figures(context, GradientFlowStatistics.load(data_path), samples=int(arguments.get("bootstrap", 1000)))
+    replots = list(record.get("replots", []))
+    replots.append({"command_line": "python -m asff_viz.analyze " + shlex.join(sys.argv[1:] if argv is None
+                                                                                 else argv),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": context.record.data["code"],
+                    "outputs": sorted({str(Path(p).name) for p in context.record.data["outputs"]})})
+    atomic_write_text(record_path, json.dumps({**record, "replots": replots}, indent=2) + "\n")
+    return context
