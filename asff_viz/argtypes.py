@@ -23,32 +23,21 @@ def _number(text: str, kind: type) -> int | float:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(kind: type, minimum: float, strict: bool):
+    """An argparse type: a number of `kind` that is > minimum (`strict`) or >= minimum."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if value < minimum or (strict and value == minimum):
+            bound = f"more than {minimum:g}" if strict else f"at least {minimum:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+positive_int = _at_least(int, 1, strict=False)
+non_negative_int = _at_least(int, 0, strict=False)
+positive_float = _at_least(float, 0.0, strict=True)
+non_negative_float = _at_least(float, 0.0, strict=False)
 
 
 def unit_interval(text: str) -> float:

@@ -281,6 +281,7 @@ def test_the_app_in_chromium(server, tmp_path):
     -> upload sequence, two sessions, and the timings (reported in timings.json, not asserted)."""
     playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
     from asff_viz.app.figures import plotly_colorscale
+    from asff_viz.bench import cpu_model
     from asff_viz.samples import sample_path
 
     shots = Path(os.environ.get("ASFF_VIZ_SCREENSHOTS", tmp_path / "screenshots"))
@@ -293,7 +294,7 @@ def test_the_app_in_chromium(server, tmp_path):
         uploads[name] = (tmp_path / name, width, height)
         cv2.imwrite(str(tmp_path / name), cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
     timings = {"weights": "embedded default" if weights is None else str(weights), "input_size": 416,
-               "device": "cpu", "cpu": _cpu_name()}
+               "device": "cpu", "cpu": cpu_model()}
     downloads = {}
 
     with playwright_api.sync_playwright() as playwright:
@@ -446,13 +447,3 @@ def test_the_app_in_chromium(server, tmp_path):
     assert {"trace.npz", "detections.json"} <= set(downloads["fusion"])
     assert {"gradient_flow.png", "gradient_flow.pdf", "gradient_flow.json"} <= set(downloads["gradient"])
     assert {"fusion_by_size_objects.csv", "fusion_by_size.csv"} <= set(downloads["across"])
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"

@@ -80,14 +80,20 @@ def server_root() -> Path:
     return Path(os.environ.get(SERVER_ROOT_ENV) or Path.cwd()).expanduser().resolve()
 
 
-def server_file(text: str, what: str) -> Path:
-    """A typed server path -> the file, refused (InputError) when it is outside `server_root()` or missing."""
+def _server_path(text: str) -> tuple[Path, Path]:
+    """(the typed path, its resolved form), refused (InputError) when it is outside `server_root()`."""
     root = server_root()
     path = Path(text).expanduser()
     resolved = (path if path.is_absolute() else root / path).resolve()
     if not resolved.is_relative_to(root):
         raise InputError(f"{path}: outside {root}, the folder this app may read. Upload the file instead, or "
                          f"start the app with {SERVER_ROOT_ENV} set to a folder that holds it.")
+    return path, resolved
+
+
+def server_file(text: str, what: str) -> Path:
+    """A typed server path -> the file, refused (InputError) when it is outside `server_root()` or missing."""
+    path, resolved = _server_path(text)
     if not resolved.is_file():
         raise InputError(f"{path}: no such {what} on the server. Check the path.")
     return resolved
@@ -95,12 +101,7 @@ def server_file(text: str, what: str) -> Path:
 
 def server_folder(text: str) -> Path:
     """A typed server folder -> the folder, refused (InputError) outside `server_root()` or when missing."""
-    root = server_root()
-    path = Path(text).expanduser()
-    resolved = (path if path.is_absolute() else root / path).resolve()
-    if not resolved.is_relative_to(root):
-        raise InputError(f"{path}: outside {root}, the folder this app may read. Start the app with "
-                         f"{SERVER_ROOT_ENV} set to a folder that holds it.")
+    path, resolved = _server_path(text)
     if not resolved.is_dir():
         raise InputError(f"{path}: no such folder on the server. Check the path.")
     return resolved
