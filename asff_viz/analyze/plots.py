@@ -426,30 +426,35 @@ def conflict_bars(modes: Sequence[str], rates: np.ndarray, lower: np.ndarray, up
 
 def paired_differences(controls: Sequence[str], estimates: np.ndarray, lower: np.ndarray, upper: np.ndarray, *,
                        reference: str = "learned", regions: Sequence[int] = (0, 1, 2), width: float = COLUMN_WIDTH,
-                       height: float = 1.9) -> Figure:
+                       height: float = 2.0) -> Figure:
     """Conflict rate of `reference` minus each control, per region (panel) and source level (group), with the
-    95 % paired bootstrap interval; below zero = fewer conflicts than the control.
+    95 % paired bootstrap interval; below zero = fewer conflicts than the control. A region with no location on
+    a grid (object background at stride 32) is marked n/a.
 
     estimates, lower, upper: (M controls, 3 sources, R regions).
     """
     figure = new_figure(width, height)
-    axes = figure.subplots(1, len(regions), sharey=True)
+    axes = np.atleast_1d(figure.subplots(1, len(regions), sharey=True))
     bar_width = 0.8 / max(len(controls), 1)
     positions = np.arange(3)
-    for ax, region in zip(np.atleast_1d(axes), regions, strict=True):
+    for ax, region in zip(axes, regions, strict=True):
         ax.axhline(0.0, color=OKABE_ITO["grey"], linewidth=0.5)
         for index, control in enumerate(controls):
             values = estimates[index, :, region]
-            errors = np.nan_to_num(np.clip(np.stack([values - lower[index, :, region],
-                                                     upper[index, :, region] - values]), 0, None))
+            shown = np.isfinite(values)
+            errors = np.clip(np.stack([values - lower[index, :, region], upper[index, :, region] - values]), 0, None)
             offset = (index - (len(controls) - 1) / 2) * bar_width
-            ax.errorbar(positions + offset, np.nan_to_num(values), yerr=errors, fmt="o", markersize=2.2,
-                        color=category_color(index), elinewidth=0.6, capsize=1.0, label=control)
-        ax.set_xticks(positions, [LEVEL_LABELS[source].split(" ")[0] for source in range(3)])
-        ax.set_title(REGIONS[region])
-    np.atleast_1d(axes)[0].set_ylabel(f"{reference} $-$ control\nconflict rate")
-    figure.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside upper center",
-                  ncol=min(len(controls), 5), handlelength=1.0)
+            ax.errorbar((positions + offset)[shown], values[shown], yerr=np.nan_to_num(errors[:, shown]), fmt="o",
+                        markersize=2.2, color=category_color(index), elinewidth=0.6, capsize=1.0,
+                        label=control.replace("_", " "))
+        for source in range(3):
+            if not np.isfinite(estimates[:, source, region]).any():
+                ax.text(source, 0.0, "n/a", ha="center", va="bottom", fontsize=5, color=OKABE_ITO["grey"])
+        ax.set_xticks(positions, [SHORT_LEVEL_LABELS[source] for source in range(3)])
+        ax.set_title(_region_short(REGIONS[region]))
+    axes[0].set_ylabel(f"{reference} $-$ control\nconflict rate")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncol=3, handlelength=1.0,
+                  columnspacing=0.8)
     return figure
 
 
