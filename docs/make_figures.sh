@@ -74,7 +74,11 @@ copy figure3/figure3_overview figure3_overview
 for name in fusion_composition fusion_by_size fusion_by_fine_size fusion_by_class fusion_by_outcome; do
   copy "scale-stats/$name" "$name"
 done
-for name in gradflow_conflict gradflow_shares gradflow_paths; do copy "gradflow/$name" "$name"; done
+for name in gradflow_conflict gradflow_shares gradflow_paths gradflow_conflict_controls; do
+  copy "gradflow/$name" "$name"
+done
+# The numbers behind the controls figure and how they were made, next to it.
+cp "$OUT/gradflow/gradflow_conflict_controls.csv" "$FIGURES/" && cp "$OUT/gradflow/run.json" "$FIGURES/gradflow_run.json"
 for name in compare_ap compare_recall compare_fusion compare_detections; do copy "compare/$name" "$name"; done
 for name in evolution_fusion evolution_training_fusion evolution_gradient_norms evolution_metrics; do
   copy "evolution/$name" "$name"
