@@ -423,6 +423,9 @@ def test_scale_stats_end_to_end_and_replot_from_cache(fixture_dir, tmp_path, mon
     boxes = sum(int(r["boxes"]) for r in rows if r["target_level"] == "0" and r["source_level"] == "0")
     assert boxes == len(annotations)  # every ground-truth box is counted once
     assert FusionStatistics.load(out / "scale_stats.npz").images == 3
+    contrasts = read_rows(out / "fusion_contrasts.csv")
+    assert {r["contrast"] for r in contrasts} >= {"small - background", "large - small"}
+    assert all(int(r["images"]) == 3 for r in contrasts)
     assert first.cache.misses == 3 and first.cache.hits == 0
     before = (out / "scale_stats.csv").read_text()
 
@@ -568,3 +571,38 @@ def test_cache_entries_are_keyed_on_the_statistic_version_and_the_code(monkeypat
     assert cache_module.AnalysisCache.key(kind="gradflow", image="x") != key, "a new statistic version reused a key"
     monkeypatch.setattr(cache_module, "code_identity", lambda: {**identity, "git_sha": "0" * 40})
     assert cache_module.AnalysisCache.key(kind="gradflow", image="x") != key
+
+
+def test_scale_stats_contrasts_are_paired_over_images(tmp_path):
+    statistics = FusionStatistics(["a"])
+    rng = np.random.default_rng(0)
+    small_bin = int(size_bins([10.0 ** 2])[0])
+    large_bin = int(size_bins([200.0 ** 2])[0])
+    shift = np.zeros((3, 3))
+    shift[2, 2] = 0.05
+    for _ in range(6):  # each image: its small boxes are its background + 0.05 at (stride 8, stride 8)
+        background = rng.dirichlet([1, 1, 1], size=3)
+        statistics.add_image(np.stack([background + shift] * 2), [small_bin, small_bin], background)
+    estimate, low, high, images = statistics.contrast("small", "background", samples=300)
+    assert images == 6
+    np.testing.assert_allclose(estimate, shift, atol=1e-12)
+    np.testing.assert_allclose(low, shift, atol=1e-12)  # the same difference in every image: no spread
+    np.testing.assert_allclose(high, shift, atol=1e-12)
+    # A group missing everywhere gives NaN, not a number.
+    assert np.isnan(statistics.contrast("large", "background", samples=50)[0]).all()
+    # Two images whose large boxes differ from their small ones by 0.1 and 0.3 (one box each): the estimate
+    # pools both (0.2) and the resamples (2, 0), (1, 1), (0, 2) give the interval [0.1, 0.3].
+    pair = FusionStatistics(["a"])
+    for gap in (0.1, 0.3):
+        small = np.full((3, 3), 0.2)
+        pair.add_image(np.stack([small, small + gap]), [small_bin, large_bin], None)
+    estimate, low, high, _ = pair.contrast("large", "small", samples=4000, seed=2)
+    assert estimate[0, 0] == pytest.approx(0.2) and low[0, 0] == pytest.approx(0.1) and high[0, 0] == pytest.approx(0.3)
+    path = pair.save(tmp_path / "stats.npz")
+    loaded = FusionStatistics.load(path)
+    np.testing.assert_array_equal(loaded.image_sums, pair.image_sums)
+    np.testing.assert_array_equal(loaded.image_counts, pair.image_counts)
+    merged = FusionStatistics(["a"])
+    merged.merge(pair)
+    merged.merge(statistics)
+    assert len(merged.image_counts) == 8

@@ -199,9 +199,11 @@ def add_image_statistics(statistics: FusionStatistics, result: ImageResult, trut
         background = background_weights(result.fusion_weights, truth.boxes / scale, result.strides)
         if background is not None:
             statistics.add_background(background)
-    if result.fusion_weights is not None and len(boxes):
-        weights = np.stack([mean_weights_in_box(result.fusion_weights, box / scale, result.strides) for box in boxes])
-        statistics.add(weights, sizes, labels, outcomes)
+        weights = (np.stack([mean_weights_in_box(result.fusion_weights, box / scale, result.strides)
+                             for box in boxes]) if len(boxes) else np.zeros((0, 3, 3)))
+        if len(boxes):
+            statistics.add(weights, sizes, labels, outcomes)
+        statistics.add_image(weights[:len(truth_boxes)], sizes[:len(truth_boxes)], background)
     elif len(boxes):
         np.add.at(statistics.counts, (sizes, labels, outcomes), 1)
     statistics.images += 1

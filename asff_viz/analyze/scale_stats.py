@@ -13,6 +13,7 @@ Outputs (each figure also as .csv with the numbers drawn):
   fusion_by_fine_size  mean and quartiles against sqrt(area), per target level (lines)
   fusion_by_class      mean weight per class and (target, source) (heatmap)
   fusion_by_outcome    distributions for true positives, misses and false positives (violins)
+  fusion_contrasts.csv small/medium/large minus background, large minus small, ...: paired over images, 95 % CI
   scale_stats.csv      every group: size bin x class x outcome x target x source (long format)
   outcome_counts.csv   boxes per size and outcome, recall and precision at the matching threshold
   scale_stats.npz      the accumulators themselves (FusionStatistics.load), for re-plotting and merging
@@ -21,6 +22,8 @@ Outputs (each figure also as .csv with the numbers drawn):
 from __future__ import annotations
 
 import argparse
+
+import numpy as np
 
 from ..argtypes import positive_int
 from . import plots
@@ -79,6 +82,26 @@ def full_rows(statistics: FusionStatistics) -> list[dict]:
     return rows
 
 
+CONTRASTS = (("small", "background"), ("medium", "background"), ("large", "background"), ("large", "small"),
+             ("medium", "small"))
+
+
+def contrast_rows(statistics: FusionStatistics, *, seed: int = 0, samples: int = 1000) -> list[dict]:
+    """Paired differences of mean weights between size groups and the background, with 95 % bootstrap
+    intervals over images (`FusionStatistics.contrast`)."""
+    rows = []
+    for first, second in CONTRASTS:
+        estimate, lower, upper, images = statistics.contrast(first, second, samples=samples, seed=seed)
+        for target in range(3):
+            for source in range(3):
+                low, high = float(lower[target, source]), float(upper[target, source])
+                rows.append({"target_level": target, "source_level": source, "contrast": f"{first} - {second}",
+                             "difference": float(estimate[target, source]), "ci95_low": low, "ci95_high": high,
+                             "supported": bool(np.isfinite(low) and np.isfinite(high) and (low > 0 or high < 0)),
+                             "images": images})
+    return rows
+
+
 def write_figures(context: RunContext, statistics: FusionStatistics, *, min_count: int = 5) -> None:
     """All figures and tables of scale-stats from the accumulated statistics (no model needed)."""
     by_size = statistics.by_coco_size_and_background()
@@ -96,6 +119,7 @@ def write_figures(context: RunContext, statistics: FusionStatistics, *, min_coun
                      f"TP: IoU $\\geq$ {context.args.match_iou:g})")
     context.figure("fusion_by_outcome", lambda: plots.violin_grid(
         by_outcome, tick_labels=["TP", "miss", "FP"], xlabel=outcome_label), summary_rows(by_outcome, "outcome"))
+    context.table("fusion_contrasts", contrast_rows(statistics, seed=context.seed))
     context.table("scale_stats", full_rows(statistics))
     context.table("outcome_counts", statistics.outcome_counts())
     path = statistics.save(context.out / "scale_stats.npz")

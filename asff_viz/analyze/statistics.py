@@ -272,6 +272,11 @@ class FusionStatistics:
     background_sums: np.ndarray = field(default=None)
     background_squares: np.ndarray = field(default=None)
     background_histogram: np.ndarray = field(default=None)
+    # Per image, for paired intervals over images: sums and counts of the ground-truth boxes' (3, 3) means by
+    # COCO size, and the background's (3, 3) (NaN when the image has no cell outside its boxes).
+    image_sums: np.ndarray = field(default=None)
+    image_counts: np.ndarray = field(default=None)
+    image_background: np.ndarray = field(default=None)
 
     def __post_init__(self) -> None:
         shape = (len(FINE_SIZE_LABELS), len(self.class_names), len(OUTCOMES))
@@ -280,6 +285,10 @@ class FusionStatistics:
             self.sums = np.zeros((*shape, LEVELS, LEVELS), dtype=np.float64)
             self.squares = np.zeros((*shape, LEVELS, LEVELS), dtype=np.float64)
             self.histograms = np.zeros((*shape, LEVELS, LEVELS, self.bins), dtype=np.int64)
+        if self.image_sums is None:
+            self.image_sums = np.zeros((0, len(COCO_SIZE_LABELS), LEVELS, LEVELS), dtype=np.float64)
+            self.image_counts = np.zeros((0, len(COCO_SIZE_LABELS)), dtype=np.int64)
+            self.image_background = np.zeros((0, LEVELS, LEVELS), dtype=np.float64)
         if self.background_sums is None:
             self.background_sums = np.zeros((LEVELS, LEVELS), dtype=np.float64)
             self.background_squares = np.zeros((LEVELS, LEVELS), dtype=np.float64)
@@ -306,6 +315,67 @@ class FusionStatistics:
         self.background_squares += weights ** 2
         np.add.at(self.background_histogram, _histogram_index(weights, self.bins), 1)
 
+    def add_image(self, truth_weights, truth_size_index, background) -> None:
+        """One image's per-image record: its ground-truth boxes' (N, 3, 3) means with their fine size bins, and
+        its background (3, 3) or None."""
+        weights = np.asarray(truth_weights, dtype=np.float64).reshape(-1, LEVELS, LEVELS)
+        coco = np.asarray(COCO_SIZE_OF_FINE)[np.asarray(truth_size_index, dtype=np.int64).reshape(-1)]
+        sums = np.zeros((1, len(COCO_SIZE_LABELS), LEVELS, LEVELS))
+        counts = np.zeros((1, len(COCO_SIZE_LABELS)), dtype=np.int64)
+        np.add.at(sums[0], coco, weights)
+        np.add.at(counts[0], coco, 1)
+        row = np.full((1, LEVELS, LEVELS), np.nan) if background is None else np.asarray(
+            background, dtype=np.float64).reshape(1, LEVELS, LEVELS)
+        self.image_sums = np.concatenate([self.image_sums, sums])
+        self.image_counts = np.concatenate([self.image_counts, counts])
+        self.image_background = np.concatenate([self.image_background, row])
+
+    GROUPS = (*COCO_SIZE_LABELS, "background")
+
+    def contrast(self, first: str, second: str, samples: int = 1000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(3, 3) mean weight of group `first` minus group `second` (COCO sizes or "background"), with the
+        percentile bootstrap interval of that paired difference over images (both groups pooled over the same
+        resampled images), and the number of images. A size's mean pools its boxes (sum / count); the
+        background's is the mean over the images that have one."""
+        for name in (first, second):
+            if name not in self.GROUPS:
+                raise ValueError(f"unknown group {name!r}; expected one of {self.GROUPS}")
+        images = len(self.image_counts)
+        if images == 0:
+            nan = np.full((LEVELS, LEVELS), np.nan)
+            return nan, nan.copy(), nan.copy(), 0
+
+        def means(weights: np.ndarray) -> list[np.ndarray]:
+            """(B, N) image weights -> per group (B, 3, 3) pooled means."""
+            result = []
+            for name in (first, second):
+                if name == "background":
+                    present = np.isfinite(self.image_background[:, 0, 0]).astype(np.float64)
+                    total = np.einsum("bn,nts->bts", weights * present, np.nan_to_num(self.image_background))
+                    count = (weights * present).sum(axis=1)[:, None, None]
+                else:
+                    size = COCO_SIZE_LABELS.index(name)
+                    total = np.einsum("bn,nts->bts", weights, self.image_sums[:, size])
+                    count = (weights @ self.image_counts[:, size].astype(np.float64))[:, None, None]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    result.append(total / count)
+            return result
+
+        estimate = np.subtract(*means(np.ones((1, images))))[0]
+        rng = np.random.default_rng(seed)
+        differences = []
+        for start in range(0, samples, 200):
+            chunk = min(200, samples - start)
+            weights = rng.multinomial(images, np.full(images, 1.0 / images), size=chunk).astype(np.float64)
+            differences.append(np.subtract(*means(weights)))
+        differences = np.concatenate(differences)
+        tail = (1.0 - level) / 2 * 100
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return (estimate, np.nanpercentile(differences, tail, axis=0),
+                    np.nanpercentile(differences, 100 - tail, axis=0), images)
+
     def background(self) -> WeightSummary:
         """The background's summary; its count is the number of images, not of boxes."""
         return WeightSummary.from_sums(self.background_count, self.background_sums, self.background_squares,
@@ -317,6 +387,8 @@ class FusionStatistics:
         for name in ("counts", "sums", "squares", "histograms", "background_sums", "background_squares",
                      "background_histogram"):
             getattr(self, name).__iadd__(getattr(other, name))
+        for name in ("image_sums", "image_counts", "image_background"):
+            setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
         self.images += other.images
         self.background_count += other.background_count
 
@@ -378,7 +450,8 @@ class FusionStatistics:
         np.savez_compressed(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
                             counts=self.counts, sums=self.sums, squares=self.squares, histograms=self.histograms,
                             background_sums=self.background_sums, background_squares=self.background_squares,
-                            background_histogram=self.background_histogram)
+                            background_histogram=self.background_histogram, image_sums=self.image_sums,
+                            image_counts=self.image_counts, image_background=self.image_background)
         return path
 
     @classmethod
@@ -392,8 +465,10 @@ class FusionStatistics:
                               "background_sums": data["background_sums"],
                               "background_squares": data["background_squares"],
                               "background_histogram": data["background_histogram"]}
+            per_image = {name: data[name] for name in ("image_sums", "image_counts", "image_background")
+                         if name in data}  # files from before the per-image records load without them
             return cls(header["class_names"], header["bins"], data["counts"], data["sums"], data["squares"],
-                       data["histograms"], header["images"], **background)
+                       data["histograms"], header["images"], **background, **per_image)
 
 
 def _histogram_index(weights: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
