@@ -518,6 +518,15 @@ def test_compare_end_to_end(fixture_dir, tmp_path):
     assert {r["variant"] for r in fusion} == {"asff", "asff (uniform)"}  # the sum model has no weights
     uniform = [float(r["mean"]) for r in fusion if r["variant"] == "asff (uniform)" and r["boxes"] != "0"]
     np.testing.assert_allclose(uniform, 1 / 3, atol=1e-6)
+    paired = read_rows(out / "compare_ap_paired.csv")
+    assert [(r["minus"], r["metric"]) for r in paired] == [("sum", "AP"), ("sum", "AP50"), ("asff (uniform)", "AP"),
+                                                           ("asff (uniform)", "AP50")]
+    by_variant = {r["variant"]: r for r in ap}
+    for row in paired:  # the point estimate is the difference of the variants' own AP
+        expected = float(by_variant["asff"][row["metric"]]) - float(by_variant[row["minus"]][row["metric"]])
+        assert float(row["difference"]) == pytest.approx(expected, abs=2e-6)  # the CSVs keep 6 digits
+        low, value, high = float(row["ci95_low"]), float(row["difference"]), float(row["ci95_high"])
+        assert low <= value + 1e-6 and value <= high + 1e-6
 
 
 def test_missing_default_model_and_bad_input_give_clear_errors(fixture_dir, tmp_path, monkeypatch, capsys):

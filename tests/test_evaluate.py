@@ -109,3 +109,29 @@ def test_evaluate_command_line_rejects_class_count_mismatch(synthetic, tmp_path)
     with pytest.raises(SystemExit, match="categories"):
         evaluate_main(["--weights", str(weights), "--annotations", str(synthetic.val_annotations),
                        "--images", str(synthetic.val_images), "--out", str(tmp_path / "x")])
+
+
+def test_the_ap_bootstrap_pools_as_cocoeval_does_and_pairs_the_variants(val_dataset):
+    from asff_viz.analyze.ap_bootstrap import MatchedImages, paired_ap_difference
+
+    detections, image_ids, sizes = ground_truth_detections(val_dataset, input_size=64)
+    generator = torch.Generator().manual_seed(0)
+    noisy = [Detections(d.boxes + torch.randn(d.boxes.shape, generator=generator) * 2.5, d.scores,
+                        torch.where(torch.rand(len(d), generator=generator) < 0.2,
+                                    (d.labels + 1) % len(val_dataset.category_ids), d.labels),
+                        d.objectness, d.class_confidence, d.indices) for d in detections]
+    variants = {}
+    for name, found in (("perfect", detections), ("noisy", noisy)):
+        results = detections_to_results(found, image_ids, sizes, 64, val_dataset.category_ids)
+        expected = coco_metrics(val_dataset.coco, results, val_dataset.image_ids)
+        matched = MatchedImages(val_dataset.coco, results, val_dataset.image_ids)
+        ap, ap50 = matched.average_precision()
+        assert ap == pytest.approx(expected["AP"], abs=1e-12) and ap50 == pytest.approx(expected["AP50"], abs=1e-12)
+        variants[name] = matched
+    assert 0 < variants["noisy"].average_precision()[0] < 0.9
+    paired = paired_ap_difference(variants["perfect"], variants["noisy"], samples=100)
+    difference, low, high = paired["AP"]
+    assert difference > 0 and low <= difference <= high and paired["images"] == len(val_dataset)
+    same = paired_ap_difference(variants["noisy"], variants["noisy"], samples=50)
+    assert same["AP"] == (0.0, 0.0, 0.0)  # a variant against itself: exactly zero, no spread
+    assert MatchedImages(val_dataset.coco, [], val_dataset.image_ids).average_precision() == (0.0, 0.0)

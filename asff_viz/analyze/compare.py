@@ -10,6 +10,7 @@ Outputs (each figure also as .csv):
   compare_fusion      mean weight of each source per target level and size, one row per variant with weights
   compare_detections  the first --show images, one column per variant (dashed white: ground truth)
   compare_outcomes.csv  true positives, misses, false positives, recall and precision per variant and size
+  compare_ap_paired.csv AP and AP50 of the first variant minus each other one, paired image bootstrap, 95 % CI
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..coco_eval import METRIC_NAMES, coco_metrics
 from ..data.coco import xyxy_to_coco_bbox
 from ..transforms import read_image
 from . import plots
+from .ap_bootstrap import MatchedImages, paired_ap_difference
 from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
 from .provenance import preprocessing_record
 from .runner import (
@@ -50,6 +52,8 @@ def add_parser(subparsers) -> None:
                         help="also run the first checkpoint under this fusion mode (repeatable): uniform, "
                              "one_hot:K, drop:K")
     parser.add_argument("--labels", nargs="+", help="names of the variants in the figures, in order")
+    parser.add_argument("--bootstrap", type=positive_int, default=200,
+                        help="image resamples for the paired AP difference intervals (default 200)")
     parser.add_argument("--show", type=positive_int, default=3, help="images in the detections figure (default 3)")
     parser.add_argument("--score-threshold", type=unit_interval, default=0.3, help="detections drawn (default >= 0.3)")
     add_dataset_options(parser)
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
     show = min(max(args.show, 0), len(dataset))
     shown_ids = {dataset[i].image_id for i in range(show)}
     shown_results = {image_id: [] for image_id in shown_ids}
-    metrics, statistics = [], []
+    metrics, statistics, matched = [], [], []
     for (model, counterfactual, _), label in zip(variants, labels, strict=True):
         results = []
 
@@ -113,9 +117,19 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
         statistics.append(fusion_statistics_over(context, model, dataset, counterfactual=counterfactual,
                                                  description=label, on_result=collect))
         metrics.append(coco_metrics(dataset.coco, results, dataset.image_ids))
+        matched.append(MatchedImages(dataset.coco, results, dataset.image_ids))
 
     ap_rows = [{"variant": label, **{name: m[name] for name in METRIC_NAMES}} for label, m in zip(labels, metrics,
                                                                                                    strict=True)]
+    paired_rows = []
+    for label, other in zip(labels[1:], matched[1:], strict=True):
+        paired = paired_ap_difference(matched[0], other, samples=args.bootstrap, seed=context.seed)
+        for metric in ("AP", "AP50"):
+            difference, low, high = paired[metric]
+            paired_rows.append({"variant": labels[0], "minus": label, "metric": metric, "difference": difference,
+                                "ci95_low": low, "ci95_high": high, "supported": bool(low > 0 or high < 0),
+                                "images": paired["images"], "resamples": paired["resamples"]})
+    context.table("compare_ap_paired", paired_rows)
     context.figure("compare_ap", lambda: plots.grouped_bars(
         list(METRIC_NAMES), [(label, [m[n] for n in METRIC_NAMES]) for label, m in zip(labels, metrics, strict=True)],
         ylabel="average precision", ylim=(0, 1)), ap_rows)
