@@ -77,6 +77,7 @@ done
 for name in gradflow_conflict gradflow_shares gradflow_paths gradflow_conflict_controls; do
   copy "gradflow/$name" "$name"
 done
+cp "$OUT/scale-stats/fusion_contrasts.csv" "$FIGURES/" && cp "$OUT/scale-stats/run.json" "$FIGURES/scale_stats_run.json"
 # The numbers behind the controls figure and how they were made, next to it.
 cp "$OUT/gradflow/gradflow_conflict_controls.csv" "$FIGURES/" && cp "$OUT/gradflow/run.json" "$FIGURES/gradflow_run.json"
 for name in compare_ap compare_recall compare_fusion compare_detections; do copy "compare/$name" "$name"; done
