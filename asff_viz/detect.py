@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import render
 from .argtypes import describe_os_error, device, input_size, output_folder, unit_interval
 from .checkpoint import CheckpointError
 from .fileio import atomic_write_text
@@ -39,18 +40,10 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 SHOW_THRESHOLD = 0.3
 DEFAULT_FPS = 25.0
 
-# Distinct, saturated RGB colours (class k uses PALETTE[k % len(PALETTE)]).
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
-    (255, 225, 25), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
-    (128, 128, 128), (255, 255, 255),
-)
-
-
 def class_colour(label: int) -> tuple[int, int, int]:
-    """The RGB colour of class `label`."""
-    return PALETTE[int(label) % len(PALETTE)]
+    """The RGB colour of class `label`: the one palette of every figure and of the app (`render.class_color`)."""
+    colour = render.class_color(label).lstrip("#")
+    return tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))
 
 
 def annotate(image: np.ndarray, result: DetectionResult, show_threshold: float = SHOW_THRESHOLD) -> np.ndarray:

@@ -153,33 +153,65 @@ def drawable_records(records: Sequence, score_threshold: float, max_detections: 
         yield record, box
 
 
+def label_text_color(color: str) -> str:
+    """Black or white, whichever reads better on `color` (its luminance, as in `asff_viz.detect.annotate`)."""
+    red, green, blue = mcolors.to_rgb(color)
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.55 else "white"
+
+
 def draw_detections_on(ax, records: Sequence, *, max_detections: int | None = None, score_threshold: float = 0.0,
                        show_level: bool = True, linewidth: float = 2.0, fontsize: float = 8.0,
                        image_shape: tuple[int, ...] | None = None) -> int:
     """Draw `DetectionRecord` boxes (original pixels) with class, score and level on a matplotlib axes.
 
     image_shape: (H, W, ...) of the image under the boxes, so that labels of boxes reaching past its top or
-    left edge are drawn inside it. Returns the number of boxes drawn.
+    right edge are drawn inside it. Labels read on their class colour (black or white text); a label that would
+    cover one already drawn goes just inside its box's top edge instead, and is left out (the box stays) when
+    that overlaps too. Returns the number of boxes drawn.
     """
     height, width = (image_shape[0], image_shape[1]) if image_shape is not None else (math.inf, math.inf)
-    drawn = 0
+    drawn, placed = 0, []
+    points_to_data = _points_to_data(ax)
     for record, (x1, y1, x2, y2) in drawable_records(records, score_threshold, max_detections, image_shape):
         color = class_color(record.label)
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth))
+        drawn += 1
         text = f"{record.class_name} {record.score:.2f}"
         if show_level:
             text += f" | s{LEVEL_NAMES[record.level].split()[-1]}"
-        # Above the box's top edge, or just inside it when that edge is at the top of the image; from the box's
-        # left edge, or ending at its right edge in the right part of the image, so no label runs off it.
-        inside = y1 < (0.03 * height if math.isfinite(height) else 0.0)
+        # From the box's left edge, or ending at its right edge in the right part of the image.
         right_side = math.isfinite(width) and x1 > 0.55 * width
         label_x = min(max(x2 if right_side else x1, 0.0), max(width, 0.0))
-        label_y = min(max(y1, 0.0), max(height - 1.0, 0.0))
-        ax.text(label_x, label_y, text, fontsize=fontsize, color="black", va="top" if inside else "bottom",
-                ha="right" if right_side else "left", clip_on=True,
-                bbox={"facecolor": color, "edgecolor": "none", "pad": 1.0, "alpha": 0.85})
-        drawn += 1
+        label_w = 0.6 * fontsize * len(text) * points_to_data[0]
+        label_h = 1.5 * fontsize * points_to_data[1]
+        left = label_x - label_w if right_side else label_x
+        # Above the box's top edge, or just inside it when that edge is at the top of the image or taken.
+        candidates = [] if y1 < label_h else [(y1 - label_h, "bottom")]
+        candidates.append((min(max(y1, 0.0), max(height - label_h, 0.0)), "top"))
+        for top, anchor in candidates:
+            rectangle = (left, top, left + label_w, top + label_h)
+            if not any(_overlap(rectangle, other) for other in placed):
+                placed.append(rectangle)
+                ax.text(label_x, top + (label_h if anchor == "bottom" else 0.0), text, fontsize=fontsize,
+                        color=label_text_color(color), va=anchor, ha="right" if right_side else "left",
+                        clip_on=True, bbox={"facecolor": color, "edgecolor": "none", "pad": 0.8, "alpha": 0.9})
+                break
     return drawn
+
+
+def _points_to_data(ax) -> tuple[float, float]:
+    """Data units per typographic point along x and y on `ax` (its current size and limits)."""
+    figure = ax.get_figure()
+    box = ax.get_position()
+    width_points = max(box.width * figure.get_figwidth() * 72, 1e-9)
+    height_points = max(box.height * figure.get_figheight() * 72, 1e-9)
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    return abs(x1 - x0) / width_points, abs(y1 - y0) / height_points
+
+
+def _overlap(first: tuple, second: tuple) -> bool:
+    return first[0] < second[2] and second[0] < first[2] and first[1] < second[3] and second[1] < first[3]
 
 
 def draw_detections(image: np.ndarray, records: Sequence, *, max_detections: int | None = 50,

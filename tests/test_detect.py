@@ -188,7 +188,7 @@ def test_annotation_colours_are_rgb_and_scale_with_the_image(tmp_path):
         assert np.array_equal(image, np.full((height, width, 3), 128, np.uint8))  # the input is untouched
         y = int(0.6 * height)
         left_edge = drawn[y, int(0.2 * width)]
-        assert tuple(left_edge) == class_colour(0) == (230, 25, 75)
+        assert tuple(left_edge) == class_colour(0) == (230, 159, 0)  # render.CLASS_COLORS[0], #E69F00: one palette
         thickness = int((drawn[y, : width // 2] != 128).any(axis=1).sum())
         assert thickness >= (1 if height < 100 else 3)
         path = tmp_path / f"drawn_{width}.png"

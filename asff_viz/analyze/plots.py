@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import numpy as np
 from matplotlib import colors as mcolors
@@ -34,6 +35,8 @@ from .style import (
     category_color,
     new_figure,
 )
+
+LABEL_FONTSIZE = 6.0  # detection labels: the smallest size a printed figure stays readable at
 
 WEIGHT_AXIS_LABEL = "fusion weight"
 
@@ -287,7 +290,7 @@ def figure3(trace, *, score_threshold: float = 0.3, max_detections: int = 20, ma
     detections_ax = figure.add_subplot(grid[:, 0:3])
     detections_ax.imshow(image, extent=(0, width, height, 0), interpolation="antialiased")
     kept = [r for r in trace.detections if r.score >= score_threshold][:max_detections]
-    draw_detections_on(detections_ax, kept, linewidth=0.8, fontsize=5.0, image_shape=image.shape)
+    draw_detections_on(detections_ax, kept, linewidth=0.8, fontsize=LABEL_FONTSIZE, image_shape=image.shape)
     detections_ax.set_xlim(0, width)
     detections_ax.set_ylim(height, 0)
     _hide_axes(detections_ax)
@@ -338,7 +341,8 @@ def figure3_overview(traces, names: Sequence[str], *, score_threshold: float = 0
         ax = figure.add_subplot(grid[row, 0])
         ax.imshow(image, extent=(0, image_width, height, 0), interpolation="antialiased")
         kept = [r for r in trace.detections if r.score >= score_threshold][:max_detections]
-        draw_detections_on(ax, kept, linewidth=0.7, fontsize=4.5, image_shape=image.shape)
+        draw_detections_on(ax, kept, linewidth=0.7, fontsize=LABEL_FONTSIZE, show_level=False,
+                           image_shape=image.shape)
         ax.set_xlim(0, image_width)
         ax.set_ylim(height, 0)
         _hide_axes(ax)
@@ -618,22 +622,15 @@ def detections_grid(images: Sequence[np.ndarray], ground_truths: Sequence, resul
                 ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linewidth=0.6,
                                        linestyle=(0, (2, 1.5))))
             result = results[row][column]
-            order = np.argsort(-result.scores)
-            drawn = 0
-            for index in order:
-                if result.scores[index] < score_threshold or drawn >= max_detections:
-                    break
-                if not np.isfinite(result.boxes[index]).all():
-                    continue
-                x1, y1, x2, y2 = (float(v) for v in result.boxes[index])
-                label = int(result.labels[index])
-                color = category_color(label)
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=0.8))
-                name = class_names[label] if label < len(class_names) else str(label)
-                ax.text(max(x1, 0), max(y1, 0), f"{name} {result.scores[index]:.2f}", fontsize=4.5, va="bottom",
-                        color="black", clip_on=True,
-                        bbox={"facecolor": color, "edgecolor": "none", "pad": 0.5, "alpha": 0.85})
-                drawn += 1
+            order = np.argsort(-result.scores, kind="stable")
+            # The same drawing (class colours, readable and non-overlapping labels) as every other figure.
+            records = [SimpleNamespace(box_xyxy=result.boxes[i], score=float(result.scores[i]),
+                                       label=int(result.labels[i]), level=int(result.levels[i]),
+                                       class_name=class_names[int(result.labels[i])]
+                                       if int(result.labels[i]) < len(class_names) else str(int(result.labels[i])))
+                       for i in order if np.isfinite(result.boxes[i]).all()]
+            draw_detections_on(ax, records, max_detections=max_detections, score_threshold=score_threshold,
+                               show_level=False, linewidth=0.8, fontsize=LABEL_FONTSIZE, image_shape=image.shape)
             ax.set_xlim(0, image_width)
             ax.set_ylim(height, 0)
             _hide_axes(ax)
