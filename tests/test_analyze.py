@@ -448,7 +448,16 @@ def test_scale_stats_end_to_end_and_replot_from_cache(fixture_dir, tmp_path, mon
 def test_gradflow_end_to_end_with_sum_checkpoint(fixture_dir, tmp_path):
     out = tmp_path / "gradflow"
     run_command("gradflow", *dataset_args(fixture_dir), "--weights", fixture_dir / "asff.pt", "--sum-weights",
-                fixture_dir / "sum.pt", "--bootstrap", "50", "--out", out)
+                fixture_dir / "sum.pt", "--bootstrap", "50", "--sweep", "--out", out)
+    sweep = read_rows(out / "gradflow_threshold_sweep.csv")
+    assert {(float(r["significance"]), float(r["cosine_threshold"])) for r in sweep} == {
+        (s, c) for s in (0.0, 0.05, 0.1, 0.25) for c in (-0.25, 0.0, 0.25)}
+    assert {r["control"] for r in sweep} == {"shuffled", "rolled", "uniform"}
+    at_default = [r for r in sweep if float(r["significance"]) == 0.1 and float(r["cosine_threshold"]) == 0.0]
+    controls_rows = {(r["control"], r["source_level"], r["region"]): r["difference"]
+                     for r in read_rows(out / "gradflow_conflict_controls.csv")}
+    for row in at_default:  # the sweep at the default thresholds is the controls table itself
+        assert row["difference"] == controls_rows[(row["control"], row["source_level"], row["region"])]
     for name in ("gradflow_conflict", "gradflow_shares", "gradflow_paths"):
         check_figure(out, name)
     shares = read_rows(out / "gradflow_shares.csv")

@@ -166,7 +166,8 @@ class AnalysisCache:
     def gradient_summary(self, model: AnalysedModel, image_path: str | os.PathLike, boxes_xyxy, labels, *,
                          size: int, counterfactual: Counterfactual | str | None = None,
                          significance: float = 0.1, active_fraction: float = 1e-3,
-                         cosine_threshold: float = 0.0, controls: bool = False, control_seed: int = 0) -> dict:
+                         cosine_threshold: float = 0.0, controls: bool = False, control_seed: int = 0,
+                         sweep: tuple = ()) -> dict:
         """The (cached) `summarize_flow` of the training loss of one image against its ground truth.
 
         boxes_xyxy: (M, 4) ground truth in original pixels; labels: (M,) class indices. With `controls`, the
@@ -180,7 +181,7 @@ class AnalysisCache:
                        counterfactual=counterfactual.to_dict(), truth=truth_digest, significance=significance,
                        active_fraction=active_fraction, cosine_threshold=cosine_threshold,
                        objective="training loss (total), all levels", controls=controls,
-                       control_seed=control_seed if controls else None)
+                       control_seed=control_seed if controls else None, sweep=[list(pair) for pair in sweep])
         path = self.path("gradflow", key)
         cached = self._load(path, _read_npz)
         if cached is not None:
@@ -190,13 +191,17 @@ class AnalysisCache:
         flow = gradient_flow(model.model, tensor, TrainingLoss(truth), None if counterfactual.is_learned
                              else counterfactual, ground_truth=truth, significance=significance,
                              active_fraction=active_fraction, cosine_threshold=cosine_threshold,
-                             controls=controls, control_seed=control_seed)
+                             controls=controls, control_seed=control_seed, sweep=tuple(sweep) if controls else ())
         summary = summarize_flow(flow)
         flat = dict(summary)
         if controls:
             summary["controls"] = {name: summarize_flow(control) for name, control in flow.controls.items()}
             flat.update({f"control:{name}:{field}": value for name, control in summary["controls"].items()
                          for field, value in control.items()})
+        if flow.sweep:
+            summary["sweep"] = {sweep_key(*key): summarize_flow(swept) for key, swept in flow.sweep.items()}
+            flat.update({f"sweep:{name}:{field}": value for name, swept in summary["sweep"].items()
+                         for field, value in swept.items()})
         if path is not None:
             _save_npz(path, **flat)
         return summary
@@ -227,16 +232,23 @@ def _read(path) -> np.ndarray:
         raise AnalysisError(str(error)) from None
 
 
+def sweep_key(weights: str, significance: float, cosine: float) -> str:
+    """The name of one threshold-sweep entry: `learned @ sig=0.05, cos=0`."""
+    return f"{weights} @ sig={significance:g}, cos={cosine:g}"
+
+
 def _unflatten_controls(entry: dict) -> dict:
-    """A cached gradient summary: the control summaries stored as `control:<name>:<field>` back into a dict."""
-    summary = {key: value for key, value in entry.items() if not key.startswith("control:")}
-    controls: dict = {}
-    for key, value in entry.items():
-        if key.startswith("control:"):
-            _, name, field = key.split(":", 2)
-            controls.setdefault(name, {})[field] = value
-    if controls:
-        summary["controls"] = controls
+    """A cached gradient summary: the control and sweep summaries stored as `control:<name>:<field>` and
+    `sweep:<name>:<field>` back into dicts."""
+    summary = {key: value for key, value in entry.items() if not key.startswith(("control:", "sweep:"))}
+    for prefix, target in (("control", "controls"), ("sweep", "sweep")):
+        nested: dict = {}
+        for key, value in entry.items():
+            if key.startswith(prefix + ":"):
+                _, name, field = key.split(":", 2)
+                nested.setdefault(name, {})[field] = value
+        if nested:
+            summary[target] = nested
     return summary
 
 

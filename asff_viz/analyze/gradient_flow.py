@@ -13,6 +13,7 @@ Outputs (each figure also as .csv):
   gradflow_conflict   conflict rate per source level and region, per fusion mode, 95 % bootstrap CI
   gradflow_paths      RMS gradient norm reaching each source by path (value paths, fusion, neck, total)
   gradflow_conflict_controls  learned minus each control of the conflict metric, paired over images, 95 % CI
+  gradflow_threshold_sweep.csv  with --sweep: the same at every significance x cosine threshold pair
   gradflow_conflict_by_level.csv  the same rates at the positives / object background of each target level
   gradflow_per_image.csv          per image and mode: loss, conflict counts per source and region
 
@@ -32,8 +33,9 @@ import logging
 import numpy as np
 
 from ..argtypes import cosine_value, positive_int, unit_interval
-from ..introspection.gradflow import ALL_CONTROLS
+from ..introspection.gradflow import ALL_CONTROLS, CONTROLS, SWEPT
 from . import plots
+from .cache import sweep_key
 from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
 from .provenance import preprocessing_record
 from .runner import (
@@ -67,6 +69,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-controls", action="store_true",
                         help="skip the controls of the conflict metric (shuffled, rolled, uniform, random, "
                              "with the weight branch)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also measure the learned weights and the weight controls at every significance "
+                             f"{SWEEP_SIGNIFICANCE} x cosine threshold {SWEEP_COSINE} (gradflow_threshold_sweep.csv)")
     parser.add_argument("--bootstrap", type=positive_int, default=1000,
                         help="bootstrap resamples of the images for CIs")
     add_dataset_options(parser)
@@ -130,6 +135,33 @@ def path_rows(statistics: GradientFlowStatistics) -> list[dict]:
 
 
 CONTROL_PREFIX = "control: "
+SWEEP_PREFIX = "sweep: "
+SWEEP_SIGNIFICANCE = (0.0, 0.05, 0.1, 0.25)
+SWEEP_COSINE = (-0.25, 0.0, 0.25)
+
+
+def sweep_rows(statistics: GradientFlowStatistics, *, samples: int, seed: int) -> list[dict]:
+    """At each (significance, cosine) pair: the learned rate and learned minus each weight control, paired."""
+    rows = []
+    for significance in SWEEP_SIGNIFICANCE:
+        for cosine in SWEEP_COSINE:
+            learned = SWEEP_PREFIX + sweep_key("learned", significance, cosine)
+            if not statistics.images.get(learned):
+                continue
+            rate, _, _, _ = statistics.conflict_rates(learned)
+            for control in CONTROLS:
+                other = SWEEP_PREFIX + sweep_key(control, significance, cosine)
+                estimate, lower, upper = statistics.paired_difference(learned, other, samples=samples, seed=seed)
+                for source in range(3):
+                    for region in range(MAIN_REGIONS):
+                        low, high = float(lower[source, region]), float(upper[source, region])
+                        supported = bool(np.isfinite(low) and np.isfinite(high) and (low > 0 or high < 0))
+                        rows.append({"significance": significance, "cosine_threshold": cosine, "control": control,
+                                     "source_level": source, "region": REGIONS[region],
+                                     "learned_rate": float(rate[source, region]),
+                                     "difference": float(estimate[source, region]), "ci95_low": low,
+                                     "ci95_high": high, "supported": supported})
+    return rows
 
 
 def control_rows(statistics: GradientFlowStatistics, reference: str, *, samples: int, seed: int
@@ -158,6 +190,9 @@ def control_rows(statistics: GradientFlowStatistics, reference: str, *, samples:
 
 def write_figures(context: RunContext, statistics: GradientFlowStatistics, *, samples: int) -> None:
     all_modes = [m for m in statistics.modes if statistics.images.get(m)]
+    if any(m.startswith(SWEEP_PREFIX) for m in all_modes):
+        context.table("gradflow_threshold_sweep", sweep_rows(statistics, samples=samples, seed=context.seed))
+    all_modes = [m for m in all_modes if not m.startswith(SWEEP_PREFIX)]
     if any(m.startswith(CONTROL_PREFIX) for m in all_modes):
         rows, controls, estimates, lower, upper = control_rows(statistics, all_modes[0], samples=samples,
                                                                seed=context.seed)
@@ -212,7 +247,10 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
                                   "controls": ({"names": list(ALL_CONTROLS), "seed": context.seed,
                                                 "reference": variants[0][2], "interval": "paired image bootstrap"}
                                                if with_controls else None)}
-    statistics = GradientFlowStatistics([label for _, _, label in variants] + control_modes)
+    sweep = tuple((sig, cos) for sig in SWEEP_SIGNIFICANCE for cos in SWEEP_COSINE) if with_controls and args.sweep \
+        else ()
+    sweep_modes = [SWEEP_PREFIX + sweep_key(name, sig, cos) for sig, cos in sweep for name in SWEPT]
+    statistics = GradientFlowStatistics([label for _, _, label in variants] + control_modes + sweep_modes)
     skipped = []
     for image in context.iterate(dataset, total=len(dataset), description="gradflow"):
         truth = image.ground_truth
@@ -220,9 +258,10 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
         summaries = [context.cache.gradient_summary(
             variant_model, image.path, truth.boxes[keep], truth.labels[keep], size=size,
             counterfactual=counterfactual, significance=args.significance, active_fraction=args.active_fraction,
-            cosine_threshold=args.cosine_threshold, controls=with_controls and index == 0, control_seed=context.seed)
+            cosine_threshold=args.cosine_threshold, controls=with_controls and index == 0, control_seed=context.seed,
+            sweep=sweep if index == 0 else ())
             for index, (variant_model, counterfactual, _) in enumerate(variants)]
-        finite = [all(np.isfinite(value).all() for key, value in summary.items() if key != "controls")
+        finite = [all(np.isfinite(value).all() for key, value in summary.items() if key not in ("controls", "sweep"))
                   for summary in summaries]
         if not all(finite):
             # A non-finite loss gradient (an untrained model's overflowing box sizes) would turn every sum into
@@ -234,6 +273,8 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
             statistics.add(label, summary, image.file_name)
         for name, summary in (summaries[0].get("controls") or {}).items():
             statistics.add(CONTROL_PREFIX + name, summary, image.file_name)
+        for name, summary in (summaries[0].get("sweep") or {}).items():
+            statistics.add(SWEEP_PREFIX + name, summary, image.file_name)
     context.record["skipped_images"] = skipped
     if skipped:
         logger.warning("gradflow: left out %d image(s) with non-finite gradients: %s", len(skipped),

@@ -439,6 +439,7 @@ class GradientFlow:
     background_at_source: list | None = None
     conflict_rate_at_objects: np.ndarray | None = None
     controls: dict = field(default_factory=dict)  # name -> GradientFlow of that control (see `ALL_CONTROLS`)
+    sweep: dict = field(default_factory=dict)  # (weights, significance, cosine) -> GradientFlow, see `gradient_flow`
 
     @property
     def mean_cancellation(self) -> np.ndarray:
@@ -460,7 +461,8 @@ def _norm_map(tensor: torch.Tensor) -> np.ndarray:
 def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
                   counterfactual: Counterfactual | str | None = None, *, ground_truth=None,
                   significance: float = 0.1, active_fraction: float = 1e-3, cosine_threshold: float = 0.0,
-                  through_offsets: bool = False, controls: bool = False, control_seed: int = 0) -> GradientFlow:
+                  through_offsets: bool = False, controls: bool = False, control_seed: int = 0,
+                  sweep: tuple = ()) -> GradientFlow:
     """The gradient-flow analysis of `objective` on one image.
 
     Args:
@@ -476,6 +478,8 @@ def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
         controls: also compute the conflict statistics of every control of `ALL_CONTROLS` in this pass
             (`GradientFlow.controls`, each a GradientFlow whose conflict fields are the control's); seeded by
             `control_seed`.
+        sweep: (significance, cosine threshold) pairs at which the learned weights and the weight controls
+            (`SWEPT`) are measured again, from the same terms (`GradientFlow.sweep`); needs `controls`.
     """
     decomposition = decompose_gradients(
         model, image_tensor, objective, counterfactual, through_offsets=through_offsets,
@@ -519,7 +523,30 @@ def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
     if controls:
         flow.controls = _control_flows(flow, decomposition, significance, active_fraction, cosine_threshold,
                                        control_seed)
+        terms_of = {"learned": decomposition.value, **decomposition.controls}
+        for swept_significance, swept_cosine in sweep:
+            for name in SWEPT:
+                flow.sweep[(name, float(swept_significance), float(swept_cosine))] = _flow_with_terms(
+                    flow, terms_of[name], swept_significance, active_fraction, swept_cosine)
     return flow
+
+
+SWEPT = ("learned", *CONTROLS)  # the weights a threshold sweep measures
+
+
+def _flow_with_terms(flow: GradientFlow, terms: list, significance: float, active_fraction: float,
+                     cosine_threshold: float) -> GradientFlow:
+    """`flow` with the conflict statistics of other value-path terms [l][k] at other thresholds."""
+    conflict = [conflict_statistics(torch.stack([terms[l][k].cpu() for l in range(3)]), significance,
+                                    active_fraction, cosine_threshold) for k in range(3)]
+    active_total = sum(int(c.active.sum()) for c in conflict)
+    overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else 0.0
+    result = replace(flow, conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]),
+                     overall_conflict_rate=overall, controls={}, sweep={},
+                     maps=[[_norm_map(terms[l][k]) for k in range(3)] for l in range(3)])
+    if flow.positives_at_source is not None:
+        result.conflict_rate_at_objects = _rates_at_objects(conflict, flow.positives_at_source)
+    return result
 
 
 def _rates_at_objects(conflict: list, positives_at_source: list) -> np.ndarray:
