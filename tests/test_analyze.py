@@ -624,3 +624,21 @@ def test_scale_stats_contrasts_are_paired_over_images(tmp_path):
     merged.merge(pair)
     merged.merge(statistics)
     assert len(merged.image_counts) == 8
+
+
+def test_scale_stats_size_bins_in_input_pixels(fixture_dir, tmp_path):
+    original, enlarged = tmp_path / "original", tmp_path / "input"
+    for out, basis in ((original, "original"), (enlarged, "input")):
+        run_command("scale-stats", *dataset_args(fixture_dir), "--weights", fixture_dir / "asff.pt", "--size",
+                    "256", "--size-basis", basis, "--out", out)
+        assert json.loads((out / "run.json").read_text())["size_bins"]["basis"] == basis
+
+    def boxes_by_size(out):
+        rows = read_rows(out / "fusion_by_size.csv")
+        return {r["size"]: int(r["boxes"]) for r in rows if r["target_level"] == "0" and r["source_level"] == "0"}
+
+    first, second = boxes_by_size(original), boxes_by_size(enlarged)
+    counted = ("small", "medium", "large")
+    assert sum(first[s] for s in counted) == sum(second[s] for s in counted)  # the same boxes, other bins
+    # The images are smaller than the 256-px input: in input pixels the boxes are larger.
+    assert second["small"] <= first["small"] and second != first

@@ -72,6 +72,9 @@ def add_matching_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("true positives, false positives and misses")
     group.add_argument("--match-score", type=unit_interval, default=MATCH_SCORE_THRESHOLD,
                        help="detections with score >= this are matched to ground truth (default 0.3)")
+    group.add_argument("--size-basis", choices=("original", "input"), default="original",
+                       help="measure object sizes in original-image pixels (COCO's convention, default) or in "
+                            "network-input pixels after the resize (compares across datasets and input sizes)")
     group.add_argument("--match-iou", type=unit_interval, default=MATCH_IOU_THRESHOLD,
                        help="IoU needed for a true positive, same class, greedy by score (default 0.5)")
 
@@ -166,13 +169,15 @@ class RunContext:
 
 def add_image_statistics(statistics: FusionStatistics, result: ImageResult, truth: GroundTruth, *,
                          score_threshold: float = MATCH_SCORE_THRESHOLD,
-                         iou_threshold: float = MATCH_IOU_THRESHOLD) -> np.ndarray:
+                         iou_threshold: float = MATCH_IOU_THRESHOLD, size_basis: str = "original") -> np.ndarray:
     """Add one image's boxes to `statistics`; returns the (3,) counts of true positives, misses, false positives.
 
     Ground-truth boxes (not crowd) count as true positives when matched, else as missed, with their own
     class and their annotation area; unmatched detections count as false positives, with the predicted box,
     class and box area. Each box contributes its (3, 3) mean fusion weights inside the box (see
-    `statistics.mean_weights_in_box`); models without fusion weights only add to the counts.
+    `statistics.mean_weights_in_box`); models without fusion weights only add to the counts. size_basis: the
+    pixels the size bins measure areas in, "original" (COCO's: the image as stored) or "input" (the network's
+    input, after the square resize: what the levels see, and what compares across datasets and input sizes).
     """
     if not np.isfinite(result.boxes).all():
         # An untrained model can decode boxes of infinite size (exp overflow); they match nothing and have no
@@ -192,9 +197,13 @@ def add_image_statistics(statistics: FusionStatistics, result: ImageResult, trut
     detected_areas = (detected[:, 2] - detected[:, 0]) * (detected[:, 3] - detected[:, 1])
     areas = np.concatenate([truth.areas[counted], detected_areas])
     outcomes = np.concatenate([truth_outcome, np.full(int(false_positive.sum()), FALSE_POSITIVE)])
-    sizes = size_bins(areas)
     transform = result.transform
     scale = np.array([transform.scale_x, transform.scale_y, transform.scale_x, transform.scale_y])
+    if size_basis == "input":
+        areas = areas / (transform.scale_x * transform.scale_y)
+    elif size_basis != "original":
+        raise ValueError(f"size_basis must be 'original' or 'input', got {size_basis!r}")
+    sizes = size_bins(areas)
     if result.fusion_weights is not None:
         background = background_weights(result.fusion_weights, truth.boxes / scale, result.strides)
         if background is not None:
@@ -225,6 +234,7 @@ def fusion_statistics_over(context: RunContext, model: AnalysedModel, dataset: A
                                             conf_threshold=context.args.conf_threshold,
                                             nms_threshold=context.args.nms_threshold)
         add_image_statistics(statistics, result, image.ground_truth, score_threshold=context.args.match_score,
+                             size_basis=getattr(context.args, "size_basis", "original"),
                              iou_threshold=context.args.match_iou)
         if on_result is not None:
             on_result(image, result)

@@ -41,6 +41,7 @@ from .runner import (
 from .statistics import (
     COCO_SIZE_LABELS,
     COCO_SIZE_OF_FINE,
+    FINE_SIZE_EDGES,
     FINE_SIZE_LABELS,
     OUTCOMES,
     FusionStatistics,
@@ -104,14 +105,21 @@ def contrast_rows(statistics: FusionStatistics, *, seed: int = 0, samples: int =
 
 def write_figures(context: RunContext, statistics: FusionStatistics, *, min_count: int = 5) -> None:
     """All figures and tables of scale-stats from the accumulated statistics (no model needed)."""
+    basis = getattr(context.args, "size_basis", "original")
+    axis_label = f"object size in {basis} px (COCO S, M, L) and background"
+    context.record["size_bins"] = {
+        "basis": basis, "coco": "small: area < 32^2, medium: < 96^2, large: the rest",
+        "fine_sqrt_area_edges": [e if np.isfinite(e) else None for e in FINE_SIZE_EDGES],
+        "tables": "fusion_composition, fusion_by_size, fusion_contrasts, outcome_counts: COCO bins; "
+                  "fusion_by_fine_size, scale_stats.csv: fine bins"}
     by_size = statistics.by_coco_size_and_background()
     fine = statistics.by_fine_size()
     by_class = statistics.by_class()
     by_outcome = statistics.by_outcome()
     context.figure("fusion_composition", lambda: plots.composition_bars(
-        [("", by_size)], tick_labels=SIZE_TICKS, xlabel=SIZE_AXIS_LABEL), summary_rows(by_size, "size"))
+        [("", by_size)], tick_labels=SIZE_TICKS, xlabel=axis_label), summary_rows(by_size, "size"))
     context.figure("fusion_by_size", lambda: plots.violin_grid(
-        by_size, tick_labels=SIZE_TICKS, xlabel=SIZE_AXIS_LABEL), summary_rows(by_size, "size"))
+        by_size, tick_labels=SIZE_TICKS, xlabel=axis_label), summary_rows(by_size, "size"))
     context.figure("fusion_by_fine_size", lambda: plots.fine_size_lines(fine, min_count=min_count),
                    summary_rows(fine, "size_bin"))
     context.figure("fusion_by_class", lambda: plots.class_heatmap(by_class), summary_rows(by_class, "class_name"))
