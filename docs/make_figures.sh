@@ -5,6 +5,10 @@
 #   bash docs/make_figures.sh                      # all 500 validation images
 #   LIMIT=50 bash docs/make_figures.sh             # a quick look
 #   SUM_WEIGHTS=runs/sum/last.pt bash docs/make_figures.sh   # also the sum-fusion comparison
+#   UPDATE=1 bash docs/make_figures.sh             # replace the committed data when they are meant to change
+#
+# Before copying, the numbers behind the figures (docs/figures/*.csv) are compared with the fresh run
+# (docs/check_figure_data.py): a regeneration that no longer matches stops here instead of changing the docs.
 #
 # Each command writes its figures (PDF + PNG), their data (CSV) and run.json under $OUT/<command>/, and caches
 # the model's per-image results there, so running this script again only re-plots.
@@ -68,6 +72,13 @@ EVOLUTION=(--run "$RUN")
 [ ${#CHECKPOINTS[@]} -gt 0 ] && EVOLUTION+=(--checkpoints "${CHECKPOINTS[@]}" "${SUBSET[@]}")
 "$PYTHON" -m asff_viz.analyze evolution "${EVOLUTION[@]}" --out "$OUT/evolution" "${COMMON[@]}"
 
+# The committed numbers must be what these commands make here; UPDATE=1 replaces them (after a deliberate change).
+if [ "${UPDATE:-0}" != "1" ]; then
+  "$PYTHON" docs/check_figure_data.py "$OUT" "$FIGURES" || {
+    echo "the regenerated data differ from docs/figures (see above); rerun with UPDATE=1 to replace them" >&2
+    exit 1
+  }
+fi
 copy() { [ -f "$OUT/$1.png" ] && cp "$OUT/$1.png" "$FIGURES/$2.png" || echo "not made: $OUT/$1.png" >&2; }
 copy "figure3/figure3_${IMAGES[0]%.jpg}" figure3_example
 copy figure3/figure3_overview figure3_overview
@@ -81,6 +92,7 @@ cp "$OUT/scale-stats/fusion_contrasts.csv" "$FIGURES/" && cp "$OUT/scale-stats/r
 # The numbers behind the controls figure and how they were made, next to it.
 cp "$OUT/gradflow/gradflow_conflict_controls.csv" "$FIGURES/" && cp "$OUT/gradflow/run.json" "$FIGURES/gradflow_run.json"
 for name in compare_ap compare_recall compare_fusion compare_detections; do copy "compare/$name" "$name"; done
+cp "$OUT/compare/compare_ap_paired.csv" "$FIGURES/" && cp "$OUT/compare/run.json" "$FIGURES/compare_run.json"
 for name in evolution_fusion evolution_training_fusion evolution_gradient_norms evolution_metrics; do
   copy "evolution/$name" "$name"
 done

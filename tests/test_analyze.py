@@ -642,3 +642,27 @@ def test_scale_stats_size_bins_in_input_pixels(fixture_dir, tmp_path):
     assert sum(first[s] for s in counted) == sum(second[s] for s in counted)  # the same boxes, other bins
     # The images are smaller than the 256-px input: in input pixels the boxes are larger.
     assert second["small"] <= first["small"] and second != first
+
+
+def test_docs_figure_data_check_catches_a_changed_number(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "check_figure_data.py"
+    analysis, figures = tmp_path / "analysis", tmp_path / "figures"
+    for command, name in (("scale-stats", "fusion_contrasts.csv"), ("gradflow", "gradflow_conflict_controls.csv"),
+                          ("compare", "compare_ap_paired.csv")):
+        (analysis / command).mkdir(parents=True)
+        figures.mkdir(exist_ok=True)
+        for folder in (analysis / command, figures):
+            (folder / name).write_text("contrast,difference,images\nsmall - background,-0.004,500\n")
+
+    def check():
+        return subprocess.run([sys.executable, str(script), str(analysis), str(figures)], capture_output=True,
+                              text=True)
+
+    assert check().returncode == 0
+    (analysis / "gradflow" / "gradflow_conflict_controls.csv").write_text(
+        "contrast,difference,images\nsmall - background,-0.0041,500\n")
+    result = check()
+    assert result.returncode == 1 and "committed -0.004, regenerated -0.0041" in result.stderr
