@@ -1,6 +1,6 @@
-"""Which code computed a result: the package version, and in a git checkout the commit and whether (and how) the
-working tree differs from it. Analyses record it in run.json and key their caches on it, so a cached number can
-never outlive the code that made it.
+"""Which code computed a result: the package version, a hash of its sources, and in a git checkout the commit and
+whether (and how) the working tree differs from it. Analyses record it in run.json and key their caches on the
+source hash, so a cached number can never outlive the code that made it.
 """
 
 from __future__ import annotations
@@ -23,15 +23,31 @@ def _git(*arguments: str) -> str | None:
 
 
 @lru_cache(maxsize=1)
+def source_sha256() -> str:
+    """sha256 over the package's Python sources (path and content of each): what computed a cached result.
+
+    Unlike the commit, it changes only when the code does (not with every documentation commit), and it
+    exists outside a checkout too.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
 def code_identity() -> dict:
-    """{"package", "git_sha", "dirty", "diff_sha256"}: the git fields are None outside a checkout.
+    """{"package", "source_sha256", "git_sha", "dirty", "diff_sha256"}: the git fields are None outside a
+    checkout.
 
     `diff_sha256` hashes the uncommitted changes to the package (`git diff HEAD -- asff_viz`), so two different
     uncommitted edits of the same commit are two identities.
     """
     from . import __version__
 
-    identity = {"package": __version__, "git_sha": None, "dirty": None, "diff_sha256": None}
+    identity = {"package": __version__, "source_sha256": source_sha256(), "git_sha": None, "dirty": None,
+                "diff_sha256": None}
     inside = _git("rev-parse", "--is-inside-work-tree")
     if inside is None or inside.strip() != "true":
         return identity

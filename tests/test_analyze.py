@@ -580,14 +580,14 @@ def test_cache_entries_are_keyed_on_the_statistic_version_and_the_code(monkeypat
     from asff_viz.codeversion import code_identity
 
     identity = code_identity()
-    assert set(identity) == {"package", "git_sha", "dirty", "diff_sha256"}
+    assert set(identity) == {"package", "source_sha256", "git_sha", "dirty", "diff_sha256"}
     if identity["git_sha"] is not None:  # in a checkout: a commit, and the tree's state
         assert len(identity["git_sha"]) == 40 and isinstance(identity["dirty"], bool)
     key = cache_module.AnalysisCache.key(kind="gradflow", image="x")
     assert cache_module.AnalysisCache.key(kind="gradflow", image="x") == key
     monkeypatch.setitem(cache_module.STATISTIC_VERSIONS, "gradflow", cache_module.STATISTIC_VERSIONS["gradflow"] + 1)
     assert cache_module.AnalysisCache.key(kind="gradflow", image="x") != key, "a new statistic version reused a key"
-    monkeypatch.setattr(cache_module, "code_identity", lambda: {**identity, "git_sha": "0" * 40})
+    monkeypatch.setattr(cache_module, "source_sha256", lambda: "0" * 64)  # other code
     assert cache_module.AnalysisCache.key(kind="gradflow", image="x") != key
 
 

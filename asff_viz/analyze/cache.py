@@ -2,8 +2,8 @@
 
 Every entry is one `.npz` file named by the sha256 of what determines it: the checkpoint file's sha256, the
 image file's sha256, the input size, the fusion mode (counterfactual), the thresholds, and the cache format
-version, the version of the statistic (`STATISTIC_VERSIONS`) and the code that computed it (`code_identity`:
-the git commit and any uncommitted change). Change any of them and the entry is a different file; a stale entry
+version, the version of the statistic (`STATISTIC_VERSIONS`) and the code that computed it (`source_sha256`, a
+hash of the package's sources: any code change, committed or not, is a new key). Change any of them and the entry is a different file; a stale entry
 is never read. Kinds:
 
 * `trace`: an `asff_viz.Trace` (`Trace.save` / `Trace.load`). Figure 3 keeps the whole trace; dataset
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..codeversion import code_identity
+from ..codeversion import source_sha256
 from ..fileio import atomic_write
 from ..introspection.capture import Counterfactual, as_counterfactual
 from ..introspection.gradflow import TrainingLoss, gradient_flow, ground_truth_labels
@@ -38,7 +38,7 @@ from .statistics import summarize_flow
 CACHE_FORMAT_VERSION = 1
 # The version of each statistic a cache entry holds: raise one when its definition changes (what a conflict is,
 # which cells a box covers, ...), and every entry computed the old way becomes a miss. Entries are also keyed on
-# the code that computed them (`code_identity`: the git commit and uncommitted changes, in a checkout).
+# the code that computed them (`source_sha256`).
 STATISTIC_VERSIONS = {"trace": 1, "detections": 1, "gradflow": 2}
 
 
@@ -90,7 +90,7 @@ class AnalysisCache:
     def key(**parts) -> str:
         kind = parts.get("kind")
         text = json.dumps({"cache_format": CACHE_FORMAT_VERSION, "statistic_version": STATISTIC_VERSIONS.get(kind),
-                           "code": code_identity(), **parts}, sort_keys=True, default=str)
+                           "code": source_sha256(), **parts}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def path(self, kind: str, key: str) -> Path | None:

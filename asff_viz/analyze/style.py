@@ -40,7 +40,10 @@ OKABE_ITO = {
     "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "reddish_purple": "#CC79A7",
     "grey": "#999999",
 }
-SOURCE_COLORS = (OKABE_ITO["vermillion"], OKABE_ITO["bluish_green"], OKABE_ITO["blue"])
+# The three source levels: vermillion, black, blue. They stay apart, and apart from the white of "uniform" in the
+# dominant-source maps, under deuteranopia, protanopia and tritanopia (simulated, Machado et al. 2009); Okabe-Ito's
+# bluish green, used before for stride 16, turned grey (chroma 7) under deuteranopia.
+SOURCE_COLORS = (OKABE_ITO["vermillion"], OKABE_ITO["black"], OKABE_ITO["blue"])
 CATEGORY_COLORS = (OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["reddish_purple"], OKABE_ITO["bluish_green"],
                    OKABE_ITO["vermillion"], OKABE_ITO["sky_blue"], OKABE_ITO["yellow"], OKABE_ITO["black"])
 OUTCOME_COLORS = {"true positive": OKABE_ITO["bluish_green"], "missed": OKABE_ITO["vermillion"],
