@@ -3,8 +3,8 @@
 Every entry is one `.npz` file named by the sha256 of what determines it: the checkpoint file's sha256, the
 image file's sha256, the input size, the fusion mode (counterfactual), the thresholds, and the cache format
 version, the version of the statistic (`STATISTIC_VERSIONS`) and the code that computed it (`source_sha256`, a
-hash of the package's sources: any code change, committed or not, is a new key). Change any of them and the entry is a different file; a stale entry
-is never read. Kinds:
+hash of the package's sources: any code change, committed or not, is a new key). Change any of them and the
+entry is a different file; a stale entry is never read. Kinds:
 
 * `trace`: an `asff_viz.Trace` (`Trace.save` / `Trace.load`). Figure 3 keeps the whole trace; dataset
   statistics store a *light* trace without the image pixels and without the decoded rows (a few MB per
