@@ -186,9 +186,11 @@ class FusionWeightStatistics:
     """Mean ASFF fusion weight of each source level, per target level, inside small/medium/large GT boxes.
 
     Forward hooks on `model.fusion.levels[l].softmax` capture the weights (B, 3, H_l, W_l) of each forward;
-    `update(labels)` then averages them over the cells of each GT box (cell centres inside the box, plus the
-    cell holding the box centre, so that a box smaller than a cell still counts) and accumulates one
-    mean per box. Use as a context manager: the hooks are removed on exit, also after an exception.
+    `update(labels)` then averages them over the cells of each GT box (the cells whose centre lies inside the
+    box, or the cell holding its centre when there is none: `analyze.statistics.box_cell_mask`, the definition
+    `scale-stats` uses) and accumulates one mean per box. Sizes are COCO's bins of the box area in input pixels
+    (the training images are augmented and resized: their original sizes are gone), i.e. `scale-stats
+    --size-basis input`. Use as a context manager: the hooks are removed on exit, also after an exception.
     Models without ASFF softmax modules give no statistics.
     """
 
@@ -256,9 +258,13 @@ class FusionWeightStatistics:
             inside_x = (centers_x >= x1[..., None]) & (centers_x <= x2[..., None])  # (B, M, W)
             inside_y = (centers_y >= y1[..., None]) & (centers_y <= y2[..., None])  # (B, M, H)
             inside = (inside_y[..., :, None] & inside_x[..., None, :]).float()  # (B, M, H, W)
-            column = (labels[..., 1] / stride).long().clamp(0, width - 1)
-            row = (labels[..., 2] / stride).long().clamp(0, height - 1)
-            inside.view(*inside.shape[:2], -1).scatter_(2, (row * width + column)[..., None], 1.0)
+            # The one definition of the cells of a box (`asff_viz.analyze.statistics.box_cell_mask`): the cells
+            # whose centre lies inside it, or the cell holding its centre when there is none.
+            empty = inside.sum(dim=(2, 3)) == 0  # (B, M)
+            column = (labels[..., 1] / stride).floor().long().clamp(0, width - 1)
+            row = (labels[..., 2] / stride).floor().long().clamp(0, height - 1)
+            inside.view(*inside.shape[:2], -1).scatter_add_(2, (row * width + column)[..., None],
+                                                            empty.float()[..., None])
             sums = torch.einsum("bmhw,bkhw->bmk", inside, weights)  # (B, M, 3)
             means = sums / inside.sum(dim=(2, 3))[..., None]
             for size in range(len(SIZE_RANGES)):

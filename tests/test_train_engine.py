@@ -10,6 +10,7 @@ import warnings
 from datetime import timedelta
 
 import pytest
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -397,3 +398,31 @@ def test_objectness_prior_sets_every_slot():
         decoded = model.decode(model(images))
     # The bias alone sets the prior; the features add a spread around it.
     assert decoded[..., 4].median().item() == pytest.approx(0.01, rel=0.5)
+
+
+def test_training_fusion_statistics_use_the_analysis_definition_of_a_boxs_cells():
+    """The training log and scale-stats measure one quantity: the same cells per box (box_cell_mask), the same
+    COCO bins (of the area in input pixels)."""
+    from asff_viz.analyze.statistics import coco_size_bins, mean_weights_in_box
+
+    torch.manual_seed(0)
+    model = build_model(width=0.125, depth=0.33, num_classes=3).eval()
+    images = torch.randn(1, 3, 64, 64)
+    # Boxes smaller than a cell, thin ones, ones on cell edges and large ones: [class, cx, cy, w, h] input px.
+    labels = torch.tensor([[[0, 12.0, 20.0, 4.0, 3.0], [1, 30.0, 30.0, 40.0, 20.0], [2, 8.0, 8.0, 8.0, 8.0],
+                            [0, 50.0, 10.0, 2.0, 30.0], [1, 33.0, 33.0, 60.0, 60.0], [2, 4.1, 60.0, 6.5, 5.0]]])
+    with FusionWeightStatistics(model) as statistics, torch.no_grad():
+        model(images)
+        weights = [w[0].numpy() for _, w in sorted(statistics.captured.items())]
+        statistics.update(labels)
+    boxes = labels[0, :, 1:].numpy()
+    xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
+    expected = np.stack([mean_weights_in_box(weights, box, model.strides) for box in xyxy])  # (N, 3, 3)
+    sizes = coco_size_bins(boxes[:, 2] * boxes[:, 3])
+    for level in range(3):
+        for size in range(3):
+            chosen = sizes == size
+            if chosen.any():
+                np.testing.assert_allclose(statistics.sums[level, size].numpy(), expected[chosen, level].sum(0),
+                                           rtol=1e-5, atol=1e-6)
+                assert int(statistics.counts[level, size]) == int(chosen.sum())

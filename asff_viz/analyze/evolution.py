@@ -51,6 +51,9 @@ def add_parser(subparsers) -> None:
                                                  "gradient_norms.csv, metrics.csv")
     add_dataset_options(parser, required=False)
     add_matching_options(parser)
+    # The training log measures sizes in input pixels (its images are augmented and resized): the checkpoints'
+    # statistics do the same by default, so both figures show one quantity (`--size-basis original` for COCO's).
+    parser.set_defaults(size_basis="input")
     add_common_options(parser, weights=False)
     parser.set_defaults(handler=run)
 
