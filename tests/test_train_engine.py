@@ -9,8 +9,8 @@ import os
 import warnings
 from datetime import timedelta
 
-import pytest
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
