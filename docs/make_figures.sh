@@ -79,7 +79,14 @@ if [ "${UPDATE:-0}" != "1" ]; then
     exit 1
   }
 fi
-copy() { [ -f "$OUT/$1.png" ] && cp "$OUT/$1.png" "$FIGURES/$2.png" || echo "not made: $OUT/$1.png" >&2; }
+# Each figure goes with the numbers drawn in it (NAME.csv) and its command's run.json (<command>_run.json).
+copy() {
+  [ -f "$OUT/$1.png" ] && cp "$OUT/$1.png" "$FIGURES/$2.png" || echo "not made: $OUT/$1.png" >&2
+  [ -f "$OUT/$1.csv" ] && cp "$OUT/$1.csv" "$FIGURES/$2.csv"
+  local command=${1%%/*}
+  [ -f "$OUT/$command/run.json" ] && cp "$OUT/$command/run.json" "$FIGURES/${command//-/_}_run.json"
+  return 0
+}
 copy "figure3/figure3_${IMAGES[0]%.jpg}" figure3_example
 copy figure3/figure3_overview figure3_overview
 for name in fusion_composition fusion_by_size fusion_by_fine_size fusion_by_class fusion_by_outcome; do
