@@ -399,6 +399,18 @@ def test_figure3_end_to_end(fixture_dir, tmp_path):
 
     assert record["code"] == code_identity() and "git_sha" in record["code"] and "dirty" in record["code"]
     assert record["command_line"].startswith("python -m asff_viz.analyze figure3")
+    # Re-plot from the saved traces with no model and no cache: the same numbers.
+    before = (out / f"figure3_{images[0].stem}.csv").read_bytes()
+    shutil.rmtree(out / "cache")
+    (out / "figure3_overview.png").unlink()
+    moved = tmp_path / "asff.pt"
+    (fixture_dir / "asff.pt").rename(moved)
+    try:
+        run_command("replot", out)
+    finally:
+        moved.rename(fixture_dir / "asff.pt")
+    assert (out / f"figure3_{images[0].stem}.csv").read_bytes() == before
+    check_figure(out, "figure3_overview")
 
 
 def test_scale_stats_end_to_end_and_replot_from_cache(fixture_dir, tmp_path, monkeypatch):

@@ -76,6 +76,18 @@ def overview_rows(traces, names) -> list[dict]:
     return rows
 
 
+def draw(context: RunContext, traces: list, names: list[str], suffix: str) -> None:
+    """Every figure and table of figure3 from the traces (also what `replot` calls)."""
+    args = context.args
+    for trace, name in zip(traces, names, strict=True):
+        context.figure(f"figure3_{name}{suffix}", lambda trace=trace: plots.figure3(
+            trace, score_threshold=args.score_threshold, max_detections=args.max_detections), weight_rows(trace))
+        context.table(f"figure3_{name}{suffix}_detections", detection_rows(trace, args.score_threshold))
+    context.figure(f"figure3_overview{suffix}", lambda: plots.figure3_overview(
+        traces, names, score_threshold=args.score_threshold, max_detections=args.max_detections),
+        overview_rows(traces, names))
+
+
 def unique_names(paths) -> list[str]:
     """File stems, made unique with a numeric suffix when two images share a stem."""
     names, seen = [], {}
@@ -108,11 +120,12 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
                                     conf_threshold=args.conf_threshold, nms_threshold=args.nms_threshold)
         context.record.add_image(path, context.cache.image_sha256(path))
         traces.append(trace)
-        context.figure(f"figure3_{name}{suffix}", lambda trace=trace: plots.figure3(
-            trace, score_threshold=args.score_threshold, max_detections=args.max_detections), weight_rows(trace))
-        context.table(f"figure3_{name}{suffix}_detections", detection_rows(trace, args.score_threshold))
-    context.figure(f"figure3_overview{suffix}", lambda: plots.figure3_overview(
-        traces, names, score_threshold=args.score_threshold, max_detections=args.max_detections),
-        overview_rows(traces, names))
+        # What `replot` needs: the trace itself, next to its figure (no model, no cache then).
+        trace_path = context.out / f"figure3_{name}{suffix}.trace.npz"
+        trace.save(trace_path)
+        context.record.add_outputs([trace_path])
+    context.record["traces"] = [f"figure3_{name}{suffix}.trace.npz" for name in names]
+    context.record["names"] = names
+    draw(context, traces, names, suffix)
     context.finish()
     return context

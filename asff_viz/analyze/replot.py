@@ -1,11 +1,11 @@
-"""`replot DIR`: re-draw the figures of an earlier `scale-stats` or `gradflow` run from what it saved
-(scale_stats.npz, gradflow_statistics.npz and run.json), with no checkpoint, no dataset and no model.
+"""`replot DIR`: re-draw the figures of an earlier `figure3`, `scale-stats` or `gradflow` run from what it saved
+(its traces, scale_stats.npz, gradflow_statistics.npz, and run.json), with no checkpoint, no dataset, no model.
 
     python -m asff_viz.analyze replot runs/analysis/gradflow [--png-dpi 600]
 
 The figures and tables are rewritten in DIR with the run's own settings (thresholds, bootstrap resamples, seed);
-run.json keeps its record and gains a `replots` entry. figure3, compare and evolution keep their per-image
-results in their cache: re-running them with the same arguments re-plots without running the model.
+run.json keeps its record and gains a `replots` entry. compare and evolution keep their per-image results in
+their cache: re-running them with the same arguments re-plots without running the model.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from ..argtypes import positive_int
 from ..fileio import atomic_write_text
 from .inputs import AnalysisError
 
-REPLOTTABLE = {"scale-stats": "scale_stats.npz", "gradflow": "gradflow_statistics.npz"}
+REPLOTTABLE = {"scale-stats": "scale_stats.npz", "gradflow": "gradflow_statistics.npz", "figure3": None}
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("replot", help="re-draw a scale-stats or gradflow run's figures from its files",
+    parser = subparsers.add_parser("replot", help="re-draw a figure3, scale-stats or gradflow run from its files",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="the --out folder of the earlier run")
     parser.add_argument("--png-dpi", type=positive_int, default=None, help="resolution (default: the run's)")
@@ -47,9 +47,9 @@ def run(args: argparse.Namespace, argv=None):
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise AnalysisError(f"{record_path}: not a run.json of asff_viz.analyze ({error}).") from None
     if command not in REPLOTTABLE:
-        raise AnalysisError(f"{directory}: a {command!r} run; replot reads scale-stats and gradflow runs (figure3, "
-                            "compare and evolution re-plot from their cache when run again with the same arguments).")
-    data_path = directory / REPLOTTABLE[command]
+        raise AnalysisError(f"{directory}: a {command!r} run; replot reads figure3, scale-stats and gradflow runs "
+                            "(compare and evolution re-plot from their cache when run again with the same arguments).")
+    data_path = directory / (REPLOTTABLE[command] or "run.json")
     if not data_path.is_file():
         raise AnalysisError(f"{data_path}: missing; it is written by {command} runs of this version.")
     arguments.update(out=str(directory), no_cache=True, cache=None, device="cpu", no_progress=True)
@@ -57,7 +57,17 @@ def run(args: argparse.Namespace, argv=None):
         arguments["png_dpi"] = args.png_dpi
     namespace = argparse.Namespace(**arguments)
     context = RunContext(command, namespace, argv)
-    if command == "scale-stats":
+    if command == "figure3":
+        from ..introspection.trace import Trace
+        from .figure3 import draw
+
+        names = record.get("names")
+        files = record.get("traces")
+        if not names or not files:
+            raise AnalysisError(f"{record_path}: a figure3 run from before traces were saved; run it again.")
+        suffix = files[0][len(f"figure3_{names[0]}"):-len(".trace.npz")]
+        draw(context, [Trace.load(directory / name) for name in files], names, suffix)
+    elif command == "scale-stats":
         from .scale_stats import write_figures
         from .statistics import FusionStatistics
 
