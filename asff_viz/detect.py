@@ -34,7 +34,7 @@ from .inference import DetectionResult, Detector
 from .postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
 from .transforms import IMAGE_SUFFIXES, ImageError, read_image
 
-logger = logging.getLogger("asff_viz.detect")
+logger = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 SHOW_THRESHOLD = 0.3

@@ -34,7 +34,7 @@ from .fileio import atomic_write_text
 from .loss import LOSS_NAMES, YOLOv3Loss
 from .schedule import LearningRateSchedule
 
-logger = logging.getLogger("asff_viz.train")
+logger = logging.getLogger(__name__)
 
 SIZE_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, math.inf)}
 """COCO's object size ranges by box area; the fusion statistics apply them in input pixels."""

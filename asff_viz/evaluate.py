@@ -33,7 +33,7 @@ from .data.coco import COCODetection
 from .data.errors import DatasetError
 from .postprocess import EVAL_CONF_THRESHOLD, NMS_THRESHOLD
 
-logger = logging.getLogger("asff_viz.evaluate")
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -93,7 +93,7 @@ from .loss import build_criterion
 from .models import build_model, reset_fusion_weights
 from .schedule import LearningRateSchedule, ScheduleConfig
 
-logger = logging.getLogger("asff_viz.train")
+logger = logging.getLogger(__name__)
 
 OFFICIAL_DROPBLOCK = ((5, (1, 3, 5)), (80, (3, 5, 7)), (150, (7, 7, 7)))  # (epoch of 300, block sizes)
 

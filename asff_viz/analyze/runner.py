@@ -31,7 +31,7 @@ from .statistics import (
 )
 from .style import publication_style, save_figure
 
-logger = logging.getLogger("asff_viz.analyze")
+logger = logging.getLogger(__name__)
 
 MATCH_SCORE_THRESHOLD = 0.3
 MATCH_IOU_THRESHOLD = 0.5
