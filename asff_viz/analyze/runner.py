@@ -248,13 +248,6 @@ def record_dataset_images(context: RunContext, dataset: AnalysisDataset) -> None
         context.record.add_image(image.file_name, context.cache.image_sha256(image.path), image_id=image.image_id)
 
 
-def check_file(path, what: str) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise AnalysisError(f"{path}: no such {what} file.")
-    return path
-
-
 __all__ = ["MATCH_IOU_THRESHOLD", "MATCH_SCORE_THRESHOLD", "RunContext", "add_common_options",
-           "add_dataset_options", "add_image_statistics", "add_matching_options", "check_file",
+           "add_dataset_options", "add_image_statistics", "add_matching_options",
            "fusion_statistics_over", "mode_label", "mode_name", "parse_counterfactual", "record_dataset_images"]

@@ -100,11 +100,6 @@ def new_figure(width: float = COLUMN_WIDTH, height: float | None = None, **kwarg
     return Figure(figsize=(width, height if height is not None else width / 1.6), layout="constrained", **kwargs)
 
 
-def panel_label(ax, text: str) -> None:
-    """A bold panel letter ('a', 'b', ...) at the top left, outside the axes."""
-    ax.text(-0.02, 1.02, text, transform=ax.transAxes, fontweight="bold", fontsize=8, ha="right", va="bottom")
-
-
 def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
     """Rows of dicts -> CSV (columns: `columns`, else the union of keys in first-seen order). NaN -> empty."""
     path = Path(path)
@@ -151,4 +146,4 @@ def save_figure(figure: Figure, directory: str | os.PathLike, name: str, rows: S
 
 __all__ = ["CATEGORY_COLORS", "COLUMN_WIDTH", "DOUBLE_WIDTH", "LEVEL_LABELS", "MAGNITUDE_CMAP", "OKABE_ITO",
            "OUTCOME_COLORS", "PNG_DPI", "SHORT_LEVEL_LABELS", "SOURCE_COLORS", "STYLE", "WEIGHT_CMAP",
-           "category_color", "new_figure", "panel_label", "publication_style", "save_figure", "write_csv"]
+           "category_color", "new_figure", "publication_style", "save_figure", "write_csv"]

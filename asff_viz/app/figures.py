@@ -87,11 +87,6 @@ def image_figure(image: np.ndarray, height: int = 560, dim: float = 0.0) -> go.F
     return figure
 
 
-def cell_size(original_width: int, original_height: int, input_size: int, stride: int) -> tuple[float, float]:
-    """(width, height) in original pixels of one cell of a level with `stride`."""
-    return stride * original_width / input_size, stride * original_height / input_size
-
-
 def add_weight_map(figure: go.Figure, values: np.ndarray, cell: tuple[float, float], *, colormap: str,
                    opacity: float, title: str) -> None:
     """A (H_l, W_l) map in 0..1 as exact cell rectangles, fixed 0..1 colour scale, colorbar titled `title`."""

@@ -107,10 +107,6 @@ def server_folder(text: str) -> Path:
     return resolved
 
 
-def repository_root() -> Path:
-    return default_checkpoint_path().parent.parent
-
-
 def checkpoints_folder() -> Path:
     return default_checkpoint_path().parent
 
