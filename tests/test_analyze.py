@@ -524,6 +524,21 @@ def test_evolution_end_to_end(fixture_dir, tmp_path):
     norms = {(r["group"], r["epoch"]): float(r["grad_norm"]) for r in read_rows(out / "evolution_gradient_norms.csv")}
     assert norms[("backbone", "1")] == pytest.approx(2.0)
     assert norms[("fusion", "0")] == pytest.approx(np.sqrt(2.0), rel=1e-5)  # two fusion layers of norm 1
+    # `evolution --replot DIR`: the checkpoints moved away, the same numbers drawn again.
+    before = (out / "evolution_fusion.csv").read_bytes()
+    (out / "evolution_fusion.csv").unlink()
+    shutil.rmtree(out / "cache")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("asff.pt", "asff_early.pt"):
+        (fixture_dir / name).rename(moved / name)
+    try:
+        main(["evolution", "--replot", str(out)])
+    finally:
+        for name in ("asff.pt", "asff_early.pt"):
+            (moved / name).rename(fixture_dir / name)
+    assert (out / "evolution_fusion.csv").read_bytes() == before
+    check_figure(out, "evolution_metrics")
 
 
 def test_compare_end_to_end(fixture_dir, tmp_path):

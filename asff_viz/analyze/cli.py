@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None):
     """Run one analysis command; returns its `RunContext` (output folder, record, cache statistics)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--replot" in argv:  # `COMMAND --replot DIR`: the same as `replot DIR` (no other option is needed)
+        position = argv.index("--replot")
+        if position + 1 >= len(argv):
+            build_parser().error("argument --replot: expected the folder of an earlier run")
+        dpi = argv[argv.index("--png-dpi"):argv.index("--png-dpi") + 2] if "--png-dpi" in argv else []
+        argv = ["replot", argv[position + 1], *dpi]
     args = build_parser().parse_args(argv)
     # Our own progress lines at INFO; other libraries (fontTools subsetting fonts into PDFs) stay quiet.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

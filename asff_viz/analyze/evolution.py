@@ -158,6 +158,7 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
         points = []
         x_is_epoch = True
         seen: dict = {}
+        saved_points = []
         for position, path in enumerate(args.checkpoints):
             model = load_analysed_model(path, context.device)
             if not model.has_fusion_weights:
@@ -172,50 +173,68 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
             context.record.add_checkpoint(model.record(f"checkpoint {position}"))
             context.record["preprocessing"] = preprocessing_record(context.size_for(model))
             statistics = fusion_statistics_over(context, model, dataset, description=Path(path).name)
-            points.append((checkpoint_epoch(model, position), path, statistics.by_coco_size()))
+            # What `replot` needs: each checkpoint's statistics, beside the figures.
+            saved = statistics.save(context.out / f"evolution_checkpoint_{position}.npz")
+            context.record.add_outputs([saved])
+            points.append((checkpoint_epoch(model, position), str(path), statistics.by_coco_size()))
+            saved_points.append({"epoch": checkpoint_epoch(model, position), "checkpoint": str(path),
+                                 "statistics": saved.name})
             del model
-        points.sort(key=lambda point: point[0])
-        epochs = [p[0] for p in points]
-        mean = np.stack([[[s.mean[t] for _, s in groups] for t in range(3)] for _, _, groups in points])
-        low = np.stack([[[s.quantiles[t, :, 1] for _, s in groups] for t in range(3)] for _, _, groups in points])
-        high = np.stack([[[s.quantiles[t, :, 3] for _, s in groups] for t in range(3)] for _, _, groups in points])
-        rows = []
-        for epoch, path, groups in points:
-            for size, summary in groups:
-                rows += summary.rows(epoch=epoch, checkpoint=str(path), size=size)
-        context.figure("evolution_fusion", lambda: plots.evolution_grid(
-            epochs, mean, low=low, high=high, xlabel="epoch" if x_is_epoch else "checkpoint"), rows)
+        context.record["checkpoint_points"] = saved_points
+        context.record["x_is_epoch"] = x_is_epoch
+        draw_checkpoints(context, points, x_is_epoch)
         wrote += 1
     if args.run is not None:
-        run_dir = Path(args.run)
-        if not run_dir.is_dir():
-            raise AnalysisError(f"{run_dir}: no such training output folder (written by python -m asff_viz.train).")
-        context.record["training_run"] = str(run_dir)
-        fusion_log, norms_log, metrics_log = (run_dir / name for name in
-                                              ("fusion_weights.csv", "gradient_norms.csv", "metrics.csv"))
-        if fusion_log.is_file() and (rows := read_csv(fusion_log)):
-            epochs, mean, table = training_fusion_arrays(rows)
-            context.figure("evolution_training_fusion", lambda: plots.evolution_grid(epochs, mean), table)
-            wrote += 1
-        if norms_log.is_file() and (rows := read_csv(norms_log)):
-            table, parts, branches = gradient_norm_series(rows)
-            panels = [("model parts", [(name, *parts[name]) for name in parts]),
-                      ("fusion weight branch", [(f"target {LEVEL_LABELS[level]}", *branches[level])
-                                                for level in branches])]
-            colors = {f"target {LEVEL_LABELS[level]}": SOURCE_COLORS[level] for level in range(3)}
-            context.figure("evolution_gradient_norms", lambda: plots.line_panels(
-                [p for p in panels if p[1]], ylabel="gradient norm", log_y=True, colors=colors), table)
-            wrote += 1
-        if metrics_log.is_file() and (rows := read_csv(metrics_log)):
-            names = [n for n in ("AP", "AP50", "APs", "APm", "APl") if n in rows[0]]
-            epochs = np.array([int(r["epoch"]) for r in rows])
-            lines = [(name, epochs, np.array([_float(r[name]) for r in rows])) for name in names]
-            table = [{"epoch": int(r["epoch"]), **{n: _float(r[n]) for n in names}} for r in rows]
-            context.figure("evolution_metrics", lambda: plots.line_panels(
-                [("validation", lines)], ylabel="average precision"), table)
-            wrote += 1
+        wrote += draw_run(context, Path(args.run))
     if wrote == 0:
         raise AnalysisError(f"{args.run}: found none of fusion_weights.csv, gradient_norms.csv, metrics.csv "
                             "with rows; nothing to plot.")
     context.finish()
     return context
+
+
+def draw_checkpoints(context: RunContext, points: list, x_is_epoch: bool) -> None:
+    """evolution_fusion from (epoch, checkpoint, by_coco_size groups) points (also what `replot` calls)."""
+    points.sort(key=lambda point: point[0])
+    epochs = [p[0] for p in points]
+    mean = np.stack([[[s.mean[t] for _, s in groups] for t in range(3)] for _, _, groups in points])
+    low = np.stack([[[s.quantiles[t, :, 1] for _, s in groups] for t in range(3)] for _, _, groups in points])
+    high = np.stack([[[s.quantiles[t, :, 3] for _, s in groups] for t in range(3)] for _, _, groups in points])
+    rows = []
+    for epoch, path, groups in points:
+        for size, summary in groups:
+            rows += summary.rows(epoch=epoch, checkpoint=str(path), size=size)
+    context.figure("evolution_fusion", lambda: plots.evolution_grid(
+        epochs, mean, low=low, high=high, xlabel="epoch" if x_is_epoch else "checkpoint"), rows)
+
+
+def draw_run(context: RunContext, run_dir: Path) -> int:
+    """The figures of a training output folder's logs; returns how many were drawn (also used by `replot`)."""
+    wrote = 0
+    if not run_dir.is_dir():
+        raise AnalysisError(f"{run_dir}: no such training output folder (written by python -m asff_viz.train).")
+    context.record["training_run"] = str(run_dir)
+    fusion_log, norms_log, metrics_log = (run_dir / name for name in
+                                          ("fusion_weights.csv", "gradient_norms.csv", "metrics.csv"))
+    if fusion_log.is_file() and (rows := read_csv(fusion_log)):
+        epochs, mean, table = training_fusion_arrays(rows)
+        context.figure("evolution_training_fusion", lambda: plots.evolution_grid(epochs, mean), table)
+        wrote += 1
+    if norms_log.is_file() and (rows := read_csv(norms_log)):
+        table, parts, branches = gradient_norm_series(rows)
+        panels = [("model parts", [(name, *parts[name]) for name in parts]),
+                  ("fusion weight branch", [(f"target {LEVEL_LABELS[level]}", *branches[level])
+                                            for level in branches])]
+        colors = {f"target {LEVEL_LABELS[level]}": SOURCE_COLORS[level] for level in range(3)}
+        context.figure("evolution_gradient_norms", lambda: plots.line_panels(
+            [p for p in panels if p[1]], ylabel="gradient norm", log_y=True, colors=colors), table)
+        wrote += 1
+    if metrics_log.is_file() and (rows := read_csv(metrics_log)):
+        names = [n for n in ("AP", "AP50", "APs", "APm", "APl") if n in rows[0]]
+        epochs = np.array([int(r["epoch"]) for r in rows])
+        lines = [(name, epochs, np.array([_float(r[name]) for r in rows])) for name in names]
+        table = [{"epoch": int(r["epoch"]), **{n: _float(r[n]) for n in names}} for r in rows]
+        context.figure("evolution_metrics", lambda: plots.line_panels(
+            [("validation", lines)], ylabel="average precision"), table)
+        wrote += 1
+    return wrote

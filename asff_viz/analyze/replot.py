@@ -1,11 +1,12 @@
-"""`replot DIR`: re-draw the figures of an earlier `figure3`, `scale-stats` or `gradflow` run from what it saved
-(its traces, scale_stats.npz, gradflow_statistics.npz, and run.json), with no checkpoint, no dataset, no model.
+"""`replot DIR`: re-draw the figures of an earlier `figure3`, `scale-stats`, `gradflow` or `evolution` run from what
+it saved (traces, scale_stats.npz, gradflow_statistics.npz, evolution_checkpoint_*.npz, and run.json), with no
+checkpoint, no dataset and no model. `python -m asff_viz.analyze COMMAND --replot DIR` is the same.
 
     python -m asff_viz.analyze replot runs/analysis/gradflow [--png-dpi 600]
 
 The figures and tables are rewritten in DIR with the run's own settings (thresholds, bootstrap resamples, seed);
-run.json keeps its record and gains a `replots` entry. compare and evolution keep their per-image results in
-their cache: re-running them with the same arguments re-plots without running the model.
+run.json keeps its record and gains a `replots` entry. compare keeps its per-image results in its cache:
+re-running it with the same arguments re-plots without running the model.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from ..argtypes import positive_int
 from ..fileio import atomic_write_text
 from .inputs import AnalysisError
 
-REPLOTTABLE = {"scale-stats": "scale_stats.npz", "gradflow": "gradflow_statistics.npz", "figure3": None}
+REPLOTTABLE = {"scale-stats": "scale_stats.npz", "gradflow": "gradflow_statistics.npz", "figure3": None,
+               "evolution": None}
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("replot", help="re-draw a figure3, scale-stats or gradflow run from its files",
+    parser = subparsers.add_parser("replot", help="re-draw a figure3, scale-stats, gradflow or evolution run",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="the --out folder of the earlier run")
     parser.add_argument("--png-dpi", type=positive_int, default=None, help="resolution (default: the run's)")
@@ -47,8 +49,8 @@ def run(args: argparse.Namespace, argv=None):
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise AnalysisError(f"{record_path}: not a run.json of asff_viz.analyze ({error}).") from None
     if command not in REPLOTTABLE:
-        raise AnalysisError(f"{directory}: a {command!r} run; replot reads figure3, scale-stats and gradflow runs "
-                            "(compare and evolution re-plot from their cache when run again with the same arguments).")
+        raise AnalysisError(f"{directory}: a {command!r} run; replot reads figure3, scale-stats, gradflow and "
+                            "evolution runs (compare re-plots from its cache when run again with the same arguments).")
     data_path = directory / (REPLOTTABLE[command] or "run.json")
     if not data_path.is_file():
         raise AnalysisError(f"{data_path}: missing; it is written by {command} runs of this version.")
@@ -67,6 +69,17 @@ def run(args: argparse.Namespace, argv=None):
             raise AnalysisError(f"{record_path}: a figure3 run from before traces were saved; run it again.")
         suffix = files[0][len(f"figure3_{names[0]}"):-len(".trace.npz")]
         draw(context, [Trace.load(directory / name) for name in files], names, suffix)
+    elif command == "evolution":
+        from .evolution import draw_checkpoints, draw_run
+        from .statistics import FusionStatistics
+
+        points = [(float(point["epoch"]), point["checkpoint"],
+                   FusionStatistics.load(directory / point["statistics"]).by_coco_size())
+                  for point in record.get("checkpoint_points", [])]
+        if points:
+            draw_checkpoints(context, points, bool(record.get("x_is_epoch", True)))
+        if record.get("training_run"):  # the run's logs are data: read again from where they were
+            draw_run(context, Path(record["training_run"]))
     elif command == "scale-stats":
         from .scale_stats import write_figures
         from .statistics import FusionStatistics
