@@ -558,6 +558,23 @@ def test_compare_end_to_end(fixture_dir, tmp_path):
     assert [(r["minus"], r["metric"]) for r in paired] == [("sum", "AP"), ("sum", "AP50"), ("asff (uniform)", "AP"),
                                                            ("asff (uniform)", "AP50")]
     by_variant = {r["variant"]: r for r in ap}
+    # `compare --replot DIR` with the checkpoints moved away: the same tables and figures.
+    before = {name: (out / name).read_bytes() for name in ("compare_ap.csv", "compare_outcomes.csv",
+                                                           "compare_ap_paired.csv", "compare_fusion.csv",
+                                                           "compare_detections.csv")}
+    for name in before:
+        (out / name).unlink()
+    shutil.rmtree(out / "cache")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("asff.pt", "sum.pt"):
+        (fixture_dir / name).rename(moved / name)
+    try:
+        main(["compare", "--replot", str(out)])
+    finally:
+        for name in ("asff.pt", "sum.pt"):
+            (moved / name).rename(fixture_dir / name)
+    assert {name: (out / name).read_bytes() for name in before} == before
     for row in paired:  # the point estimate is the difference of the variants' own AP
         expected = float(by_variant["asff"][row["metric"]]) - float(by_variant[row["minus"]][row["metric"]])
         assert float(row["difference"]) == pytest.approx(expected, abs=2e-6)  # the CSVs keep 6 digits

@@ -16,12 +16,14 @@ Outputs (each figure also as .csv):
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
 from ..argtypes import positive_int, unit_interval
 from ..coco_eval import METRIC_NAMES, coco_metrics
 from ..data.coco import xyxy_to_coco_bbox
+from ..fileio import atomic_write
 from ..transforms import read_image
 from . import plots
 from .ap_bootstrap import MatchedImages, paired_ap_difference
@@ -119,8 +121,6 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
         metrics.append(coco_metrics(dataset.coco, results, dataset.image_ids))
         matched.append(MatchedImages(dataset.coco, results, dataset.image_ids))
 
-    ap_rows = [{"variant": label, **{name: m[name] for name in METRIC_NAMES}} for label, m in zip(labels, metrics,
-                                                                                                   strict=True)]
     paired_rows = []
     for label, other in zip(labels[1:], matched[1:], strict=True):
         paired = paired_ap_difference(matched[0], other, samples=args.bootstrap, seed=context.seed)
@@ -129,7 +129,33 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
             paired_rows.append({"variant": labels[0], "minus": label, "metric": metric, "difference": difference,
                                 "ci95_low": low, "ci95_high": high, "supported": bool(low > 0 or high < 0),
                                 "images": paired["images"], "resamples": paired["resamples"]})
+    shown = []
+    for index in range(show):
+        image = dataset[index]
+        shown.append((str(image.path), image.ground_truth, shown_results[image.image_id]))
+    # What `replot` needs, beside the figures: each variant's statistics, the metrics, the shown detections.
+    context.record["labels"], context.record["metrics"], context.record["paired"] = labels, metrics, paired_rows
+    context.record["has_fusion_weights"] = [model.has_fusion_weights for model, _, _ in variants]
+    context.record["class_names"] = list(dataset.class_names)
+    for index, variant_statistics in enumerate(statistics):
+        context.record.add_outputs([variant_statistics.save(context.out / f"compare_variant_{index}.npz")])
+    context.record.add_outputs([save_shown(context.out / "compare_shown.npz", shown)])
+    draw(context, labels, metrics, statistics, paired_rows, context.record.data["has_fusion_weights"], shown,
+         list(dataset.class_names))
+    context.finish()
+    return context
+
+
+def draw(context: RunContext, labels: list[str], metrics: list[dict], statistics: list, paired_rows: list[dict],
+         has_fusion_weights: list[bool], shown: list, class_names: list[str]) -> None:
+    """Every figure and table of compare from its results (also what `replot` calls).
+
+    shown: (image path, GroundTruth, [ImageResult per variant]) of the images drawn in compare_detections.
+    """
+    args = context.args
     context.table("compare_ap_paired", paired_rows)
+    ap_rows = [{"variant": label, **{name: m[name] for name in METRIC_NAMES}} for label, m in zip(labels, metrics,
+                                                                                                   strict=True)]
     context.figure("compare_ap", lambda: plots.grouped_bars(
         list(METRIC_NAMES), [(label, [m[n] for n in METRIC_NAMES]) for label, m in zip(labels, metrics, strict=True)],
         ylabel="average precision", ylim=(0, 1)), ap_rows)
@@ -143,32 +169,57 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
         xlabel=f"object size (COCO); found = a detection with score $\\geq$ {args.match_score:g} and "
                f"IoU $\\geq$ {args.match_iou:g}"),
         [r for r in outcome_rows if r["size"] != "all"])
-    weighted = [(label, s) for (model, _, _), label, s in zip(variants, labels, statistics, strict=True)
-                if model.has_fusion_weights]
+    weighted = [(label, s) for weights, label, s in zip(has_fusion_weights, labels, statistics, strict=True)
+                if weights]
     if weighted:
         rows = [(label, s.by_coco_size()) for label, s in weighted]
         context.figure("compare_fusion", lambda: plots.composition_bars(
             rows, tick_labels=["S", "M", "L"], xlabel="object size (COCO: small, medium, large)",
             row_height=1.1),
             [{"variant": label, **row} for label, groups in rows for row in summary_rows(groups, "size")])
-    if show:
-        images, truths, results = [], [], []
-        for index in range(show):
-            image = dataset[index]
-            images.append(read_image(image.path))
-            truths.append(image.ground_truth)
-            results.append(shown_results[image.image_id])
+    if shown:
+        images = [read_image(path) for path, _, _ in shown]
+        truths = [truth for _, truth, _ in shown]
+        results = [variant_results for _, _, variant_results in shown]
         detection_rows = [
-            {"image": dataset[i].file_name, "variant": label, "class": dataset.class_names[int(result.labels[j])],
+            {"image": Path(shown[i][0]).name, "variant": label, "class": class_names[int(result.labels[j])],
              "score": float(result.scores[j]), "x1": result.boxes[j, 0], "y1": result.boxes[j, 1],
              "x2": result.boxes[j, 2], "y2": result.boxes[j, 3], "level": int(result.levels[j])}
-            for i in range(show) for label, result in zip(labels, results[i], strict=True)
+            for i in range(len(shown)) for label, result in zip(labels, results[i], strict=True)
             for j in range(len(result.scores)) if result.scores[j] >= args.score_threshold]
         context.figure("compare_detections", lambda: plots.detections_grid(
-            images, truths, results, labels, class_names=dataset.class_names, score_threshold=args.score_threshold),
+            images, truths, results, labels, class_names=class_names, score_threshold=args.score_threshold),
             detection_rows)
-    context.finish()
-    return context
 
 
-__all__ = ["add_parser", "run"]
+def save_shown(path: Path, shown: list) -> Path:
+    """The shown images' paths, ground truth and per-variant detections as one .npz (no pickles)."""
+    arrays = {"paths": np.array([p for p, _, _ in shown], dtype=str)}
+    for index, (_, truth, results) in enumerate(shown):
+        for name in ("boxes", "labels", "areas", "crowd"):
+            arrays[f"{index}/truth/{name}"] = getattr(truth, name)
+        for variant, result in enumerate(results):
+            for name in ("boxes", "scores", "labels", "levels"):
+                arrays[f"{index}/{variant}/{name}"] = getattr(result, name)
+    atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
+    return path
+
+
+def load_shown(path: Path, variants: int) -> list:
+    """`save_shown`'s file -> [(path, GroundTruth, [detections per variant])] (results as plain namespaces)."""
+    from types import SimpleNamespace
+
+    from .inputs import GroundTruth
+
+    with np.load(path, allow_pickle=False) as data:
+        shown = []
+        for index, image_path in enumerate(data["paths"].tolist()):
+            truth = GroundTruth(*(data[f"{index}/truth/{name}"] for name in ("boxes", "labels", "areas", "crowd")))
+            results = [SimpleNamespace(**{name: data[f"{index}/{variant}/{name}"]
+                                          for name in ("boxes", "scores", "labels", "levels")})
+                       for variant in range(variants)]
+            shown.append((image_path, truth, results))
+    return shown
+
+
+__all__ = ["add_parser", "draw", "load_shown", "run", "save_shown"]

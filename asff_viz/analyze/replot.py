@@ -1,12 +1,12 @@
-"""`replot DIR`: re-draw the figures of an earlier `figure3`, `scale-stats`, `gradflow` or `evolution` run from what
-it saved (traces, scale_stats.npz, gradflow_statistics.npz, evolution_checkpoint_*.npz, and run.json), with no
-checkpoint, no dataset and no model. `python -m asff_viz.analyze COMMAND --replot DIR` is the same.
+"""`replot DIR`: re-draw the figures of an earlier analysis run (any command) from what it saved beside them
+(traces, scale_stats.npz, gradflow_statistics.npz, evolution_checkpoint_*.npz, compare_variant_*.npz and
+compare_shown.npz, and run.json), with no checkpoint and no model. `python -m asff_viz.analyze COMMAND --replot
+DIR` is the same. (compare_detections reads its few images again from their recorded paths.)
 
     python -m asff_viz.analyze replot runs/analysis/gradflow [--png-dpi 600]
 
 The figures and tables are rewritten in DIR with the run's own settings (thresholds, bootstrap resamples, seed);
-run.json keeps its record and gains a `replots` entry. compare keeps its per-image results in its cache:
-re-running it with the same arguments re-plots without running the model.
+run.json keeps its record and gains a `replots` entry.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from ..fileio import atomic_write_text
 from .inputs import AnalysisError
 
 REPLOTTABLE = {"scale-stats": "scale_stats.npz", "gradflow": "gradflow_statistics.npz", "figure3": None,
-               "evolution": None}
+               "evolution": None, "compare": "compare_shown.npz"}
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("replot", help="re-draw a figure3, scale-stats, gradflow or evolution run",
+    parser = subparsers.add_parser("replot", help="re-draw an analysis run's figures from its files, no model",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="the --out folder of the earlier run")
     parser.add_argument("--png-dpi", type=positive_int, default=None, help="resolution (default: the run's)")
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace, argv=None):
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise AnalysisError(f"{record_path}: not a run.json of asff_viz.analyze ({error}).") from None
     if command not in REPLOTTABLE:
-        raise AnalysisError(f"{directory}: a {command!r} run; replot reads figure3, scale-stats, gradflow and "
-                            "evolution runs (compare re-plots from its cache when run again with the same arguments).")
+        raise AnalysisError(f"{directory}: a {command!r} run; replot reads the runs of figure3, scale-stats, "
+                            "gradflow, evolution and compare.")
     data_path = directory / (REPLOTTABLE[command] or "run.json")
     if not data_path.is_file():
         raise AnalysisError(f"{data_path}: missing; it is written by {command} runs of this version.")
@@ -69,6 +69,14 @@ def run(args: argparse.Namespace, argv=None):
             raise AnalysisError(f"{record_path}: a figure3 run from before traces were saved; run it again.")
         suffix = files[0][len(f"figure3_{names[0]}"):-len(".trace.npz")]
         draw(context, [Trace.load(directory / name) for name in files], names, suffix)
+    elif command == "compare":
+        from .compare import draw, load_shown
+        from .statistics import FusionStatistics
+
+        labels = record["labels"]
+        statistics = [FusionStatistics.load(directory / f"compare_variant_{i}.npz") for i in range(len(labels))]
+        draw(context, labels, record["metrics"], statistics, record["paired"], record["has_fusion_weights"],
+             load_shown(data_path, len(labels)), record["class_names"])
     elif command == "evolution":
         from .evolution import draw_checkpoints, draw_run
         from .statistics import FusionStatistics
