@@ -166,8 +166,7 @@ def draw(context: RunContext, labels: list[str], metrics: list[dict], statistics
               for label, s in zip(labels, statistics, strict=True)]
     context.figure("compare_recall", lambda: plots.grouped_bars(
         list(COCO_SIZE_LABELS), recall, ylabel="recall",
-        xlabel=f"object size (COCO); found = a detection with score $\\geq$ {args.match_score:g} and "
-               f"IoU $\\geq$ {args.match_iou:g}"),
+        xlabel=f"COCO object size; found: score $\\geq$ {args.match_score:g}, IoU $\\geq$ {args.match_iou:g}"),
         [r for r in outcome_rows if r["size"] != "all"])
     weighted = [(label, s) for weights, label, s in zip(has_fusion_weights, labels, statistics, strict=True)
                 if weights]
