@@ -3,6 +3,7 @@ and every command end to end on a tiny synthetic dataset with tiny checkpoints."
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -364,6 +365,20 @@ def dataset_args(root: Path) -> list[str]:
     return ["--annotations", str(root / "val.json"), "--images", str(root / "data" / "images" / "val")]
 
 
+@contextlib.contextmanager
+def checkpoints_away(fixture_dir: Path, names, tmp_path: Path):
+    """The fixture checkpoints moved out of reach for the block: what runs there cannot load a model."""
+    moved = tmp_path / "moved"
+    moved.mkdir(exist_ok=True)
+    for name in names:
+        (fixture_dir / name).rename(moved / name)
+    try:
+        yield
+    finally:
+        for name in names:
+            (moved / name).rename(fixture_dir / name)
+
+
 def run_command(*argv) -> object:
     return main([*map(str, argv), "--no-progress", "--png-dpi", "40"])
 
@@ -403,12 +418,8 @@ def test_figure3_end_to_end(fixture_dir, tmp_path):
     before = (out / f"figure3_{images[0].stem}.csv").read_bytes()
     shutil.rmtree(out / "cache")
     (out / "figure3_overview.png").unlink()
-    moved = tmp_path / "asff.pt"
-    (fixture_dir / "asff.pt").rename(moved)
-    try:
+    with checkpoints_away(fixture_dir, ("asff.pt",), tmp_path):
         run_command("replot", out)
-    finally:
-        moved.rename(fixture_dir / "asff.pt")
     assert (out / f"figure3_{images[0].stem}.csv").read_bytes() == before
     check_figure(out, "figure3_overview")
 
@@ -499,15 +510,8 @@ def test_gradflow_end_to_end_with_sum_checkpoint(fixture_dir, tmp_path):
     for name in before:
         (out / name).unlink()
     (out / "gradflow_conflict.png").unlink()
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    for checkpoint in ("asff.pt", "sum.pt"):
-        (fixture_dir / checkpoint).rename(moved / checkpoint)
-    try:
+    with checkpoints_away(fixture_dir, ("asff.pt", "sum.pt"), tmp_path):
         run_command("replot", out)
-    finally:
-        for checkpoint in ("asff.pt", "sum.pt"):
-            (moved / checkpoint).rename(fixture_dir / checkpoint)
     assert {name: (out / name).read_bytes() for name in before} == before
     check_figure(out, "gradflow_conflict")
     assert len(json.loads((out / "run.json").read_text())["replots"]) == 1
@@ -528,15 +532,8 @@ def test_evolution_end_to_end(fixture_dir, tmp_path):
     before = (out / "evolution_fusion.csv").read_bytes()
     (out / "evolution_fusion.csv").unlink()
     shutil.rmtree(out / "cache")
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    for name in ("asff.pt", "asff_early.pt"):
-        (fixture_dir / name).rename(moved / name)
-    try:
+    with checkpoints_away(fixture_dir, ("asff.pt", "asff_early.pt"), tmp_path):
         main(["evolution", "--replot", str(out)])
-    finally:
-        for name in ("asff.pt", "asff_early.pt"):
-            (moved / name).rename(fixture_dir / name)
     assert (out / "evolution_fusion.csv").read_bytes() == before
     check_figure(out, "evolution_metrics")
 
@@ -565,15 +562,8 @@ def test_compare_end_to_end(fixture_dir, tmp_path):
     for name in before:
         (out / name).unlink()
     shutil.rmtree(out / "cache")
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    for name in ("asff.pt", "sum.pt"):
-        (fixture_dir / name).rename(moved / name)
-    try:
+    with checkpoints_away(fixture_dir, ("asff.pt", "sum.pt"), tmp_path):
         main(["compare", "--replot", str(out)])
-    finally:
-        for name in ("asff.pt", "sum.pt"):
-            (moved / name).rename(fixture_dir / name)
     assert {name: (out / name).read_bytes() for name in before} == before
     for row in paired:  # the point estimate is the difference of the variants' own AP
         expected = float(by_variant["asff"][row["metric"]]) - float(by_variant[row["minus"]][row["metric"]])
