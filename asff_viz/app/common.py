@@ -17,7 +17,7 @@ import streamlit as st
 from ..checkpoint import CheckpointError
 from . import cache
 from .figures import LEVEL_NAMES, SHORT_LEVEL_NAMES
-from .inputs import ImageChoice, Settings, WeightsChoice
+from .inputs import ImageChoice, Settings, WeightsChoice, initial
 
 SELECTED_DETECTION = "selected_detection"
 PICKED_POINT = "picked_point"
@@ -185,19 +185,6 @@ def point_picker(analysis: Analysis) -> tuple[float, float]:
     right.number_input("y (px)", 0, height - 1, key="pick_y", step=1, on_change=copy_point,
                        help="Row of the picked pixel in the original image.")
     return picked_point(analysis)
-
-
-def initial(key: str, value: Any, valid: Any = None) -> Any:
-    """The default to give a keyed widget: always `value` (dropping a stored state that is not in `valid`).
-
-    Defaults go through the widget's own parameter, the same on every run, never through
-    `st.session_state[key] = ...` before it: a rerun that interrupts the first run (a click while the page
-    loads) can lose such a value, and a default that changes between runs lets the browser reset the widget
-    to it.
-    """
-    if valid is not None and key in st.session_state and st.session_state[key] not in valid:
-        del st.session_state[key]
-    return value
 
 
 def level_control(label: str, key: str, default: int = 1, help: str | None = None, disabled: bool = False) -> int:

@@ -10,6 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 
@@ -283,10 +284,21 @@ def available_devices() -> list[str]:
     return devices
 
 
+def initial(key: str, value: Any, valid: Any = None) -> Any:
+    """The default to give a keyed widget: always `value` (dropping a stored state that is not in `valid`).
+
+    Defaults go through the widget's own parameter, the same on every run, never through
+    `st.session_state[key] = ...` before it: a rerun that interrupts the first run (a click while the page
+    loads) can lose such a value, and a default that changes between runs lets the browser reset the widget
+    to it.
+    """
+    if valid is not None and key in st.session_state and st.session_state[key] not in valid:
+        del st.session_state[key]
+    return value
+
+
 def settings_ui(default_size: int, device: str) -> Settings:
     """Input size and thresholds (and the chosen device); the size starts at the model's own input size."""
-    from .common import initial
-
     default_size = min(INPUT_SIZES, key=lambda size: abs(size - default_size))
     size = st.select_slider("Input size", options=INPUT_SIZES, key="input_size",
                             value=initial("input_size", default_size, INPUT_SIZES),

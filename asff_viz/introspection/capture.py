@@ -370,3 +370,44 @@ def measure_capture_overhead(model: nn.Module, size: int = 416, repeats: int = 7
             "best_ratio": min(captured_times) / min(plain_times),
             "plain_all": plain_times, "captured_all": captured_times,
             "plain_wall": plain_wall, "captured_wall": captured_wall}
+
+
+@contextmanager
+def gradient_through_offsets(model: nn.Module) -> Iterator[None]:
+    """Let gradients reach the input through the head's deformable-conv offsets, in this thread only.
+
+    The head computes its offsets from `anchor_logwh.detach()` (a training-time stop-gradient of the
+    official design), so autograd's input gradient misses how the input moves the sampling positions, and
+    integrated gradients could never be complete. Inside this block a pre-hook hands `conv_offset` the
+    same values undetached (the guide's output recorded a moment earlier): outputs stay bit-identical and
+    gradients become the true derivative of the score.
+    """
+    owner = threading.get_ident()
+    latest: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def record(level: int):
+        def hook(_module, _inputs, output):
+            if threading.get_ident() == owner:
+                latest[level] = output
+        return hook
+
+    def substitute(level: int):
+        def hook(_module, args):
+            if threading.get_ident() != owner or level not in latest:
+                return None
+            (detached,) = args
+            guide = latest.pop(level)
+            return (guide,) if guide.shape == detached.shape else None
+        return hook
+
+    try:
+        for level, head in enumerate(getattr(getattr(model, "head", None), "levels", [])):
+            adaption = getattr(head, "adaption", None)
+            if hasattr(head, "guide_wh") and hasattr(adaption, "conv_offset"):
+                handles.append(head.guide_wh.register_forward_hook(record(level)))
+                handles.append(adaption.conv_offset.register_forward_pre_hook(substitute(level)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

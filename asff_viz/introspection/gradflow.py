@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from ..postprocess import row_location
-from .capture import LEVEL_NAMES, Counterfactual, as_counterfactual, capture, has_fusion_weights
+from .capture import (
+    LEVEL_NAMES,
+    Counterfactual,
+    as_counterfactual,
+    capture,
+    gradient_through_offsets,
+    has_fusion_weights,
+)
 
 # ------------------------------------------------------------------------------------------------ objectives
 
@@ -238,8 +245,6 @@ def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
     plain_sum = not has_fusion_weights(model) and getattr(getattr(model, "fusion", None), "mode", None) == "sum"
     if not has_fusion_weights(model) and not plain_sum:
         raise ValueError(f"the {model.config.variant!r} model has no ASFF fusion to analyse.")
-    from .attribution import gradient_through_offsets  # local: attribution imports this module
-
     counterfactual = as_counterfactual(counterfactual)
     images = input_batch(model, image_tensor)
     with torch.enable_grad():

@@ -247,12 +247,18 @@ def cells_covering(x: float, y: float, strides, grid_sizes) -> np.ndarray:
 
 
 def library_versions() -> dict:
-    import captum
+    """Versions of what computed a trace; captum's from its metadata (importing it would cost a trace its time)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import cv2
 
     from .. import __version__
+    try:
+        captum_version = version("captum")
+    except PackageNotFoundError:
+        captum_version = None
     return {"asff_viz": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "opencv": cv2.__version__, "captum": captum.__version__, "python": platform.python_version()}
+            "opencv": cv2.__version__, "captum": captum_version, "python": platform.python_version()}
 
 
 def _channel_rms(tensor: torch.Tensor) -> np.ndarray:
