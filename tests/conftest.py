@@ -30,3 +30,23 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def calibrate_batchnorm(model: torch.nn.Module, batches, momentum_after: float | None = None) -> torch.nn.Module:
+    """BatchNorm statistics that match the activations: reset, then a cumulative average over `batches` (train
+    mode, no gradients). A freshly built network's statistics (mean 0, var 1) let its activations shrink or grow
+    layer by layer, so weights and scores of a random tiny model would be degenerate. The model is left in train
+    mode; `momentum_after` restores a running-average momentum for later training steps."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    if momentum_after is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = momentum_after
+    return model

@@ -39,6 +39,7 @@ from asff_viz.checkpoint import file_sha256, save_checkpoint
 from asff_viz.introspection.trace import DetectionRecord, Trace
 from asff_viz.models import build_model
 from asff_viz.transforms import ImageTransform
+from tests.conftest import calibrate_batchnorm
 
 SIZE = 64
 STRIDES = (32, 16, 8)
@@ -312,13 +313,8 @@ def calibrated_model(fusion: str = "asff", seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     model = build_model(width=0.125, depth=0.33, num_classes=len(CLASS_NAMES), fusion=fusion)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            module.reset_running_stats()
-    model.train()
+    calibrate_batchnorm(model, [torch.randn(2, 3, SIZE, SIZE)])
     with torch.no_grad():
-        model(torch.randn(2, 3, SIZE, SIZE))
         # Untrained guided-anchor and box logits can reach exp() overflow (infinite boxes, NaN loss gradients);
         # small head weights keep the tiny model's boxes finite, as a trained model's are.
         for level in model.head.levels:

@@ -19,6 +19,7 @@ from asff_viz.introspection.attribution import (
 from asff_viz.introspection.capture import hook_count
 from asff_viz.postprocess import row_location
 from asff_viz.transforms import ImageTransform
+from tests.conftest import calibrate_batchnorm
 
 SIZE = 64
 
@@ -36,13 +37,7 @@ def smooth_tiny_model() -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, torch.nn.LeakyReLU):
             module.negative_slope = 1.0
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            module.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(2, 3, SIZE, SIZE))
-    return model.eval().double()
+    return calibrate_batchnorm(model, [torch.randn(2, 3, SIZE, SIZE)]).eval().double()
 
 
 @pytest.fixture(scope="module")

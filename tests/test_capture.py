@@ -13,6 +13,7 @@ from asff_viz import Counterfactual, Trace, build_model, capture, trace_image
 from asff_viz.introspection.capture import hook_count, measure_capture_overhead
 from asff_viz.introspection.trace import TraceError
 from asff_viz.postprocess import row_location
+from tests.conftest import calibrate_batchnorm
 
 SIZE = 96
 
@@ -25,14 +26,8 @@ def tiny_model() -> torch.nn.Module:
     then spread the softmax instead of leaving every weight near 1/3.
     """
     torch.manual_seed(0)
-    model = build_model(width=0.125, depth=0.33, num_classes=3)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            module.reset_running_stats()
-    model.train()
+    model = calibrate_batchnorm(build_model(width=0.125, depth=0.33, num_classes=3), [torch.randn(2, 3, SIZE, SIZE)])
     with torch.no_grad():
-        model(torch.randn(2, 3, SIZE, SIZE))
         for level in model.fusion.levels:
             level.weight_logits.weight.mul_(3.0)
     return model.eval()

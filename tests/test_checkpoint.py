@@ -31,15 +31,6 @@ from tests.reference.manifest_weights import MANIFESTS, manifest_state_dict, rea
 SMALL = {"width": 0.125, "depth": 0.33, "num_classes": 3}
 METADATA = {"class_names": ["cat", "dog", "bird"], "input_size": 64}
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine its spin-waits cost seconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 class CreatesFileWhenUnpickled:
     """A pickle payload: unpickling it calls open(marker, "w"), which creates the marker file."""

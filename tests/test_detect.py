@@ -23,14 +23,6 @@ CLASS_NAMES = ["cat", "dog", "bird"]
 RECORD_KEYS = {"image", "bbox", "score", "category_id", "category_name"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine its spin-waits cost seconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:

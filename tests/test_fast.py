@@ -24,6 +24,7 @@ from asff_viz.models.blocks import SPP
 from asff_viz.models.deform_conv import deform_conv2d, deform_conv2d_grid_sample
 from asff_viz.models.detector import YOLOv3ASFF
 from asff_viz.postprocess import postprocess, row_location
+from tests.conftest import calibrate_batchnorm
 
 SIZE = 96
 
@@ -34,15 +35,11 @@ def tiny_model(seed: int = 0, affine: bool = True) -> YOLOv3ASFF:
     torch.manual_seed(seed)
     model = build_model(width=0.125, depth=0.33, num_classes=3)
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None
-            module.reset_running_stats()
-            if affine:
-                nn.init.uniform_(module.weight, 0.5, 1.5)
-                nn.init.uniform_(module.bias, -0.2, 0.2)
-    model.train()
+        if isinstance(module, nn.BatchNorm2d) and affine:
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.2, 0.2)
+    calibrate_batchnorm(model, [torch.randn(2, 3, SIZE, SIZE)])
     with torch.no_grad():
-        model(torch.randn(2, 3, SIZE, SIZE))
         for level in model.fusion.levels:
             level.weight_logits.weight.mul_(3.0)  # spread the fusion weights away from 1/3
     return model.eval()

@@ -16,15 +16,6 @@ from asff_viz.models import LevelOutput, build_model
 NUM_CLASSES = 3
 SMALL = {"width": 0.125, "depth": 0.33, "num_classes": NUM_CLASSES}
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine its spin-waits cost seconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 def sigmoid(value: float) -> float:
     return 1.0 / (1.0 + math.exp(-value))

@@ -37,6 +37,7 @@ from asff_viz.engine import (
 from asff_viz.loss import build_criterion
 from asff_viz.models import build_model
 from asff_viz.schedule import LearningRateSchedule, ScheduleConfig, learning_rate
+from tests.conftest import calibrate_batchnorm
 
 NUM_CLASSES = 3
 
@@ -50,17 +51,8 @@ def tiny_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(ModelConfig(num_classes=NUM_CLASSES, width=0.125, depth=0.33))
     initialize_weights(model)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(4, 3, 64, 64))
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = 0.1
-    return model
+    batches = [torch.randn(4, 3, 64, 64) for _ in range(2)]
+    return calibrate_batchnorm(model, batches, momentum_after=0.1)
 
 
 def fixed_batch(batch_size: int = 4, size: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
