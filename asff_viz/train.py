@@ -630,11 +630,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def _train(config: TrainConfig, context: DistributedContext) -> dict:
     from .data.augment import TrainDataset, TrainTransform
 
-    resume_data = None
+    resume_data, reference, reference_source, reference_metadata = None, None, None, {}
     if config.run.resume:
         try:
             resume_data = read_checkpoint(config.run.resume)
-            parse_checkpoint(resume_data, config.run.resume)
+            reference, resume_weights, reference_metadata = parse_checkpoint(resume_data, config.run.resume)
+            check_finite(resume_weights, config.run.resume)
+            reference_source = config.run.resume
         except CheckpointError as error:
             raise SystemExit(f"error: {error}") from None
         if not isinstance(resume_data.get("training"), dict):
@@ -661,18 +663,14 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict:
         raise SystemExit(f"error: {data.val_annotations} and {data.train_annotations} have different categories")
 
     # The model config: from the resumed/initial checkpoint when there is one, else the command line.
-    init_state, reference, reference_source, reference_metadata = None, None, None, {}
-    try:
-        if run.resume:
-            reference, resume_weights, reference_metadata = parse_checkpoint(resume_data, run.resume)
-            check_finite(resume_weights, run.resume)
-            reference_source = run.resume
-        elif run.init and not run.init.endswith((".weights", ".conv.74")):
+    init_state = None
+    if not run.resume and run.init and not run.init.endswith((".weights", ".conv.74")):
+        try:
             reference, init_state, reference_metadata = parse_checkpoint(read_checkpoint(run.init), run.init)
             check_finite(init_state, run.init)
-            reference_source = run.init
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}") from None
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from None
+        reference_source = run.init
     if run.resume:
         check_class_names(reference_metadata.get("class_names"), class_names, run.resume, data.train_annotations)
     model_config = resolve_model_config(config.model, len(class_names), reference, reference_source)
