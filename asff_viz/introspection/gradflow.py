@@ -569,28 +569,14 @@ def _control_flows(flow: GradientFlow, decomposition: GradientDecomposition, sig
     statistics (the thresholds are the learned ones, so each difference is the weights' alone)."""
     generator = torch.Generator().manual_seed(seed)
     learned = decomposition.value
+    random_by_source = [random_direction_terms(torch.stack([learned[l][k].cpu() for l in range(3)]), generator)
+                        for k in range(3)]
     terms_of = {**decomposition.controls,
+                "random": [[random_by_source[k][l] for k in range(3)] for l in range(3)],
                 "with_weight_branch": [[learned[l][k] + decomposition.weight_branch[l][k] for k in range(3)]
                                        for l in range(3)]}
-    result = {}
-    for name in ALL_CONTROLS:
-        conflict = []
-        for source in range(3):
-            if name == "random":
-                stacked = random_direction_terms(torch.stack([learned[l][source].cpu() for l in range(3)]), generator)
-            else:
-                stacked = torch.stack([terms_of[name][l][source].cpu() for l in range(3)])
-            conflict.append(conflict_statistics(stacked, significance, active_fraction, cosine_threshold))
-        terms = learned if name == "random" else terms_of[name]
-        active_total = sum(int(c.active.sum()) for c in conflict)
-        overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else 0.0
-        control = replace(flow, conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]),
-                          overall_conflict_rate=overall, controls={},
-                          maps=[[_norm_map(terms[l][k]) for k in range(3)] for l in range(3)])
-        if flow.positives_at_source is not None:
-            control.conflict_rate_at_objects = _rates_at_objects(conflict, flow.positives_at_source)
-        result[name] = control
-    return result
+    return {name: _flow_with_terms(flow, terms_of[name], significance, active_fraction, cosine_threshold)
+            for name in ALL_CONTROLS}
 
 
 def compare_with_uniform(model: nn.Module, image_tensor: torch.Tensor, objective, **kwargs
