@@ -7,6 +7,7 @@ exits with status 2; no tool reaches a traceback or fails after minutes of work 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def output_file(text: str) -> str:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a folder; pass a file name (e.g. {path / 'model.pt'})")
-    problem = output_folder_problem(path.parent if str(path.parent) else Path("."))
+    problem = output_folder_problem(path.parent)
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
@@ -115,7 +116,7 @@ def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> 
     """One line for a failed write or read: the file and the reason (disk full, permission denied, ...)."""
     target = path or error.filename or "file"
     reason = error.strerror or str(error)
-    if getattr(error, "errno", None) == 28 or "No space left" in str(error):
+    if getattr(error, "errno", None) == errno.ENOSPC:
         reason = "no space left on the device"
     return f"cannot write {target}: {reason}"
 

@@ -125,8 +125,6 @@ def is_video(path: Path) -> bool:
 
 def process_image(detector: Detector, path: Path, output: Path, show_threshold: float) -> list[dict]:
     """Detect in one image file, write its annotated copy to `output`; returns its records. Raises ImageError."""
-    if path.is_symlink() and not path.exists():
-        raise ImageError(f"{path}: a broken symbolic link (its target {path.readlink()} does not exist)")
     image = read_image(path)
     result = detector(image)
     write_image_rgb(output, annotate(image, result, show_threshold))
@@ -138,8 +136,6 @@ def process_video(detector: Detector, path: Path, output: Path, show_threshold: 
 
     Raises ImageError when no frame can be read.
     """
-    if path.is_symlink() and not path.exists():
-        raise ImageError(f"{path}: a broken symbolic link (its target {path.readlink()} does not exist)")
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         capture.release()
@@ -227,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with logging_redirect_tqdm():
         for path in tqdm(inputs, desc="detect", unit="file"):
             try:
+                if path.is_symlink() and not path.exists():
+                    raise ImageError(f"{path}: a broken symbolic link (its target {path.readlink()} does not exist)")
                 process = process_video if is_video(path) else process_image
                 records.extend(process(detector, path, out_dir / outputs[path], args.show_threshold))
                 processed += 1
