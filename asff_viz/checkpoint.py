@@ -426,9 +426,9 @@ def load_model(weights: str | os.PathLike | None = None, *, device: str | torch.
     hint = "Check the path, or omit it to use the embedded default model." if weights is not None else ""
     config, state_dict, metadata = parse_checkpoint(read_checkpoint(path, hint), str(path))
     check_finite(state_dict, str(path))
-    check_config_fits(config, state_dict, str(path))
+    check_config_fits(config, state_dict, str(path))  # every key and shape, before any memory is spent
     model = build_model(config)
-    load_state_dict_strict(model, state_dict, str(path))
+    model.load_state_dict(state_dict, strict=True)
     metadata.update(checkpoint=str(path), sha256=file_sha256(path))
     metadata.setdefault("class_names", [f"class_{i}" for i in range(config.num_classes)])
     metadata.setdefault("input_size", OFFICIAL_INPUT_SIZE)
