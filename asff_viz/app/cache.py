@@ -50,6 +50,15 @@ def decode_image(image_key: str, name: str, _data: bytes) -> np.ndarray:
     return _decode_image(_data, name)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def display_image(image_key: str, _image: np.ndarray) -> str:
+    """The image as the JPEG data URI the browser shows (downscaled for display), encoded once per image: the
+    fusion explorer sends it on every run."""
+    from .figures import _data_uri
+
+    return _data_uri(_image)[0]
+
+
 def counterfactual_object(key: CounterfactualKey):
     """`Counterfactual` for a key, or None for the learned weights."""
     from ..introspection import Counterfactual

@@ -102,13 +102,15 @@ def coco_choice(annotations: Path, images: Path) -> DatasetChoice:
 
 @st.cache_data(show_spinner=False, max_entries=4096)
 def image_rows(image_key: str, weights: tuple[str, str], size: int, conf_threshold: float, nms_threshold: float,
-               device: str, boxes_key: str, _image: np.ndarray, _name: str, _boxes: np.ndarray | None,
+               device: str, boxes_key: str, _path: Path, _name: str, _boxes: np.ndarray | None,
                _areas: np.ndarray | None) -> list[dict]:
     """Per-object mean weights of one image (and its background): rows of (size, target, source, weight).
 
-    Without ground truth the objects are the detections at the confidence threshold.
+    Without ground truth the objects are the detections at the confidence threshold. The image is read and
+    decoded only when these rows are not cached yet (ImageError or OSError when it cannot be).
     """
-    trace = cache.trace(image_key, weights, size, conf_threshold, nms_threshold, device, cache.LEARNED, _image, _name)
+    image = cache.decode_image(image_key, _name, _path.read_bytes())
+    trace = cache.trace(image_key, weights, size, conf_threshold, nms_threshold, device, cache.LEARNED, image, _name)
     if _boxes is None:
         boxes = np.array([record.box_xyxy for record in trace.detections], dtype=np.float64).reshape(-1, 4)
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -185,19 +187,19 @@ def collect(analysis: Analysis, choice: DatasetChoice) -> tuple[list[dict], list
     try:
         for index, item in enumerate(choice.items):
             progress.progress(index / len(choice.items), text=f"{item.name} ({index + 1} of {len(choice.items)})")
-            try:
-                data = item.path.read_bytes()
-                key = hashlib.sha256(data).hexdigest()
-                image = cache.decode_image(key, item.name, data)
-            except (OSError, ImageError) as error:
-                failed.append(f"{item.name}: {error}")
-                continue
             boxes_key = "" if item.boxes_xyxy is None else hashlib.sha256(
                 np.ascontiguousarray(item.boxes_xyxy).tobytes()).hexdigest()
-            for row in image_rows(key, analysis.weights_key, settings.size, settings.conf_threshold,
-                                  settings.nms_threshold, settings.device, boxes_key, image, item.name,
-                                  item.boxes_xyxy, item.areas):
-                rows.append({**row, "image": index, "image_name": item.name})
+            try:
+                # The content hash, recomputed only when the file changes: a redraw reads no image.
+                status = item.path.stat()
+                key = cache.file_sha256(str(item.path), status.st_mtime_ns, status.st_size)
+                found = image_rows(key, analysis.weights_key, settings.size, settings.conf_threshold,
+                                   settings.nms_threshold, settings.device, boxes_key, item.path, item.name,
+                                   item.boxes_xyxy, item.areas)
+            except (OSError, ImageError) as error:
+                failed.append(str(error) if item.name in str(error) else f"{item.name}: {error}")
+                continue
+            rows.extend({**row, "image": index, "image_name": item.name} for row in found)
     finally:
         progress.empty()
     return rows, failed

@@ -154,15 +154,6 @@ def add_boxes(figure: go.Figure, boxes: np.ndarray, labels: Sequence[int], capti
         ))
 
 
-def add_cell_outline(figure: go.Figure, row: int, col: int, cell: tuple[float, float], colour: str = "white"
-                     ) -> None:
-    x0, y0 = col * cell[0], row * cell[1]
-    figure.add_shape(type="rect", x0=x0, y0=y0, x1=x0 + cell[0], y1=y0 + cell[1],
-                     line=dict(color=colour, width=2.5), fillcolor="rgba(0,0,0,0)")
-    figure.add_shape(type="rect", x0=x0, y0=y0, x1=x0 + cell[0], y1=y0 + cell[1],
-                     line=dict(color="black", width=1, dash="dot"), fillcolor="rgba(0,0,0,0)")
-
-
 def weights_bar(weights: Sequence[float], height: int = 190, title: str = "") -> go.Figure:
     """Three fusion weights (sources L0, L1, L2) as bars on a fixed 0..1 axis."""
     values = [float(value) for value in weights]

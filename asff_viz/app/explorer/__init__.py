@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from .. import figures
+from .. import cache, figures
 
 KEY = "fusion_explorer"
 MODES = ("Overlay", "RGB composite", "Entropy", "Figure 3 grid")
@@ -120,7 +120,7 @@ def explorer_arguments(analysis, state: FusionState, records: list, selected: in
     """Everything the component draws, as plain JSON: the image (a JPEG data URI, downscaled for display), the
     nine weight maps (3 decimals), cell sizes, boxes and the state."""
     height, width = analysis.image.shape[:2]
-    uri, _ = figures._data_uri(analysis.image)
+    uri = cache.display_image(analysis.image_choice.key, analysis.image)
     weights = [np.round(np.asarray(level, dtype=np.float64), 3).tolist() for level in analysis.trace.fusion_weights]
     boxes = [{"xyxy": [float(v) for v in np.nan_to_num(np.asarray(r.box_xyxy, dtype=np.float64), nan=0.0,
                                                         posinf=1e6, neginf=-1e6)],
