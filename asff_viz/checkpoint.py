@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .class_names import COCO_CLASSES
-from .config import ModelConfig
-from .fileio import atomic_write
+from .data.class_names import COCO_CLASSES
+from .models.config import ModelConfig
+from .utils.fileio import atomic_write
 
 FORMAT_NAME = "asff_viz"
 FORMAT_VERSION = 1

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .argtypes import describe_os_error, input_size, output_file
 from .checkpoint import CheckpointError, convert_official
+from .utils.argtypes import describe_os_error, input_size, output_file
 
 
 def read_class_names(path: str | Path) -> list[str]:

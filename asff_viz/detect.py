@@ -26,13 +26,13 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import render
-from .argtypes import describe_os_error, device, input_size, output_folder, unit_interval
 from .checkpoint import CheckpointError
-from .fileio import atomic_write_text
-from .inference import DetectionResult, Detector
-from .postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
-from .transforms import IMAGE_SUFFIXES, ImageError, read_image
+from .figures import traces
+from .inference.detector import DetectionResult, Detector
+from .inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
+from .inference.transforms import IMAGE_SUFFIXES, ImageError, read_image
+from .utils.argtypes import describe_os_error, device, input_size, output_folder, unit_interval
+from .utils.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ SHOW_THRESHOLD = 0.3
 DEFAULT_FPS = 25.0
 
 def class_colour(label: int) -> tuple[int, int, int]:
-    """The RGB colour of class `label`: the one palette of every figure and of the app (`render.class_color`)."""
-    colour = render.class_color(label).lstrip("#")
+    """The RGB colour of class `label`: the one palette of every figure and of the app (`traces.class_color`)."""
+    colour = traces.class_color(label).lstrip("#")
     return tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))
 
 

@@ -16,7 +16,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .argtypes import (
+from .checkpoint import CheckpointError, load_model
+from .data.class_names import ClassMismatchError, match_classes
+from .data.coco import COCODetection
+from .data.errors import DatasetError
+from .inference.coco_eval import evaluate_coco, write_evaluation
+from .inference.postprocess import EVAL_CONF_THRESHOLD, NMS_THRESHOLD
+from .utils.argtypes import (
     default_device,
     describe_os_error,
     device,
@@ -26,12 +32,6 @@ from .argtypes import (
     positive_int,
     unit_interval,
 )
-from .checkpoint import CheckpointError, load_model
-from .class_names import ClassMismatchError, match_classes
-from .coco_eval import evaluate_coco, write_evaluation
-from .data.coco import COCODetection
-from .data.errors import DatasetError
-from .postprocess import EVAL_CONF_THRESHOLD, NMS_THRESHOLD
 
 logger = logging.getLogger(__name__)
 

@@ -40,17 +40,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from .argtypes import (
-    describe_os_error,
-    input_size,
-    non_negative_float,
-    non_negative_int,
-    output_folder,
-    positive_float,
-    positive_int,
-    unit_interval,
-)
-from .argtypes import device as device_type
 from .checkpoint import (
     CheckpointError,
     check_finite,
@@ -59,13 +48,14 @@ from .checkpoint import (
     parse_checkpoint,
     read_checkpoint,
 )
-from .class_names import ClassMismatchError, match_classes
-from .coco_eval import METRIC_NAMES
-from .config import FUSION_MODES, ModelConfig
+from .data.class_names import ClassMismatchError, match_classes
 from .data.coco import COCODetection
 from .data.errors import DatasetError
-from .ema import ModelEMA, unwrap_model
-from .engine import (
+from .inference.coco_eval import METRIC_NAMES
+from .models import build_model, reset_fusion_weights
+from .models.config import FUSION_MODES, ModelConfig
+from .training.ema import ModelEMA, unwrap_model
+from .training.engine import (
     DistributedContext,
     EpochOptions,
     FusionWeightStatistics,
@@ -88,10 +78,20 @@ from .engine import (
     training_checkpoint,
     truncate_csv_epochs,
 )
-from .fileio import remove_stale_temporaries
-from .loss import build_criterion
-from .models import build_model, reset_fusion_weights
-from .schedule import LearningRateSchedule, ScheduleConfig
+from .training.loss import build_criterion
+from .training.schedule import LearningRateSchedule, ScheduleConfig
+from .utils.argtypes import (
+    describe_os_error,
+    input_size,
+    non_negative_float,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
+from .utils.argtypes import device as device_type
+from .utils.fileio import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from asff_viz.analyze import cache as analysis_cache
-from asff_viz.analyze.cache import ImageResult
+from asff_viz.analyze import results_cache
 from asff_viz.analyze.cli import main
-from asff_viz.analyze.inputs import GroundTruth
+from asff_viz.analyze.results_cache import ImageResult
 from asff_viz.analyze.runner import add_image_statistics
+from asff_viz.analyze.sources import GroundTruth
 from asff_viz.analyze.statistics import (
     FALSE_POSITIVE,
     MISSED,
@@ -36,9 +36,9 @@ from asff_viz.analyze.statistics import (
     summarize_flow,
 )
 from asff_viz.checkpoint import file_sha256, save_checkpoint
+from asff_viz.inference.transforms import ImageTransform
 from asff_viz.introspection.trace import DetectionRecord, Trace
 from asff_viz.models import build_model
-from asff_viz.transforms import ImageTransform
 from tests.conftest import calibrate_batchnorm
 
 SIZE = 64
@@ -280,7 +280,7 @@ def test_gradient_flow_statistics_from_hand_built_flows():
 
 def test_sum_fusion_model_decomposes_with_unit_weights():
     """The gradient decomposition of a sum-fusion model: no weight branch, value paths sum to the fusion total."""
-    from asff_viz.introspection.gradflow import SumOfScores, decompose_gradients
+    from asff_viz.introspection.decomposition import SumOfScores, decompose_gradients
 
     torch.manual_seed(0)
     model = build_model(width=0.125, depth=0.33, num_classes=3, fusion="sum").eval().double()
@@ -294,7 +294,7 @@ def test_sum_fusion_model_decomposes_with_unit_weights():
 
 
 def test_damaged_cache_entry_is_rebuilt_not_fatal(tmp_path):
-    cache = analysis_cache.AnalysisCache(tmp_path)
+    cache = results_cache.AnalysisCache(tmp_path)
     path = cache.path("trace", cache.key(kind="trace", image="x"))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"PK\x03\x04 truncated")  # what a run killed while writing leaves behind
@@ -309,7 +309,7 @@ def test_damaged_cache_entry_is_rebuilt_not_fatal(tmp_path):
 
 def calibrated_model(fusion: str = "asff", seed: int = 0) -> torch.nn.Module:
     """A tiny model whose BatchNorm statistics match its activations, so weights and scores are not degenerate."""
-    from asff_viz.engine import set_objectness_prior
+    from asff_viz.training.engine import set_objectness_prior
 
     torch.manual_seed(seed)
     model = build_model(width=0.125, depth=0.33, num_classes=len(CLASS_NAMES), fusion=fusion)
@@ -406,7 +406,7 @@ def test_figure3_end_to_end(fixture_dir, tmp_path):
     assert record["images"][0]["sha256"] == file_sha256(images[0])
     assert record["preprocessing"]["input_size"] == SIZE and record["seed"] == 0
     assert {"torch", "numpy", "matplotlib", "asff_viz"} <= set(record["versions"])
-    from asff_viz.codeversion import code_identity
+    from asff_viz.utils.codeversion import code_identity
 
     assert record["code"] == code_identity() and "git_sha" in record["code"] and "dirty" in record["code"]
     assert record["command_line"].startswith("python -m asff_viz.analyze figure3")
@@ -451,7 +451,7 @@ def test_scale_stats_end_to_end_and_replot_from_cache(fixture_dir, tmp_path, mon
     def no_model(*args, **kwargs):
         raise AssertionError("re-plotting ran the model")
 
-    monkeypatch.setattr(analysis_cache, "trace_image", no_model)
+    monkeypatch.setattr(results_cache, "trace_image", no_model)
     second = run_command(*argv)
     assert second.cache.hits == 3 and second.cache.misses == 0
     assert (out / "scale_stats.csv").read_text() == before
@@ -569,9 +569,9 @@ def test_compare_end_to_end(fixture_dir, tmp_path):
 
 
 def test_missing_default_model_and_bad_input_give_clear_errors(fixture_dir, tmp_path, monkeypatch, capsys):
-    from asff_viz.analyze import inputs
+    from asff_viz.analyze import sources
 
-    monkeypatch.setattr(inputs, "default_checkpoint_path", lambda: tmp_path / "absent.pt")
+    monkeypatch.setattr(sources, "default_checkpoint_path", lambda: tmp_path / "absent.pt")
     image = next((fixture_dir / "data" / "images" / "val").iterdir())
     with pytest.raises(SystemExit) as exit_info:
         run_command("figure3", "--images", image, "--out", tmp_path / "x")
@@ -606,19 +606,19 @@ def test_scale_stats_on_gpu_matches_cpu(fixture_dir, tmp_path):
 
 
 def test_cache_entries_are_keyed_on_the_statistic_version_and_the_code(monkeypatch, tmp_path):
-    from asff_viz.analyze import cache as cache_module
-    from asff_viz.codeversion import code_identity
+    from asff_viz.analyze import results_cache
+    from asff_viz.utils.codeversion import code_identity
 
     identity = code_identity()
     assert set(identity) == {"package", "source_sha256", "git_sha", "dirty", "diff_sha256"}
     if identity["git_sha"] is not None:  # in a checkout: a commit, and the tree's state
         assert len(identity["git_sha"]) == 40 and isinstance(identity["dirty"], bool)
-    key = cache_module.AnalysisCache.key(kind="gradflow", image="x")
-    assert cache_module.AnalysisCache.key(kind="gradflow", image="x") == key
-    monkeypatch.setitem(cache_module.STATISTIC_VERSIONS, "gradflow", cache_module.STATISTIC_VERSIONS["gradflow"] + 1)
-    assert cache_module.AnalysisCache.key(kind="gradflow", image="x") != key, "a new statistic version reused a key"
-    monkeypatch.setattr(cache_module, "source_sha256", lambda: "0" * 64)  # other code
-    assert cache_module.AnalysisCache.key(kind="gradflow", image="x") != key
+    key = results_cache.AnalysisCache.key(kind="gradflow", image="x")
+    assert results_cache.AnalysisCache.key(kind="gradflow", image="x") == key
+    monkeypatch.setitem(results_cache.STATISTIC_VERSIONS, "gradflow", results_cache.STATISTIC_VERSIONS["gradflow"] + 1)
+    assert results_cache.AnalysisCache.key(kind="gradflow", image="x") != key, "a new statistic version reused a key"
+    monkeypatch.setattr(results_cache, "source_sha256", lambda: "0" * 64)  # other code
+    assert results_cache.AnalysisCache.key(kind="gradflow", image="x") != key
 
 
 def test_scale_stats_contrasts_are_paired_over_images(tmp_path):

@@ -22,8 +22,8 @@ from asff_viz import build_model
 from asff_viz.app.inputs import store_upload
 from asff_viz.checkpoint import save_checkpoint
 from asff_viz.data.synthetic import CLASS_NAMES
-from asff_viz.engine import initialize_weights, set_objectness_prior
 from asff_viz.samples import sample_path
+from asff_viz.training.engine import initialize_weights, set_objectness_prior
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TIMEOUT = 120
@@ -336,7 +336,7 @@ def test_a_model_without_fusion_weights_shows_its_detections(weights):
 
 
 def test_sessions_share_the_model_and_do_not_interfere(weights):
-    from asff_viz.app import cache
+    from asff_viz.app import cached
     from asff_viz.introspection.capture import hook_count
 
     first = start(weights["asff"], sample_name="shapes_wide.jpg")
@@ -349,7 +349,7 @@ def test_sessions_share_the_model_and_do_not_interfere(weights):
         assert metric(app, "Image") == f"{width}×{height}"
     assert first.session_state["fusion_opacity"] == 0.2
     assert second.session_state["fusion_opacity"] == 0.6, "one session's control moved the other's"
-    model = cache.model(str(weights["asff"].resolve()), cache.file_sha256(
+    model = cached.model(str(weights["asff"].resolve()), cached.file_sha256(
         str(weights["asff"].resolve()), weights["asff"].stat().st_mtime_ns, weights["asff"].stat().st_size), "cpu")
     assert hook_count(model) == 0, "a hook stayed on the shared model"
     assert set(vars(model)) - {"training", "config", "num_classes", "strides", "metadata"} <= {
@@ -381,8 +381,8 @@ def test_downloads_are_valid_files(weights, tmp_path):
     from types import SimpleNamespace
 
     from asff_viz import load_model
-    from asff_viz.app import cache
-    from asff_viz.app.fusion_view import VIEWS, static_figure
+    from asff_viz.app import cached
+    from asff_viz.app.views.fusion import VIEWS, static_figure
     from asff_viz.introspection import Trace, trace_image
 
     model = load_model(weights["asff"])
@@ -390,14 +390,14 @@ def test_downloads_are_valid_files(weights, tmp_path):
     analysis = SimpleNamespace(trace=trace, records=list(trace.detections))
     for mode in VIEWS:
         figure = static_figure(analysis, mode, 1, 0, 0.5, "magma")
-        assert cache.figure_bytes(figure, "png").startswith(b"\x89PNG"), mode
-        assert cache.figure_bytes(static_figure(analysis, mode, 2, 1, 0.5, "viridis"), "pdf").startswith(b"%PDF")
+        assert cached.figure_bytes(figure, "png").startswith(b"\x89PNG"), mode
+        assert cached.figure_bytes(static_figure(analysis, mode, 2, 1, 0.5, "viridis"), "pdf").startswith(b"%PDF")
     path = tmp_path / "trace.npz"
-    path.write_bytes(cache.trace_npz_bytes(trace))
+    path.write_bytes(cached.trace_npz_bytes(trace))
     loaded = Trace.load(path)
     assert len(loaded.detections) == len(trace.detections)
     np.testing.assert_array_equal(loaded.fusion_weights[2], trace.fusion_weights[2])
-    document = json.loads(cache.detections_json(trace, "shapes_square.jpg"))
+    document = json.loads(cached.detections_json(trace, "shapes_square.jpg"))
     assert len(document["detections"]) == len(trace.detections) > 0
     first = document["detections"][0]
     assert set(first) >= {"box_xyxy", "score", "class_name", "level", "slot", "row", "col", "fusion_weights_here"}
@@ -420,8 +420,8 @@ def test_match_detections_pairs_boxes_by_overlap_and_class():
 
 
 def test_bundled_samples_are_small_and_annotated():
+    from asff_viz.inference.transforms import read_image
     from asff_viz.samples import SAMPLES_DIR, list_samples, sample_annotations
-    from asff_viz.transforms import read_image
 
     names = list_samples()
     assert len(names) >= 3
@@ -519,7 +519,7 @@ def test_every_download_of_every_view_is_a_valid_file(weights, model):
 
 
 def test_colour_scales_avoid_streamlit_placeholder_colours():
-    from asff_viz.app.figures import COLORMAPS, plotly_colorscale
+    from asff_viz.app.charts import COLORMAPS, plotly_colorscale
 
     for name in COLORMAPS:
         for _, colour in plotly_colorscale(name):
@@ -534,7 +534,7 @@ def test_fusion_exports_show_what_the_screen_shows(weights):
     from matplotlib.patches import Rectangle
 
     from asff_viz import load_model
-    from asff_viz.app.fusion_view import static_figure
+    from asff_viz.app.views.fusion import static_figure
     from asff_viz.introspection import trace_image
 
     model = load_model(weights["asff"])
@@ -555,7 +555,7 @@ def test_large_images_export_downscaled_with_the_scale_stated(weights):
     from types import SimpleNamespace
 
     from asff_viz import load_model
-    from asff_viz.app.fusion_view import static_figure
+    from asff_viz.app.views.fusion import static_figure
     from asff_viz.introspection import trace_image
 
     model = load_model(weights["asff"])
@@ -573,7 +573,7 @@ def test_labels_stay_inside_the_image():
 
     from matplotlib.figure import Figure
 
-    from asff_viz.render import draw_detections_on
+    from asff_viz.figures.traces import draw_detections_on
 
     figure = Figure(figsize=(4, 3))
     ax = figure.add_subplot()
@@ -659,7 +659,7 @@ def test_a_shapes_model_on_a_photo_says_what_its_labels_mean(weights):
 
 
 def test_the_zoomed_crop_shows_the_whole_box():
-    from asff_viz.app.detection_view import crop_panels
+    from asff_viz.app.views.detection import crop_panels
 
     image = np.full((240, 360, 3), 128, np.uint8)
     weights = np.random.default_rng(0).dirichlet([1, 1, 1], size=(15, 23)).transpose(2, 0, 1)
@@ -693,17 +693,17 @@ def test_across_images_summarizes_the_samples(weights):
 def test_a_clicked_dot_opens_its_image_in_the_other_views(weights, monkeypatch):
     from types import SimpleNamespace
 
-    from asff_viz.app import dataset_view
+    from asff_viz.app.views import dataset
     from asff_viz.samples import list_samples
 
     name = list_samples()[2]
-    choice = dataset_view.DatasetChoice("samples", tuple(
-        dataset_view.DatasetItem(n, sample_path(n), None, None, ("Sample", n)) for n in list_samples()), True)
+    choice = dataset.DatasetChoice("samples", tuple(
+        dataset.DatasetItem(n, sample_path(n), None, None, ("Sample", n)) for n in list_samples()), True)
     state = {"dataset_chart": {"selection": {"points": [{"customdata": {"0": "2", "1": name}}]}},
              "image_source": "Upload", "view": "Across images"}
     with monkeypatch.context() as patch:
-        patch.setattr(dataset_view, "st", SimpleNamespace(session_state=state))
-        dataset_view.open_clicked(choice)  # the chart's on_select callback
+        patch.setattr(dataset, "st", SimpleNamespace(session_state=state))
+        dataset.open_clicked(choice)  # the chart's on_select callback
     assert (state["image_source"], state["sample_name"], state["view"]) == ("Sample", name, "Fusion weights")
     # What the callback sets is what the app follows.
     app = start(weights["asff"], image_source="Upload")

@@ -128,7 +128,7 @@ def weights_for_test(tmp_path: Path) -> Path | None:
     from asff_viz import build_model
     from asff_viz.checkpoint import save_checkpoint
     from asff_viz.data.synthetic import CLASS_NAMES
-    from asff_viz.engine import initialize_weights, set_objectness_prior
+    from asff_viz.training.engine import initialize_weights, set_objectness_prior
 
     torch.manual_seed(0)
     model = build_model(width=0.125, depth=0.33, num_classes=8)
@@ -280,7 +280,7 @@ def test_the_app_in_chromium(server, tmp_path):
     """Every tab, every download button, the colour scales as the browser got them, the upload -> change view
     -> upload sequence, two sessions, and the timings (reported in timings.json, not asserted)."""
     playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-    from asff_viz.app.figures import plotly_colorscale
+    from asff_viz.app.charts import plotly_colorscale
     from asff_viz.bench import cpu_model
     from asff_viz.samples import sample_path
 

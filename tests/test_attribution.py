@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from asff_viz import build_model, capture
+from asff_viz.inference.postprocess import row_location
+from asff_viz.inference.transforms import ImageTransform
 from asff_viz.introspection.attribution import (
     fusion_weight_attribution,
     grad_cam_per_level,
@@ -17,8 +19,6 @@ from asff_viz.introspection.attribution import (
     saliency,
 )
 from asff_viz.introspection.capture import hook_count
-from asff_viz.postprocess import row_location
-from asff_viz.transforms import ImageTransform
 from tests.conftest import calibrate_batchnorm
 
 SIZE = 64

@@ -22,10 +22,10 @@ from asff_viz.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from asff_viz.config import ModelConfig
 from asff_viz.convert import main as convert_main
 from asff_viz.models import build_model
 from asff_viz.models.backbone import Darknet53
+from asff_viz.models.config import ModelConfig
 from tests.reference.manifest_weights import MANIFESTS, manifest_state_dict, read_manifest
 
 SMALL = {"width": 0.125, "depth": 0.33, "num_classes": 3}

@@ -47,8 +47,8 @@ def validation_split(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_embedded_default_meets_its_quality_bar_on_the_synthetic_validation_split(validation_split):
-    from asff_viz.coco_eval import evaluate_coco
     from asff_viz.data.coco import COCODetection
+    from asff_viz.inference.coco_eval import evaluate_coco
 
     model = load_model()
     metrics, _ = evaluate_coco(model, COCODetection(validation_split.val_annotations, validation_split.val_images),

@@ -16,8 +16,8 @@ import asff_viz.checkpoint
 from asff_viz import DetectionResult, Detector
 from asff_viz.checkpoint import save_checkpoint
 from asff_viz.detect import annotate, class_colour, main, write_image_rgb
+from asff_viz.inference.transforms import ImageTransform
 from asff_viz.models import build_model
-from asff_viz.transforms import ImageTransform
 
 CLASS_NAMES = ["cat", "dog", "bird"]
 RECORD_KEYS = {"image", "bbox", "score", "category_id", "category_name"}

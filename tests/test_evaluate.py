@@ -1,4 +1,4 @@
-"""Tests of COCO evaluation (asff_viz.coco_eval, asff_viz.evaluate) on a few synthetic images."""
+"""Tests of COCO evaluation (asff_viz.inference.coco_eval, asff_viz.evaluate) on a few synthetic images."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from asff_viz.checkpoint import save_checkpoint
-from asff_viz.coco_eval import METRIC_NAMES, coco_metrics, detections_to_results, evaluate_coco
-from asff_viz.config import ModelConfig
 from asff_viz.data.coco import COCODetection
 from asff_viz.data.synthetic import generate
 from asff_viz.evaluate import main as evaluate_main
+from asff_viz.inference.coco_eval import METRIC_NAMES, coco_metrics, detections_to_results, evaluate_coco
+from asff_viz.inference.postprocess import Detections
 from asff_viz.models import build_model
-from asff_viz.postprocess import Detections
+from asff_viz.models.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

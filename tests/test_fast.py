@@ -1,4 +1,4 @@
-"""Inference fast paths (`asff_viz.fast`) compute what the model as built computes; the deformable conv's two
+"""Inference fast paths (`asff_viz.inference.fast`) compute what the model as built computes; the deformable conv's two
 implementations agree; the benchmark's FLOP count and report hold together. Tiny models only."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from torch import nn
 
 from asff_viz import Detector, build_model, capture
 from asff_viz.bench import format_table, model_flops, run_interleaved, targets, without_deformation
-from asff_viz.fast import (
+from asff_viz.inference.fast import (
     CascadedSPP,
     FusedConvAct,
     fold_all_batchnorms,
     fused_conv_activation_available,
     optimize_for_inference,
 )
+from asff_viz.inference.postprocess import postprocess, row_location
 from asff_viz.models.blocks import SPP
 from asff_viz.models.deform_conv import deform_conv2d, deform_conv2d_grid_sample
 from asff_viz.models.detector import YOLOv3ASFF
-from asff_viz.postprocess import postprocess, row_location
 from tests.conftest import calibrate_batchnorm
 
 SIZE = 96

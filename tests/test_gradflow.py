@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from asff_viz.config import ModelConfig
+from asff_viz.inference.transforms import ImageTransform
 from asff_viz.introspection.capture import hook_count
-from asff_viz.introspection.gradflow import (
+from asff_viz.introspection.decomposition import (
     DetectionScore,
     SumOfScores,
     TrainingLoss,
@@ -19,7 +19,7 @@ from asff_viz.introspection.gradflow import (
     ground_truth_cells,
     ground_truth_labels,
 )
-from asff_viz.transforms import ImageTransform
+from asff_viz.models.config import ModelConfig
 from tests.test_capture import SIZE, tiny_model
 
 LABELS = np.array([[0, 40.0, 50.0, 30.0, 60.0], [2, 70.0, 20.0, 12.0, 12.0]], dtype=np.float32)
@@ -175,7 +175,7 @@ def test_identity_also_holds_through_the_heads_offsets(model, image, best_row, d
 
 
 def test_each_control_is_what_it_says(model, image, best_row):
-    from asff_viz.introspection.gradflow import ALL_CONTROLS, control_weight_maps
+    from asff_viz.introspection.decomposition import ALL_CONTROLS, control_weight_maps
 
     flow = gradient_flow(model, image, TrainingLoss(LABELS), controls=True, control_seed=3)
     assert set(flow.controls) == set(ALL_CONTROLS)

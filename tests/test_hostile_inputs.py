@@ -24,22 +24,22 @@ import numpy as np
 import pytest
 import torch
 
-import asff_viz.fileio
+import asff_viz.utils.fileio
 from asff_viz import bench, convert, detect, evaluate
 from asff_viz import train as train_module
 from asff_viz.analyze import cli as analyze_cli
 from asff_viz.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
-from asff_viz.class_names import ClassMismatchError, match_classes
-from asff_viz.coco_eval import write_evaluation
 from asff_viz.data import synthetic as synthetic_module
+from asff_viz.data.class_names import ClassMismatchError, match_classes
 from asff_viz.data.coco import COCODetection, load_rgb_image
 from asff_viz.data.errors import DatasetError
 from asff_viz.data.synthetic import generate
 from asff_viz.detect import output_names
-from asff_viz.engine import EpochOptions, train_one_epoch, truncate_csv_epochs
-from asff_viz.loss import build_criterion
+from asff_viz.inference.coco_eval import write_evaluation
 from asff_viz.models import build_model
-from asff_viz.schedule import LearningRateSchedule, ScheduleConfig
+from asff_viz.training.engine import EpochOptions, train_one_epoch, truncate_csv_epochs
+from asff_viz.training.loss import build_criterion
+from asff_viz.training.schedule import LearningRateSchedule, ScheduleConfig
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -559,7 +559,7 @@ class _FullDisk:
 def test_results_are_never_left_truncated_on_a_full_disk(tmp_path, monkeypatch):
     write_evaluation(tmp_path, {"AP": 0.5}, [{"image_id": 1}], {"settings": {}})
     before = snapshot(tmp_path)
-    monkeypatch.setattr(asff_viz.fileio.os, "fdopen", _FullDisk(room=10))
+    monkeypatch.setattr(asff_viz.utils.fileio.os, "fdopen", _FullDisk(room=10))
     with pytest.raises(OSError) as raised:
         write_evaluation(tmp_path, {"AP": 0.9}, [{"image_id": 2}] * 100, {"settings": {}})
     assert raised.value.errno == errno.ENOSPC
@@ -571,7 +571,7 @@ def test_a_checkpoint_save_on_a_full_disk_raises_the_disk_error_not_torch_s(weig
     target = tmp_path / "model.pt"
     save_checkpoint(target, model, model.metadata)
     before = target.read_bytes()
-    monkeypatch.setattr(asff_viz.fileio.os, "fdopen", _FullDisk(room=4096))
+    monkeypatch.setattr(asff_viz.utils.fileio.os, "fdopen", _FullDisk(room=4096))
     with pytest.raises(OSError) as raised:
         save_checkpoint(target, model, model.metadata)
     assert raised.value.errno == errno.ENOSPC
@@ -583,7 +583,7 @@ def test_training_on_a_full_disk_stops_with_the_reason_and_keeps_the_last_checkp
     out = tmp_path / "run"
     assert run_tool(train_module.main, tiny_train_args(data, out, epochs=1), capsys)[0] == 0
     good = (out / "last.pt").read_bytes()
-    monkeypatch.setattr(asff_viz.fileio.os, "fdopen", _FullDisk(room=4096))
+    monkeypatch.setattr(asff_viz.utils.fileio.os, "fdopen", _FullDisk(room=4096))
     code, text = run_tool(train_module.main, tiny_train_args(data, out, epochs=2, extra=[
         "--resume", out / "last.pt", "--allow-changes"]), capsys, caplog)
     assert code == 1 and "no space left on the device" in text and "inline_container" not in text

@@ -1,4 +1,4 @@
-"""Tests of the YOLOv3 guided-anchor loss (asff_viz.loss) on hand-built and random level outputs."""
+"""Tests of the YOLOv3 guided-anchor loss (asff_viz.training.loss) on hand-built and random level outputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from asff_viz.loss import YOLOv3Loss, centered_wh_iou, cxcywh_iou
+from asff_viz.training.loss import YOLOv3Loss, centered_wh_iou, cxcywh_iou
 
 ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (42, 119), (116, 90), (156, 198), (121, 240))
 MASKS = ((6, 7, 8), (3, 4, 5), (0, 1, 2))

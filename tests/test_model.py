@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from asff_viz.config import OFFICIAL_ANCHORS, ModelConfig
 from asff_viz.models import LevelOutput, build_model
+from asff_viz.models.config import OFFICIAL_ANCHORS, ModelConfig
 
 NUM_CLASSES = 3
 SMALL = {"width": 0.125, "depth": 0.33, "num_classes": NUM_CLASSES}

@@ -7,11 +7,11 @@ import itertools
 import pytest
 import torch
 
+from asff_viz.inference.postprocess import RowLocation, postprocess, row_location
 from asff_viz.models import build_model
 from asff_viz.models.head import LevelOutput
 from asff_viz.ops.boxes import box_area, box_iou, cxcywh_to_xyxy, xywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_xywh
 from asff_viz.ops.nms import _greedy_sorted, batched_nms, nms
-from asff_viz.postprocess import RowLocation, postprocess, row_location
 
 
 def random_xyxy(count: int, generator: torch.Generator, extent: float = 100.0, max_size: float = 40.0):

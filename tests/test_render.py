@@ -16,10 +16,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from asff_viz import render, trace_image
+from asff_viz import trace_image
+from asff_viz.figures import traces
+from asff_viz.inference.transforms import preprocess
 from asff_viz.introspection.attribution import Attribution
-from asff_viz.introspection.gradflow import SumOfScores, gradient_flow
-from asff_viz.transforms import preprocess
+from asff_viz.introspection.decomposition import SumOfScores, gradient_flow
 from tests.test_capture import SIZE, synthetic_image, tiny_model
 
 HEIGHT, WIDTH = 90, 130
@@ -71,7 +72,7 @@ def weight_images(figure: Figure) -> list:
 
 
 def test_figure3_grid_layout_and_fixed_scale(trace):
-    figure = render.figure3_grid(trace)
+    figure = traces.figure3_grid(trace)
     assert isinstance(figure, Figure)
     overlays = weight_images(figure)
     assert len(overlays) == 9 and len(figure.axes) == 10  # 3x3 panels and one shared colorbar
@@ -81,12 +82,12 @@ def test_figure3_grid_layout_and_fixed_scale(trace):
         np.testing.assert_array_equal(image.get_array(), trace.weights_on_original(level)[source])
         assert image.get_array().shape == (HEIGHT, WIDTH)
     assert figure.axes[0].get_title() == "source stride 32" and figure.axes[3].get_ylabel() == "target stride 16"
-    assert figure.axes[-1].get_ylabel() == render.WEIGHT_LABEL  # the colorbar
+    assert figure.axes[-1].get_ylabel() == traces.WEIGHT_LABEL  # the colorbar
 
 
 def test_a_constant_weight_map_is_not_stretched(trace):
     flat = dataclasses.replace(trace, fusion_weights=[np.full_like(w, 0.3) for w in trace.fusion_weights])
-    figure = render.weight_overlay(flat, 1, 1)
+    figure = traces.weight_overlay(flat, 1, 1)
     (overlay,) = weight_images(figure)
     assert overlay.get_clim() == (0.0, 1.0)
     assert overlay.get_cmap().name == "viridis"
@@ -95,13 +96,13 @@ def test_a_constant_weight_map_is_not_stretched(trace):
 
 def test_colours_are_not_swapped(trace):
     # The synthetic image has a pure red block at rows 20..60, columns 30..90.
-    figure = render.weight_overlay(trace, 0, 0, alpha=0.0)
+    figure = traces.weight_overlay(trace, 0, 0, alpha=0.0)
     rgb = rendered_rgb(figure)
     red = pixel_at(figure, figure.axes[0], 60.0, 40.0, rgb)
     assert red[0] > 200 and red[1] < 60 and red[2] < 60, red
     # A weight of 1 in viridis is yellow: strong red and green, little blue, at full opacity.
     controlled = controlled_weights(trace)
-    figure = render.weight_overlay(controlled, 0, 0, alpha=1.0)
+    figure = traces.weight_overlay(controlled, 0, 0, alpha=1.0)
     rgb = rendered_rgb(figure)
     left, right = pixel_at(figure, figure.axes[0], 10, 45, rgb), pixel_at(figure, figure.axes[0], 120, 45, rgb)
     np.testing.assert_allclose(left, np.array(plt.get_cmap("viridis")(1.0)[:3]) * 255, atol=3)
@@ -110,48 +111,48 @@ def test_colours_are_not_swapped(trace):
 
 def test_rgb_composite_and_entropy(trace):
     controlled = controlled_weights(trace)
-    figure = render.rgb_composite(controlled, 0, alpha=1.0)
+    figure = traces.rgb_composite(controlled, 0, alpha=1.0)
     rgb = rendered_rgb(figure)
     ax = figure.axes[0]
     np.testing.assert_array_equal(pixel_at(figure, ax, 10, 45, rgb), [255, 0, 0])  # source stride 32 = red
     np.testing.assert_array_equal(pixel_at(figure, ax, 120, 45, rgb), [0, 0, 255])  # source stride 8 = blue
     assert [text.get_text() for text in ax.get_legend().get_texts()] == [
         "source stride 32", "source stride 16", "source stride 8"]
-    figure = render.entropy_map(controlled, 0)
+    figure = traces.entropy_map(controlled, 0)
     (overlay,) = weight_images(figure)
     assert overlay.get_clim() == (0.0, 1.0) and np.abs(overlay.get_array()).max() == 0  # one-hot: decided
-    figure = render.entropy_map(controlled, 1)
+    figure = traces.entropy_map(controlled, 1)
     np.testing.assert_allclose(weight_images(figure)[0].get_array(), 1.0, atol=1e-6)  # uniform: undecided
 
 
 def test_draw_detections_draws_every_box_with_its_label(trace):
     records = trace.detections[:4]
     assert len(records) == 4
-    figure = render.draw_detections(trace.image, records)
+    figure = traces.draw_detections(trace.image, records)
     ax = figure.axes[0]
     assert sum(isinstance(patch, Rectangle) for patch in ax.patches) == 4
     labels = [text.get_text() for text in ax.texts]
     assert labels[0].startswith(f"{records[0].class_name} {records[0].score:.2f}")
     assert ax.get_xlim() == (0.0, WIDTH) and ax.get_ylim() == (HEIGHT, 0.0)
-    comparison = render.counterfactual_comparison([trace, trace], score_threshold=0.0, max_detections=3)
+    comparison = traces.counterfactual_comparison([trace, trace], score_threshold=0.0, max_detections=3)
     assert len(comparison.axes) == 2 and all(len(ax.patches) == 3 for ax in comparison.axes)
 
 
 def test_gradient_flow_and_attribution_figures(model, trace):
     image_tensor, _ = preprocess(trace.image, SIZE)
     flow = gradient_flow(model, image_tensor, SumOfScores(), ground_truth=[[0, 48.0, 48.0, 30.0, 40.0]])
-    figure = render.gradient_flow_matrix(flow, include_weight_branch=True)
+    figure = traces.gradient_flow_matrix(flow, include_weight_branch=True)
     assert len(figure.axes) == 3 and len(figure.axes[0].texts) == 9
-    assert len(render.gradient_flow_maps(flow).axes) == 12  # 9 maps and a colorbar per source
-    assert len(render.gradient_flow_maps(flow, trace=trace).axes) == 12
-    figure = render.conflict_maps([flow, flow])
+    assert len(traces.gradient_flow_maps(flow).axes) == 12  # 9 maps and a colorbar per source
+    assert len(traces.gradient_flow_maps(flow, trace=trace).axes) == 12
+    figure = traces.conflict_maps([flow, flow])
     conflict_images = [ax.images[0] for ax in figure.axes if ax.images]
     assert len(conflict_images) == 6 and all(image.get_clim() == (0.0, 1.0) for image in conflict_images)
-    on_image = render.conflict_maps(flow, trace=trace)
+    on_image = traces.conflict_maps(flow, trace=trace)
     assert [image.get_clim() for image in weight_images(on_image)] == [(0.0, 1.0)] * 3
     signed = Attribution("integrated_gradients", "test", np.linspace(-2, 1, SIZE * SIZE).reshape(SIZE, SIZE),
                          np.zeros((3, SIZE, SIZE)))
-    figure = render.attribution_overlay(trace.image, signed, trace.transform, clip_percentile=None,
+    figure = traces.attribution_overlay(trace.image, signed, trace.transform, clip_percentile=None,
                                         box_xyxy=[10, 10, 50, 40])
     overlay = figure.axes[0].images[1].get_array()
     assert overlay.shape == (HEIGHT, WIDTH, 4)
@@ -159,7 +160,7 @@ def test_gradient_flow_and_attribution_figures(model, trace):
     assert overlay[..., 3].max() == pytest.approx(0.8, abs=0.02)  # opaque where strongest, clear near zero
     assert overlay[..., 3].min() < 0.05 and len(figure.axes[0].patches) == 1
     cell = dataclasses.replace(signed, method="neuron_gradient", level=1, cell=(2, 3))
-    figure = render.attribution_overlay(trace.image, cell, trace.transform)
+    figure = traces.attribution_overlay(trace.image, cell, trace.transform)
     (outline,) = figure.axes[0].patches
     assert outline.get_x() == pytest.approx(3 * 16 * WIDTH / SIZE) and outline.get_width() == pytest.approx(
         16 * WIDTH / SIZE)
@@ -167,14 +168,14 @@ def test_gradient_flow_and_attribution_figures(model, trace):
             for level, grid in enumerate(np.ones((3, 1, 1)) * np.arange(1, 4)[:, None, None])]
     cams = [dataclasses.replace(cam, grid=np.full((SIZE // s, SIZE // s), v)) for cam, s, v in
             zip(cams, (32, 16, 8), (1.0, 2.0, 3.0), strict=True)]
-    figure = render.grad_cam_figure(trace.image, cams, trace.transform)
+    figure = traces.grad_cam_figure(trace.image, cams, trace.transform)
     assert all(image.get_clim() == (0.0, 3.0) for image in weight_images(figure))
-    assert isinstance(render.figure_to_png(figure), bytes)
+    assert isinstance(traces.figure_to_png(figure), bytes)
 
 
 def test_figures_are_released_when_dropped(trace):
-    figure = render.figure3_grid(trace)
-    png = render.figure_to_png(figure, dpi=40)
+    figure = traces.figure3_grid(trace)
+    png = traces.figure_to_png(figure, dpi=40)
     assert png.startswith(b"\x89PNG")
     reference = weakref.ref(figure)
     del figure
@@ -190,7 +191,7 @@ def decode_data_uri(uri: str) -> np.ndarray:
 
 
 def test_plotly_weight_overlay_places_cells_exactly_and_keeps_colours(trace):
-    figure = render.weight_overlay_plotly(trace, 1, 2)
+    figure = traces.weight_overlay_plotly(trace, 1, 2)
     image, heatmap = figure.data
     np.testing.assert_array_equal(decode_data_uri(image.source), trace.image)  # lossless and not swapped
     assert (heatmap.zmin, heatmap.zmax) == (0.0, 1.0)
@@ -202,7 +203,7 @@ def test_plotly_weight_overlay_places_cells_exactly_and_keeps_colours(trace):
 
 
 def test_plotly_grid_composite_entropy_and_detections(trace):
-    figure = render.figure3_grid_plotly(trace)
+    figure = traces.figure3_grid_plotly(trace)
     images = [d for d in figure.data if d.type == "image"]
     heatmaps = [d for d in figure.data if d.type == "heatmap"]
     assert len(images) == 9 and len(heatmaps) == 9
@@ -213,28 +214,28 @@ def test_plotly_grid_composite_entropy_and_detections(trace):
     # The red block stays red after the JPEG encoding (allowing for compression).
     assert shrunk[40, 60, 0] > 200 and shrunk[40, 60, 2] < 70
     controlled = controlled_weights(trace)
-    composite = render.rgb_composite_plotly(controlled, 0).data[1]
+    composite = traces.rgb_composite_plotly(controlled, 0).data[1]
     z = np.asarray(composite.z)
     np.testing.assert_array_equal(z[0, 0], [255, 0, 0])
     np.testing.assert_array_equal(z[0, -1], [0, 0, 255])
-    entropy = render.entropy_map_plotly(controlled, 1).data[1]
+    entropy = traces.entropy_map_plotly(controlled, 1).data[1]
     assert (entropy.zmin, entropy.zmax) == (0.0, 1.0)
     np.testing.assert_allclose(np.asarray(entropy.z), 1.0, atol=1e-6)
-    detections = render.detections_plotly(trace.image, trace.detections, max_detections=5)
+    detections = traces.detections_plotly(trace.image, trace.detections, max_detections=5)
     assert len(detections.data) == 1 + min(5, len(trace.detections))
 
 
 def test_bad_level_is_reported(trace):
     with pytest.raises(ValueError, match="level must be"):
-        render.weight_overlay(trace, 3, 0)
+        traces.weight_overlay(trace, 3, 0)
     with pytest.raises(ValueError, match="source must be"):
-        render.weight_overlay_plotly(trace, 0, -1)
+        traces.weight_overlay_plotly(trace, 0, -1)
 
 
 def test_model_is_untouched_by_rendering(model, trace):
     # Rendering works from the trace alone: no forward pass, no hooks.
     from asff_viz.introspection.capture import hook_count
 
-    render.figure3_grid(trace)
+    traces.figure3_grid(trace)
     assert hook_count(model) == 0
     assert torch.is_grad_enabled()

@@ -15,14 +15,14 @@ import torch
 import asff_viz.train as train_module
 from asff_viz import load_model
 from asff_viz.checkpoint import save_checkpoint
-from asff_viz.config import ModelConfig
 from asff_viz.data.augment import TrainDataset, TrainTransform, collate
 from asff_viz.data.coco import COCODetection
 from asff_viz.data.synthetic import generate
-from asff_viz.engine import EpochOptions, initialize_weights, train_one_epoch
-from asff_viz.loss import build_criterion
 from asff_viz.models import build_model
-from asff_viz.schedule import LearningRateSchedule, ScheduleConfig
+from asff_viz.models.config import ModelConfig
+from asff_viz.training.engine import EpochOptions, initialize_weights, train_one_epoch
+from asff_viz.training.loss import build_criterion
+from asff_viz.training.schedule import LearningRateSchedule, ScheduleConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Tests of the training engine (asff_viz.engine) on in-memory batches: DDP, non-finite losses, statistics,
+"""Tests of the training engine (asff_viz.training.engine) on in-memory batches: DDP, non-finite losses, statistics,
 checkpoints. Models are tiny (width 0.125, depth 0.33) and inputs 64 px."""
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from asff_viz import load_model
-from asff_viz.config import ModelConfig
-from asff_viz.ema import ModelEMA
-from asff_viz.engine import (
+from asff_viz.models import build_model
+from asff_viz.models.config import ModelConfig
+from asff_viz.training.ema import ModelEMA
+from asff_viz.training.engine import (
     DistributedContext,
     EpochOptions,
     FusionWeightStatistics,
@@ -34,9 +35,8 @@ from asff_viz.engine import (
     train_one_epoch,
     training_checkpoint,
 )
-from asff_viz.loss import build_criterion
-from asff_viz.models import build_model
-from asff_viz.schedule import LearningRateSchedule, ScheduleConfig, learning_rate
+from asff_viz.training.loss import build_criterion
+from asff_viz.training.schedule import LearningRateSchedule, ScheduleConfig, learning_rate
 from tests.conftest import calibrate_batchnorm
 
 NUM_CLASSES = 3

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from asff_viz.transforms import ImageError, ImageTransform, decode_image, denormalize, preprocess, read_image
+from asff_viz.inference.transforms import ImageError, ImageTransform, decode_image, denormalize, preprocess, read_image
 
 
 def random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:

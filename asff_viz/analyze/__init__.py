@@ -1,9 +1,10 @@
 """Analyses for papers: Figure 3, fusion statistics by scale, gradient flow over a dataset, training evolution,
 comparisons. Run as `python -m asff_viz.analyze <command> --help`; see docs/analysis.md.
 
-Modules: `statistics` (streaming accumulators and their math, pure numpy), `plots` (figures), `style` (the
-publication style and `save_figure`), `cache` (per-image results on disk), `inputs` (models, datasets),
-`provenance` (run.json), one module per command, `cli`.
+Modules: `statistics` (streaming accumulators and their math, pure numpy), `results_cache` (per-image results
+on disk), `sources` (models, datasets), `provenance` (run.json), `runner` (what the commands share), one module
+per command (`figure3`, `scale_stats`, `gradflow`, `evolution`, `compare`, `replot`), `cli`. The figures are
+drawn by `asff_viz.figures.plots` in the style of `asff_viz.figures.style`.
 """
 
 from .statistics import FusionStatistics, GradientFlowStatistics, match_detections, mean_weights_in_box

@@ -14,15 +14,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..argtypes import describe_os_error
 from ..checkpoint import CheckpointError
 from ..data.errors import DatasetError
+from ..inference.transforms import ImageError
 from ..introspection.trace import TraceError
-from ..transforms import ImageError
-from . import compare, evolution, figure3, gradient_flow, replot, scale_stats
-from .inputs import AnalysisError
+from ..utils.argtypes import describe_os_error
+from . import compare, evolution, figure3, gradflow, replot, scale_stats
+from .sources import AnalysisError
 
-COMMANDS = (figure3, scale_stats, gradient_flow, evolution, compare, replot)
+COMMANDS = (figure3, scale_stats, gradflow, evolution, compare, replot)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..argtypes import positive_int, unit_interval
-from ..coco_eval import METRIC_NAMES, coco_metrics
 from ..data.coco import xyxy_to_coco_bbox
-from ..fileio import atomic_write
-from ..transforms import read_image
-from . import plots
+from ..figures import plots
+from ..inference.coco_eval import METRIC_NAMES, coco_metrics
+from ..inference.transforms import read_image
+from ..utils.argtypes import positive_int, unit_interval
+from ..utils.fileio import atomic_write
 from .ap_bootstrap import MatchedImages, paired_ap_difference
-from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
 from .provenance import preprocessing_record
 from .runner import (
     RunContext,
@@ -39,6 +38,7 @@ from .runner import (
     parse_counterfactual,
     record_dataset_images,
 )
+from .sources import AnalysisDataset, AnalysisError, load_analysed_model
 from .statistics import COCO_SIZE_LABELS, summary_rows
 
 COCO_MAX_DETECTIONS = 100
@@ -208,7 +208,7 @@ def load_shown(path: Path, variants: int) -> list:
     """`save_shown`'s file -> [(path, GroundTruth, [detections per variant])] (results as plain namespaces)."""
     from types import SimpleNamespace
 
-    from .inputs import GroundTruth
+    from .sources import GroundTruth
 
     with np.load(path, allow_pickle=False) as data:
         shown = []

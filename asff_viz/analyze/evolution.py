@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots
-from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
+from ..figures import plots
+from ..figures.style import LEVEL_LABELS, SOURCE_COLORS
 from .provenance import preprocessing_record
 from .runner import (
     RunContext,
@@ -35,8 +35,8 @@ from .runner import (
     fusion_statistics_over,
     record_dataset_images,
 )
+from .sources import AnalysisDataset, AnalysisError, load_analysed_model
 from .statistics import COCO_SIZE_LABELS
-from .style import LEVEL_LABELS, SOURCE_COLORS
 
 logger = logging.getLogger(__name__)
 PART_NAMES = ("backbone", "neck", "fusion", "head")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..argtypes import positive_int, unit_interval
-from . import plots
-from .inputs import AnalysisError, check_image_paths, load_analysed_model
+from ..figures import plots
+from ..figures.style import LEVEL_LABELS
+from ..utils.argtypes import positive_int, unit_interval
 from .provenance import preprocessing_record
 from .runner import RunContext, add_common_options, mode_name, parse_counterfactual
-from .style import LEVEL_LABELS
+from .sources import AnalysisError, check_image_paths, load_analysed_model
 
 
 def add_parser(subparsers) -> None:

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..codeversion import code_identity
-from ..fileio import atomic_write_text
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..inference.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..utils.codeversion import code_identity
+from ..utils.fileio import atomic_write_text
 
 
 def library_versions() -> dict:

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..argtypes import positive_int
-from ..fileio import atomic_write_text
-from .inputs import AnalysisError
+from ..utils.argtypes import positive_int
+from ..utils.fileio import atomic_write_text
+from .sources import AnalysisError
 
 REPLOTTABLE = {"scale-stats": "scale_stats.npz", "gradflow": "gradflow_statistics.npz", "figure3": None,
                "evolution": None, "compare": "compare_shown.npz"}
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, argv=None):
 
         write_figures(context, FusionStatistics.load(data_path), min_count=int(arguments.get("min_count", 5)))
     else:
-        from .gradient_flow import write_figures
+        from .gradflow import write_figures
         from .statistics import GradientFlowStatistics
 
         write_figures(context, GradientFlowStatistics.load(data_path), samples=int(arguments.get("bootstrap", 1000)))

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..argtypes import device, input_size, output_folder, positive_int, unit_interval
+from ..figures.style import publication_style, save_figure
+from ..inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
 from ..introspection.capture import COUNTERFACTUAL_KINDS, Counterfactual
-from ..postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
-from .cache import AnalysisCache, ImageResult
-from .inputs import AnalysedModel, AnalysisDataset, AnalysisError, GroundTruth, resolve_device
+from ..utils.argtypes import device, input_size, output_folder, positive_int, unit_interval
 from .provenance import RunRecord
+from .results_cache import AnalysisCache, ImageResult
+from .sources import AnalysedModel, AnalysisDataset, AnalysisError, GroundTruth, resolve_device
 from .statistics import (
     FALSE_POSITIVE,
     MISSED,
@@ -29,7 +30,6 @@ from .statistics import (
     mean_weights_in_box,
     size_bins,
 )
-from .style import publication_style, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def parse_counterfactual(text: str) -> Counterfactual:
 
 def mode_label(counterfactual: Counterfactual) -> str:
     """A short label for figures: learned, uniform, one-hot s16, drop s8."""
-    from .style import SHORT_LEVEL_LABELS
+    from ..figures.style import SHORT_LEVEL_LABELS
 
     if counterfactual.source is None:
         return counterfactual.kind
@@ -150,7 +150,7 @@ class RunContext:
         return paths
 
     def table(self, name: str, rows, columns=None) -> Path:
-        from .style import write_csv
+        from ..figures.style import write_csv
 
         path = write_csv(self.out / f"{name}.csv", rows, columns)
         self.record.add_outputs([path])

@@ -25,9 +25,8 @@ import argparse
 
 import numpy as np
 
-from ..argtypes import positive_int
-from . import plots
-from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
+from ..figures import plots
+from ..utils.argtypes import positive_int
 from .provenance import preprocessing_record
 from .runner import (
     RunContext,
@@ -38,6 +37,7 @@ from .runner import (
     parse_counterfactual,
     record_dataset_images,
 )
+from .sources import AnalysisDataset, AnalysisError, load_analysed_model
 from .statistics import (
     COCO_SIZE_LABELS,
     COCO_SIZE_OF_FINE,

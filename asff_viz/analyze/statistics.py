@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_write
+from ..utils.fileio import atomic_write
 
 # Object size bins by sqrt(area) in original pixels. 32 and 96 are edges, so COCO's small (area < 32^2),
 # medium (32^2 <= area < 96^2) and large bins are unions of these finer ones.

@@ -1,5 +1,5 @@
 """Sidebar controls: which image, which weights, which settings. Each `*_ui()` draws its controls and returns a
-small value object; reading files goes through the public API (`asff_viz.transforms`, `asff_viz.load_model`).
+small value object; reading files goes through the public API (`asff_viz.inference.transforms`, `asff_viz.load_model`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import streamlit as st
 
 from ..checkpoint import default_checkpoint_path
+from ..inference.transforms import IMAGE_SUFFIXES
 from ..samples import (
     AnnotationError,
     SampleAnnotations,
@@ -23,8 +24,7 @@ from ..samples import (
     sample_annotations,
     sample_path,
 )
-from ..transforms import IMAGE_SUFFIXES
-from . import cache
+from . import cached
 
 IMAGE_SOURCES = ("Sample", "Upload", "Server path")
 WEIGHT_SOURCES = ("Embedded default", "checkpoints/ folder", "Path", "Upload")
@@ -40,7 +40,7 @@ INPUT_SIZES = tuple(range(128, 1024 + 1, 32))
 class ImageChoice:
     """The chosen image: its bytes' key (sha256), a display name and its ground truth when it has any.
 
-    `data` holds the encoded file; the decoded RGB uint8 (H, W, 3) array comes from `cache.decode_image`.
+    `data` holds the encoded file; the decoded RGB uint8 (H, W, 3) array comes from `cached.decode_image`.
     """
 
     key: str
@@ -266,7 +266,7 @@ def store_upload(folder: Path, data: bytes, digest: str, suffix: str, keep: int 
 
 def _weights_from_path(path: Path, label: str) -> WeightsChoice:
     stat = path.stat()
-    digest = cache.file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    digest = cached.file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     return WeightsChoice(str(path.resolve()), digest, label)
 
 

@@ -1,6 +1,6 @@
 """The Streamlit app: a sidebar to choose image, weights and settings; views over one cached trace.
 
-Run with `streamlit run app.py` (or `make app`). Every view reads cached results (`asff_viz.app.cache`):
+Run with `streamlit run app.py` (or `make app`). Every view reads cached results (`asff_viz.app.cached`):
 the model runs once per image, weights and settings, and view changes only redraw.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 import streamlit as st
 
 from ..checkpoint import CheckpointError
+from ..inference.transforms import ImageError
 from ..introspection.capture import has_fusion_weights
-from ..transforms import ImageError
-from . import cache
-from .common import MAX_LISTED, Analysis, load_model
-from .dataset_view import dataset_ui
+from . import cached
 from .inputs import InputError, device_ui, image_ui, settings_ui, weights_ui
+from .views.dataset import dataset_ui
+from .widgets import MAX_LISTED, Analysis, load_model
 
 TITLE = "ASFF fusion explorer"
 INTRO = ("At each pyramid level, ASFF blends the features of all three levels with per-pixel softmax weights that "
@@ -95,7 +95,7 @@ def main() -> None:
             st.info("Choose an image and a model in the sidebar.")
         return
     try:
-        image = cache.decode_image(image_choice.key, image_choice.name, image_choice.data)
+        image = cached.decode_image(image_choice.key, image_choice.name, image_choice.data)
     except ImageError as error:
         st.error(str(error), icon=":material/broken_image:")
         return
@@ -110,9 +110,9 @@ def main() -> None:
     else:
         try:
             with st.spinner(f"Running the model on {image_choice.name} at {settings.size} px…"):
-                trace, seconds = cache.timed_trace(image_choice.key, (weights.path, weights.sha256), settings.size,
+                trace, seconds = cached.timed_trace(image_choice.key, (weights.path, weights.sha256), settings.size,
                                                    settings.conf_threshold, settings.nms_threshold,
-                                                   settings.device, cache.LEARNED, image, image_choice.name)
+                                                   settings.device, cached.LEARNED, image, image_choice.name)
         except (RuntimeError, ValueError) as error:  # e.g. out of memory on the device
             st.error(f"The model could not run on {image_choice.name} at {settings.size} px on "
                      f"{settings.device}: {error}. Try a smaller input size or another device.",
@@ -146,12 +146,12 @@ def summary(analysis: Analysis, seconds: float) -> None:
 def views(analysis, image_choice, image, weights, model, settings, dataset) -> None:
     """The tabs. Only the open one runs (lazy tabs); each view is a fragment, so its own controls rerun just
     the view, not the sidebar and the trace lookup."""
-    from .compare_view import compare_view
-    from .counterfactual_view import counterfactual_view
-    from .dataset_view import dataset_view
-    from .detection_view import detection_view, detections_only_view
-    from .fusion_view import fusion_view
-    from .gradient_view import gradient_view
+    from .views.compare import compare_view
+    from .views.counterfactual import counterfactual_view
+    from .views.dataset import dataset_view
+    from .views.detection import detection_view, detections_only_view
+    from .views.fusion import fusion_view
+    from .views.gradient import gradient_view
 
     names = VIEWS if analysis is not None else DETECTION_ONLY_VIEWS
     # The default is part of the tabs' identity: keep it constant, or the open tab resets.

@@ -39,7 +39,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from asff_viz.data.errors import DatasetError
-from asff_viz.transforms import MAX_PIXELS, ImageError, check_pixel_count
+from asff_viz.inference.transforms import MAX_PIXELS, ImageError, check_pixel_count
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from asff_viz.argtypes import non_negative_int, output_folder, positive_float, positive_int, unit_interval
+from asff_viz.utils.argtypes import non_negative_int, output_folder, positive_float, positive_int, unit_interval
 
 logger = logging.getLogger(__name__)
 

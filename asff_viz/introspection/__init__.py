@@ -2,11 +2,11 @@
 
 `capture` and `trace_image` are cheap and safe on a shared model; `gradflow` and `attribution` run backward
 passes (`attribution` imports captum, so it is imported on use: `from asff_viz.introspection import
-attribution`). Figures are drawn by `asff_viz.render` from the objects these return.
+attribution`). Figures are drawn by `asff_viz.figures.traces` from the objects these return.
 """
 
 from .capture import Counterfactual, Recorder, capture, measure_capture_overhead
-from .gradflow import (
+from .decomposition import (
     DetectionScore,
     GradientFlow,
     SumOfScores,

@@ -40,10 +40,10 @@ from captum.attr import (
 )
 from torch import nn
 
-from ..postprocess import row_location
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from ..inference.postprocess import row_location
+from ..inference.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from .capture import LEVEL_NAMES, fusion_levels, gradient_through_offsets, has_fusion_weights
-from .gradflow import input_batch, row_scores
+from .decomposition import input_batch, row_scores
 
 
 @dataclass

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..fileio import atomic_write
-from ..postprocess import postprocess, row_location
-from ..transforms import ImageTransform, preprocess, read_image
+from ..inference.postprocess import postprocess, row_location
+from ..inference.transforms import ImageTransform, preprocess, read_image
+from ..utils.fileio import atomic_write
 from .capture import LEVEL_NAMES, Counterfactual, as_counterfactual, capture, has_fusion_weights
 
 TRACE_FORMAT, TRACE_FORMAT_VERSION = "asff_viz.trace", 1
@@ -306,7 +306,7 @@ def trace_image(model: nn.Module, image_rgb, *, size: int | None = None, conf_th
             model may be shared).
         image_rgb: (H, W, 3) RGB uint8 array, or a path to an image file.
         size: the square input size (multiple of 32); default `model.metadata["input_size"]`, else 416.
-        conf_threshold, nms_threshold: as `asff_viz.postprocess.postprocess`.
+        conf_threshold, nms_threshold: as `asff_viz.inference.postprocess.postprocess`.
         counterfactual: replace the learned fusion weights (see `Counterfactual`); recorded in the metadata.
         keep_maps: also keep channel-RMS maps of the resized sources and fused maps, and the raw predictions.
         image_name: stored in the metadata (defaults to the file name when a path is given).

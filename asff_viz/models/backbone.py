@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from .blocks import ConvBNAct, ResidualStack
+from .config import ModelConfig
 
 
 @dataclass(frozen=True)

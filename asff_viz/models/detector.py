@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from .backbone import Darknet53, build_backbone
+from .config import ModelConfig
 from .fusion import Fusion, build_fusion
 from .head import SLOTS, Head, LevelOutput, build_head
 from .neck import YOLOv3Neck, build_neck

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from .blocks import ConvBNAct
+from .config import ModelConfig
 
 
 def _resize_paths(level: int, in_channels: tuple[int, int, int]) -> nn.ModuleList:

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
 from .blocks import SPP, ConvBNAct, DropBlock, ResidualStack
+from .config import ModelConfig
 
 
 class YOLOv3Neck(nn.Module):

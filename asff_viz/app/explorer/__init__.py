@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from .. import cache, figures
+from .. import cached, charts
 
 KEY = "fusion_explorer"
 MODES = ("Overlay", "RGB composite", "Entropy", "Figure 3 grid")
@@ -63,7 +63,7 @@ class FusionState:
             target=int(self.target) if self.target in (0, 1, 2) else default.target,
             source=int(self.source) if self.source in (0, 1, 2) else default.source,
             opacity=float(min(max(float(self.opacity), 0.0), 1.0)) if _is_number(self.opacity) else default.opacity,
-            colormap=self.colormap if self.colormap in figures.COLORMAPS else default.colormap,
+            colormap=self.colormap if self.colormap in charts.COLORMAPS else default.colormap,
             show_boxes=bool(self.show_boxes), seq=int(self.seq) if _is_number(self.seq) else 0)
 
 
@@ -120,17 +120,17 @@ def explorer_arguments(analysis, state: FusionState, records: list, selected: in
     """Everything the component draws, as plain JSON: the image (a JPEG data URI, downscaled for display), the
     nine weight maps (3 decimals), cell sizes, boxes and the state."""
     height, width = analysis.image.shape[:2]
-    uri = cache.display_image(analysis.image_choice.key, analysis.image)
+    uri = cached.display_image(analysis.image_choice.key, analysis.image)
     weights = [np.round(np.asarray(level, dtype=np.float64), 3).tolist() for level in analysis.trace.fusion_weights]
     boxes = [{"xyxy": [float(v) for v in np.nan_to_num(np.asarray(r.box_xyxy, dtype=np.float64), nan=0.0,
                                                         posinf=1e6, neginf=-1e6)],
-              "colour": figures.class_colour(r.label), "caption": caption}
+              "colour": charts.class_colour(r.label), "caption": caption}
              for r, caption in zip(records, captions, strict=True)]
     return {"image": uri, "image_key": analysis.image_choice.key, "width": width, "height": height,
             "weights": weights, "cells": [list(analysis.cell(level)) for level in range(3)],
             "display_scale": min(CHART_HEIGHT / height, 900 / width), "chart_height": CHART_HEIGHT,
             "boxes": boxes, "selected": -1 if selected is None else int(selected), "picked_cells": picked_cells,
-            "colorscales": {name: figures.plotly_colorscale(name) for name in figures.COLORMAPS},
+            "colorscales": {name: charts.plotly_colorscale(name) for name in charts.COLORMAPS},
             "state": asdict(state)}
 
 

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..codeversion import source_sha256
-from ..fileio import atomic_write
+from ..inference.postprocess import postprocess, row_location
+from ..inference.transforms import ImageError, ImageTransform, preprocess, read_image
 from ..introspection.capture import Counterfactual, as_counterfactual
-from ..introspection.gradflow import TrainingLoss, gradient_flow, ground_truth_labels
+from ..introspection.decomposition import TrainingLoss, gradient_flow, ground_truth_labels
 from ..introspection.trace import Trace, TraceError, trace_image
-from ..postprocess import postprocess, row_location
-from ..transforms import ImageError, ImageTransform, preprocess, read_image
-from .inputs import AnalysedModel, AnalysisError, file_sha256
+from ..utils.codeversion import source_sha256
+from ..utils.fileio import atomic_write
+from .sources import AnalysedModel, AnalysisError, file_sha256
 from .statistics import summarize_flow
 
 CACHE_FORMAT_VERSION = 1

@@ -19,14 +19,14 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from ..analyze.statistics import COCO_SIZE_LABELS, background_weights, coco_size_bins, mean_weights_in_box
-from ..data.errors import DatasetError
-from ..samples import list_samples, sample_annotations, sample_path
-from ..transforms import IMAGE_SUFFIXES, ImageError
-from . import cache
-from .common import Analysis, download_row, level_name
-from .figures import LEVEL_COLOURS, SHORT_LEVEL_NAMES
-from .inputs import InputError, server_file, server_folder
+from ...analyze.statistics import COCO_SIZE_LABELS, background_weights, coco_size_bins, mean_weights_in_box
+from ...data.errors import DatasetError
+from ...inference.transforms import IMAGE_SUFFIXES, ImageError
+from ...samples import list_samples, sample_annotations, sample_path
+from .. import cached
+from ..charts import LEVEL_COLOURS, SHORT_LEVEL_NAMES
+from ..inputs import InputError, server_file, server_folder
+from ..widgets import Analysis, download_row, level_name
 
 SOURCES = ("Bundled samples", "COCO annotation file", "Image folder")
 SIZE_TICKS = (*[label[0].upper() for label in COCO_SIZE_LABELS], "bg")  # S, M, L and the background
@@ -86,7 +86,7 @@ def dataset_ui() -> DatasetChoice:
 
 
 def coco_choice(annotations: Path, images: Path) -> DatasetChoice:
-    from ..analyze.inputs import AnalysisDataset, AnalysisError
+    from ...analyze.sources import AnalysisDataset, AnalysisError
 
     try:
         dataset = AnalysisDataset(annotations, images, limit=MAX_IMAGES)
@@ -109,8 +109,8 @@ def image_rows(image_key: str, weights: tuple[str, str], size: int, conf_thresho
     Without ground truth the objects are the detections at the confidence threshold. The image is read and
     decoded only when these rows are not cached yet (ImageError or OSError when it cannot be).
     """
-    image = cache.decode_image(image_key, _name, _path.read_bytes())
-    trace = cache.trace(image_key, weights, size, conf_threshold, nms_threshold, device, cache.LEARNED, image, _name)
+    image = cached.decode_image(image_key, _name, _path.read_bytes())
+    trace = cached.trace(image_key, weights, size, conf_threshold, nms_threshold, device, cached.LEARNED, image, _name)
     if _boxes is None:
         boxes = np.array([record.box_xyxy for record in trace.detections], dtype=np.float64).reshape(-1, 4)
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -192,7 +192,7 @@ def collect(analysis: Analysis, choice: DatasetChoice) -> tuple[list[dict], list
             try:
                 # The content hash, recomputed only when the file changes: a redraw reads no image.
                 status = item.path.stat()
-                key = cache.file_sha256(str(item.path), status.st_mtime_ns, status.st_size)
+                key = cached.file_sha256(str(item.path), status.st_mtime_ns, status.st_size)
                 found = image_rows(key, analysis.weights_key, settings.size, settings.conf_threshold,
                                    settings.nms_threshold, settings.device, boxes_key, item.path, item.name,
                                    item.boxes_xyxy, item.areas)

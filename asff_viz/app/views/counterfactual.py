@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import render
-from . import cache, figures
-from .common import MAX_LISTED, Analysis, download_row, initial, level_control, level_name, plotly_chart
-from .diff import match_detections
+from ...figures import traces
+from .. import cached, charts
+from ..diff import match_detections
+from ..widgets import MAX_LISTED, Analysis, download_row, initial, level_control, level_name, plotly_chart
 
 KINDS = {"uniform": "Uniform (plain sum)", "one_hot": "Force one level", "drop": "Drop one level"}
 KIND_HELP = ("Uniform: every source weighs 1/3, as a plain sum would. Force one level: the target levels see only "
@@ -22,7 +22,7 @@ KIND_HELP = ("Uniform: every source weighs 1/3, as a plain sum would. Force one 
 STATUS_COLOURS = {"kept": None, "relabelled": "#f0a202", "lost": "#d62728", "new": "#1aa260"}
 
 
-def counterfactual_key() -> cache.CounterfactualKey:
+def counterfactual_key() -> cached.CounterfactualKey:
     """Draw the counterfactual's controls and return its cache key (kind, source, target levels)."""
     columns = st.columns([2.2, 1.6, 1.8])
     with columns[0]:
@@ -94,12 +94,12 @@ def counterfactual_view(analysis: Analysis) -> None:
              status_of_counterfactual)):
         with column:
             st.markdown(f"**{title}** · {len(records)} detections")
-            figure = figures.image_figure(analysis.image, height=440)
+            figure = charts.image_figure(analysis.image, height=440)
             for status, colour in STATUS_COLOURS.items():
                 chosen = [index for index in range(len(records)) if statuses.get(index) == status]
                 if not chosen:
                     continue
-                figures.add_boxes(figure, np.array([records[i].box_xyxy for i in chosen]).reshape(-1, 4),
+                charts.add_boxes(figure, np.array([records[i].box_xyxy for i in chosen]).reshape(-1, 4),
                                   [records[i].label for i in chosen],
                                   [f"{records[i].class_name} {float(records[i].score):.2f}"
                                    + ("" if status == "kept" else f" ({status})") for i in chosen],
@@ -114,15 +114,15 @@ def counterfactual_view(analysis: Analysis) -> None:
                      column_config={name: st.column_config.NumberColumn(name, format="%.3f")
                                     for name in ("learned score", "counterfactual score", "Δ score", "IoU")})
     download_row([
-        ("Figure PNG", lambda: cache.figure_bytes(render.counterfactual_comparison(
+        ("Figure PNG", lambda: cached.figure_bytes(traces.counterfactual_comparison(
             [analysis.trace, counterfactual], score_threshold=analysis.settings.conf_threshold), "png"),
          "counterfactual.png", "image/png"),
-        ("Figure PDF", lambda: cache.figure_bytes(render.counterfactual_comparison(
+        ("Figure PDF", lambda: cached.figure_bytes(traces.counterfactual_comparison(
             [analysis.trace, counterfactual], score_threshold=analysis.settings.conf_threshold), "pdf"),
          "counterfactual.pdf", "application/pdf"),
         ("Diff JSON", lambda: json.dumps({"counterfactual": counterfactual.counterfactual.to_dict(),
                                           "changes": json.loads(table.to_json(orient="records"))}, indent=1),
          "counterfactual_diff.json", "application/json"),
-        ("Trace .npz", lambda: cache.trace_npz_bytes(counterfactual), "trace_counterfactual.npz",
+        ("Trace .npz", lambda: cached.trace_npz_bytes(counterfactual), "trace_counterfactual.npz",
          "application/octet-stream"),
     ], key="counterfactual_download")

@@ -2,7 +2,7 @@
 the contributions conflict, for the learned fusion, the uniform counterfactual and (optionally) a sum-fusion
 checkpoint.
 
-Per image the objective is the training loss against its ground truth; `asff_viz.introspection.gradflow`
+Per image the objective is the training loss against its ground truth; `asff_viz.introspection.decomposition`
 splits its gradient at each source x^k into the value-path terms of the three target levels and measures,
 per source location, whether significant terms point in opposite directions (conflict). Locations are grouped
 by the ground-truth assignment: positive (the cell of an object at the level that owns it), object background
@@ -32,12 +32,12 @@ import logging
 
 import numpy as np
 
-from ..argtypes import cosine_value, positive_int, unit_interval
-from ..introspection.gradflow import ALL_CONTROLS, CONTROLS, SWEPT
-from . import plots
-from .cache import sweep_key
-from .inputs import AnalysisDataset, AnalysisError, load_analysed_model
+from ..figures import plots
+from ..figures.style import LEVEL_LABELS, OKABE_ITO, category_color
+from ..introspection.decomposition import ALL_CONTROLS, CONTROLS, SWEPT
+from ..utils.argtypes import cosine_value, positive_int, unit_interval
 from .provenance import preprocessing_record
+from .results_cache import sweep_key
 from .runner import (
     RunContext,
     add_common_options,
@@ -46,8 +46,8 @@ from .runner import (
     parse_counterfactual,
     record_dataset_images,
 )
+from .sources import AnalysisDataset, AnalysisError, load_analysed_model
 from .statistics import MAIN_REGIONS, REGIONS, GradientFlowStatistics
-from .style import LEVEL_LABELS, OKABE_ITO, category_color
 
 logger = logging.getLogger(__name__)
 MODE_COLORS = {"learned": OKABE_ITO["blue"], "uniform": OKABE_ITO["orange"], "sum": OKABE_ITO["reddish_purple"]}

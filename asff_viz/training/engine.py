@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import atomic_save, checkpoint_dict
-from .coco_eval import evaluate_coco
+from ..checkpoint import atomic_save, checkpoint_dict
+from ..inference.coco_eval import evaluate_coco
+from ..utils.fileio import atomic_write_text
 from .ema import ModelEMA, unwrap_model
-from .fileio import atomic_write_text
 from .loss import LOSS_NAMES, YOLOv3Loss
 from .schedule import LearningRateSchedule
 

@@ -8,7 +8,7 @@ Conventions:
 * Fusion weights are probabilities: always drawn on a fixed 0..1 scale with a colorbar, never stretched to
   each map's own minimum and maximum. The default colormap, viridis, is perceptually uniform and
   colour-blind safe; any matplotlib / plotly name can be passed instead.
-* Images are RGB (as `asff_viz.transforms.read_image` returns them); nothing here reorders channels, except
+* Images are RGB (as `asff_viz.inference.transforms.read_image` returns them); nothing here reorders channels, except
   for the one PNG encoding through OpenCV, which expects BGR and is converted explicitly.
 * Coordinates are original-image pixels with pixel i spanning [i, i + 1], the convention of the boxes; maps
   are placed with `ImageTransform.map_to_original`, so each cell covers exactly its footprint on the image.
@@ -30,9 +30,9 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from .introspection.capture import LEVEL_NAMES, LEVEL_STRIDES
-from .introspection.trace import Trace, fusion_entropy
-from .transforms import ImageTransform
+from ..inference.transforms import ImageTransform
+from ..introspection.capture import LEVEL_NAMES, LEVEL_STRIDES
+from ..introspection.trace import Trace, fusion_entropy
 
 WEIGHT_CMAP = "viridis"
 ENTROPY_CMAP = "magma"

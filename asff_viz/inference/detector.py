@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import OFFICIAL_INPUT_SIZE, load_model
-from .class_names import COCO_CATEGORY_IDS, COCO_CLASSES
-from .ops.boxes import xyxy_to_xywh
+from ..checkpoint import OFFICIAL_INPUT_SIZE, load_model
+from ..data.class_names import COCO_CATEGORY_IDS, COCO_CLASSES
+from ..ops.boxes import xyxy_to_xywh
 from .postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD, Detections, postprocess
 from .transforms import ImageTransform, preprocess, read_image
 
@@ -37,7 +37,8 @@ class DetectionResult:
     scores: (K,) objectness x best class probability, decreasing; labels: (K,) int64 class indices;
     class_names: K names, one per box; category_ids: K dataset category ids, one per box (see `Detector`).
     detections: the same boxes in input pixels (the `size` x `size` network input) with objectness, class
-    confidence and `indices`, the rows of `decoded` that produced them (see `asff_viz.postprocess.row_location`).
+    confidence and `indices`, the rows of `decoded` that produced them (see
+    `asff_viz.inference.postprocess.row_location`).
     transform: the resize geometry; decoded: (N, 5 + C) every decoded row of this image (cx, cy, w, h in input
     pixels, sigmoid objectness, sigmoid class probabilities), level 0 first, (slot, row, col) inside a level.
     """

@@ -21,8 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from ..render import draw_detections_on
-from .statistics import FINE_SIZE_EDGES, REGIONS, WeightSummary
+from ..analyze.statistics import FINE_SIZE_EDGES, REGIONS, WeightSummary
 from .style import (
     COLUMN_WIDTH,
     DOUBLE_WIDTH,
@@ -35,6 +34,7 @@ from .style import (
     category_color,
     new_figure,
 )
+from .traces import draw_detections_on
 
 LABEL_FONTSIZE = 6.0  # detection labels: the smallest size a printed figure stays readable at
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..postprocess import row_location
+from ..inference.postprocess import row_location
 from .capture import (
     LEVEL_NAMES,
     Counterfactual,
@@ -104,7 +104,7 @@ class TrainingLoss:
 
     labels: (M, 5) rows [class, cx, cy, w, h] in input pixels (or (1, M, 5); a 6th mixup column is allowed).
     terms: loss terms among "anchor", "iou", "l1", "obj", "cls", or "total". levels: output levels whose loss
-    counts (0 = stride 32). Uses `asff_viz.loss.build_criterion(model.config)`.
+    counts (0 = stride 32). Uses `asff_viz.training.loss.build_criterion(model.config)`.
     """
 
     labels: torch.Tensor | np.ndarray
@@ -121,7 +121,7 @@ class TrainingLoss:
         return labels
 
     def __call__(self, model: nn.Module, outputs: list) -> torch.Tensor:
-        from ..loss import build_criterion  # local: the loss module is only needed for this objective
+        from ..training.loss import build_criterion  # local: the loss module is only needed for this objective
 
         criterion = build_criterion(model.config).to(outputs[0].prediction.device)
         per_level = criterion.loss_per_level(outputs, self.batched_labels(outputs[0].prediction.device))

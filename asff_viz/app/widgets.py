@@ -15,8 +15,8 @@ import numpy as np
 import streamlit as st
 
 from ..checkpoint import CheckpointError
-from . import cache
-from .figures import LEVEL_NAMES, SHORT_LEVEL_NAMES
+from . import cached
+from .charts import LEVEL_NAMES, SHORT_LEVEL_NAMES
 from .inputs import ImageChoice, Settings, WeightsChoice, initial
 
 SELECTED_DETECTION = "selected_detection"
@@ -59,9 +59,9 @@ class Analysis:
     def class_names(self) -> list[str]:
         return list(self.trace.class_names)
 
-    def counterfactual_trace(self, key: cache.CounterfactualKey):
+    def counterfactual_trace(self, key: cached.CounterfactualKey):
         settings = self.settings
-        return cache.trace(self.image_choice.key, self.weights_key, settings.size, settings.conf_threshold,
+        return cached.trace(self.image_choice.key, self.weights_key, settings.size, settings.conf_threshold,
                            settings.nms_threshold, settings.device, key, self.image, self.image_choice.name)
 
     def cell(self, level: int) -> tuple[float, float]:
@@ -75,7 +75,7 @@ def load_model(weights, device: str) -> tuple[object | None, str | None]:
     """(the cached model of `weights` on `device`, None) or (None, a message saying why it cannot load)."""
     try:
         with st.spinner(f"Loading {weights.label}…"):
-            return cache.model(weights.path, weights.sha256, device), None
+            return cached.model(weights.path, weights.sha256, device), None
     except CheckpointError as error:
         # An upload is stored under its content hash: name it as the user knows it.
         return None, str(error).replace(weights.path, weights.label)

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import render
-from . import cache, figures
-from .common import (
+from ...figures import traces
+from .. import cached, charts
+from ..widgets import (
     SELECTED_DETECTION,
     SLOT_NAMES,
     Analysis,
@@ -60,8 +60,8 @@ def detection_view(analysis: Analysis) -> None:
     with detail_column:
         index = detection_picker(analysis)
     with image_column:
-        figure = figures.image_figure(analysis.image, height=540)
-        figures.add_boxes(figure, np.array([r.box_xyxy for r in records]).reshape(-1, 4),
+        figure = charts.image_figure(analysis.image, height=540)
+        charts.add_boxes(figure, np.array([r.box_xyxy for r in records]).reshape(-1, 4),
                           [r.label for r in records], [detection_caption(r) for r in records], selected=index)
         figure.update_layout(uirevision=analysis.image_choice.key, dragmode="zoom")
         plotly_chart(figure, key="detections_chart", on_select=lambda: on_chart_select("detections_chart"),
@@ -81,18 +81,18 @@ def detection_view(analysis: Analysis) -> None:
     if index is not None:
         attribution_panel(analysis, index)
     download_row([
-        ("Detections JSON", lambda: cache.detections_json(analysis.trace, analysis.image_choice.name),
+        ("Detections JSON", lambda: cached.detections_json(analysis.trace, analysis.image_choice.name),
          "detections.json", "application/json"),
-        ("Trace .npz", lambda: cache.trace_npz_bytes(analysis.trace), "trace.npz", "application/octet-stream"),
-        ("Boxes PNG", lambda: cache.figure_bytes(_boxes_figure(analysis, index), "png"), "detections.png",
+        ("Trace .npz", lambda: cached.trace_npz_bytes(analysis.trace), "trace.npz", "application/octet-stream"),
+        ("Boxes PNG", lambda: cached.figure_bytes(_boxes_figure(analysis, index), "png"), "detections.png",
          "image/png"),
-        ("Boxes PDF", lambda: cache.figure_bytes(_boxes_figure(analysis, index), "pdf"), "detections.pdf",
+        ("Boxes PDF", lambda: cached.figure_bytes(_boxes_figure(analysis, index), "pdf"), "detections.pdf",
          "application/pdf"),
     ], key="detection_download")
 
 
 def _boxes_figure(analysis: Analysis, index: int | None):
-    return render.draw_detections(analysis.image, analysis.records)
+    return traces.draw_detections(analysis.image, analysis.records)
 
 
 def detection_details(analysis: Analysis, index: int) -> None:
@@ -105,7 +105,7 @@ def detection_details(analysis: Analysis, index: int) -> None:
     st.markdown(f"Detection **#{index}** was predicted by **{level_name(level)}**, "
                 f"cell **(row {int(record.row)}, col {int(record.col)})**, "
                 f"slot **{SLOT_NAMES[int(record.slot)]}**. Its fused feature there took these weights:")
-    plotly_chart(figures.weights_bar(record.weights_here, title="fusion weights at the predicting cell"),
+    plotly_chart(charts.weights_bar(record.weights_here, title="fusion weights at the predicting cell"),
                  key="detection_weights_bar", config={"displayModeBar": False}, width="stretch")
     crop_panel(analysis, record)
 
@@ -152,7 +152,7 @@ def crop_panels(image: np.ndarray, weights: np.ndarray, cell: tuple[float, float
     rgb = tuple(int(colour.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4))
     panels = []
     for source in range(-1, 3):
-        panel = crop.copy() if source < 0 else render.weight_overlay_array(
+        panel = crop.copy() if source < 0 else traces.weight_overlay_array(
             crop, np.asarray(weights[source])[rows[:, None], cols[None, :]], alpha=0.65, cmap=colormap)
         cv2.rectangle(panel, to_panel(col * cell[0], row * cell[1]), to_panel((col + 1) * cell[0], (row + 1) * cell[1]),
                       (255, 255, 255), 2)
@@ -172,7 +172,7 @@ def crop_panel(analysis: Analysis, record) -> None:
                "class colour, the cell that predicted it in white.")
     picture = crop_panels(analysis.image, np.asarray(analysis.trace.fusion_weights[level]), analysis.cell(level),
                           np.asarray(record.box_xyxy, dtype=np.float64), int(record.row), int(record.col),
-                          figures.class_colour(record.label), colormap)
+                          charts.class_colour(record.label), colormap)
     st.image(picture, width="stretch")
 
 
@@ -207,7 +207,7 @@ def attribution_panel(analysis: Analysis, index: int) -> None:
     try:
         for position, method in enumerate(methods):
             progress.progress(position / len(methods), text=f"Computing {ATTRIBUTION_METHODS[method]}…")
-            results[method] = cache.attribution(analysis.image_choice.key, analysis.weights_key,
+            results[method] = cached.attribution(analysis.image_choice.key, analysis.weights_key,
                                                 analysis.settings.size, analysis.settings.device,
                                                 int(record.row_index), method, analysis.image,
                                                 steps if method == "integrated_gradients" else 0)
@@ -241,9 +241,9 @@ def show_attributions(analysis: Analysis, record, results: dict) -> None:
                        -magnitude if signed else 0.0, magnitude, "RdBu_r" if signed else "viridis"))
     columns = st.columns(min(3, len(panels)) or 1)
     for position, (title, values, cell, zmin, zmax, colormap) in enumerate(panels):
-        figure = figures.image_figure(analysis.image, height=300, dim=0.3)
-        figures.add_map(figure, values, cell, colormap=colormap, opacity=0.7, title="", zmin=zmin, zmax=zmax)
-        figures.add_boxes(figure, np.asarray(record.box_xyxy)[None], [record.label], [""], clickable=False)
+        figure = charts.image_figure(analysis.image, height=300, dim=0.3)
+        charts.add_map(figure, values, cell, colormap=colormap, opacity=0.7, title="", zmin=zmin, zmax=zmax)
+        charts.add_boxes(figure, np.asarray(record.box_xyxy)[None], [record.label], [""], clickable=False)
         with columns[position % len(columns)]:
             st.caption(f"{title} (scale ±{zmax:.2g})" if zmin < 0 else f"{title} (scale 0..{zmax:.2g})")
             plotly_chart(figure, key=f"attribution_{position}", config={"displayModeBar": False},
@@ -253,10 +253,10 @@ def show_attributions(analysis: Analysis, record, results: dict) -> None:
     for method, attributions in results.items():
         def make(file_format, method=method, attributions=attributions):
             if method == "grad_cam":
-                figure = render.grad_cam_figure(analysis.image, attributions, transform)
+                figure = traces.grad_cam_figure(analysis.image, attributions, transform)
             else:
-                figure = render.attribution_overlay(analysis.image, attributions[0], transform)
-            return cache.figure_bytes(figure, file_format)
+                figure = traces.attribution_overlay(analysis.image, attributions[0], transform)
+            return cached.figure_bytes(figure, file_format)
         short = {"integrated_gradients": "IG", "saliency": "Saliency", "grad_cam": "GradCAM"}[method]
         items.append((f"{short} PNG", lambda make=make: make("png"), f"{method}.png", "image/png"))
         items.append((f"{short} PDF", lambda make=make: make("pdf"), f"{method}.pdf", "application/pdf"))
@@ -268,11 +268,11 @@ def detections_only_view(image_choice, image, weights, model, settings) -> None:
     """Detections of a model without fusion weights (sum, concat or baseline fusion): boxes and a table."""
     import json
 
-    from .compare_view import side_for
+    from .compare import side_for
 
     side = side_for(weights.label, weights, model, image_choice, image, settings)
-    figure = figures.image_figure(image, height=540)
-    figures.add_boxes(figure, np.array([r.box_xyxy for r in side.records]).reshape(-1, 4),
+    figure = charts.image_figure(image, height=540)
+    charts.add_boxes(figure, np.array([r.box_xyxy for r in side.records]).reshape(-1, 4),
                       [r.label for r in side.records], [detection_caption(r) for r in side.records], clickable=False)
     figure.update_layout(uirevision=image_choice.key, dragmode="zoom")
     plotly_chart(figure, key="plain_detections_chart", config={"displaylogo": False}, width="stretch")

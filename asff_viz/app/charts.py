@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import plotly.graph_objects as go
 
-from .. import render
+from ..figures import traces
 
 LEVEL_NAMES = ("L0 · stride 32", "L1 · stride 16", "L2 · stride 8")
 SHORT_LEVEL_NAMES = ("L0 · s32", "L1 · s16", "L2 · s8")
@@ -26,8 +26,8 @@ MAX_DISPLAY_SIDE = 1024  # the image sent to the browser is at most this wide or
 
 
 def class_colour(label: int) -> str:
-    """The class's colour, as in the downloadable figures of `asff_viz.render`."""
-    return render.class_color(label)
+    """The class's colour, as in the downloadable figures of `asff_viz.figures.traces`."""
+    return traces.class_color(label)
 
 
 def plotly_colorscale(name: str) -> list[list]:
@@ -207,7 +207,7 @@ def figure3_mosaic(image: np.ndarray, weights: Sequence[np.ndarray], *, opacity:
             values = cv2.resize(np.asarray(weights[target][source], dtype=np.float32), (panel_width, panel_height),
                                 interpolation=cv2.INTER_NEAREST)
             top, left = target * (panel_height + gap), source * (panel_width + gap)
-            mosaic[top:top + panel_height, left:left + panel_width] = render.weight_overlay_array(
+            mosaic[top:top + panel_height, left:left + panel_width] = traces.weight_overlay_array(
                 small, values, alpha=opacity, cmap=colormap)
     uri, _ = _data_uri(mosaic)
     figure = go.Figure(go.Image(source=uri, hoverinfo="skip"))

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import streamlit as st
 
-from . import cache, figures
-from .common import (
+from .. import cached, charts
+from ..widgets import (
     Analysis,
     detection_caption,
     detection_picker,
@@ -27,12 +27,12 @@ OBJECTIVES = {
     "sum": "Sum of all scores",
     "loss": "Training loss vs ground truth",
 }
-UNIFORM: cache.CounterfactualKey = ("uniform", None, None)
+UNIFORM: cached.CounterfactualKey = ("uniform", None, None)
 
 
 def ground_truth(analysis: Analysis) -> tuple[np.ndarray | None, str | None]:
     """(M, 5) [class, cx, cy, w, h] input-pixel labels of the image's annotations, or (None, why not)."""
-    from ..introspection.gradflow import ground_truth_labels
+    from ...introspection.decomposition import ground_truth_labels
 
     annotations = analysis.image_choice.annotations
     if annotations is None or len(annotations.class_indices) == 0:
@@ -105,9 +105,9 @@ def gradient_view(analysis: Analysis) -> None:
     flows = {}
     progress = st.progress(0.0, text="Computing the gradient flow with the learned weights…")
     try:
-        for position, (name, key) in enumerate((("learned", cache.LEARNED), ("uniform", UNIFORM))):
+        for position, (name, key) in enumerate((("learned", cached.LEARNED), ("uniform", UNIFORM))):
             progress.progress(position / 2, text=f"Computing the gradient flow with the {name} weights…")
-            flows[name] = cache.gradient_flow(analysis.image_choice.key, analysis.weights_key,
+            flows[name] = cached.gradient_flow(analysis.image_choice.key, analysis.weights_key,
                                               analysis.settings.size, analysis.settings.device, objective, key,
                                               analysis.image, labels)
     except (RuntimeError, ValueError) as error:  # e.g. out of memory for the backward pass
@@ -128,7 +128,7 @@ def gradient_view(analysis: Analysis) -> None:
                               help="Share of active source locations where two target levels send gradients "
                                    "pointing in opposing directions.")
             metrics[2].metric("Total value-path norm", f"{flow.matrix.sum():.3g}")
-            plotly_chart(figures.matrix_figure(flow.matrix, "gradient norm, target → source", zmax=matrix_max),
+            plotly_chart(charts.matrix_figure(flow.matrix, "gradient norm, target → source", zmax=matrix_max),
                          key=f"gradient_matrix_{name}", config={"displayModeBar": False}, width="stretch")
 
     st.markdown("**Where the gradient goes**")
@@ -148,10 +148,10 @@ def gradient_view(analysis: Analysis) -> None:
     columns = st.columns(2, gap="large")
     for column, (name, flow) in zip(columns, flows.items(), strict=True):
         with column:
-            figure = figures.image_figure(analysis.image, height=360, dim=0.35)
+            figure = charts.image_figure(analysis.image, height=360, dim=0.35)
             relative = flow.maps[target][source] / map_max
             # Below 1 % of the largest value reads as no gradient: left clear, so the image shows through.
-            figures.add_weight_map(figure, np.where(relative >= 0.01, relative, np.nan), source_cell,
+            charts.add_weight_map(figure, np.where(relative >= 0.01, relative, np.nan), source_cell,
                                    colormap="magma", opacity=opacity, title="norm / max")
             _add_positives(figure, flow, source, source_cell)
             st.caption(f"{name}: gradient from {level_name(target)} into {level_name(source)} (scale shared by both; "
@@ -162,9 +162,9 @@ def gradient_view(analysis: Analysis) -> None:
     columns = st.columns(2, gap="large")
     for column, (name, flow) in zip(columns, flows.items(), strict=True):
         with column:
-            figure = figures.image_figure(analysis.image, height=360, dim=0.35)
+            figure = charts.image_figure(analysis.image, height=360, dim=0.35)
             conflict = np.where(flow.conflict[source].active, flow.conflict_maps[source], np.nan)
-            figures.add_weight_map(figure, conflict, source_cell, colormap="inferno", opacity=opacity,
+            charts.add_weight_map(figure, conflict, source_cell, colormap="inferno", opacity=opacity,
                                    title="cancellation")
             _add_positives(figure, flow, source, source_cell)
             rate = flow.conflict_rate[source]
@@ -175,9 +175,9 @@ def gradient_view(analysis: Analysis) -> None:
             plotly_chart(figure, key=f"conflict_map_{name}", config={"displaylogo": False}, width="stretch")
 
     download_row([
-        ("Figure PNG", lambda: cache.figure_bytes(static_figure(flows, analysis, target, source, opacity), "png"),
+        ("Figure PNG", lambda: cached.figure_bytes(static_figure(flows, analysis, target, source, opacity), "png"),
          "gradient_flow.png", "image/png"),
-        ("Figure PDF", lambda: cache.figure_bytes(static_figure(flows, analysis, target, source, opacity), "pdf"),
+        ("Figure PDF", lambda: cached.figure_bytes(static_figure(flows, analysis, target, source, opacity), "pdf"),
          "gradient_flow.pdf", "application/pdf"),
         ("Matrices JSON", lambda: _flows_json(flows, label), "gradient_flow.json", "application/json"),
     ], key="gradient_download")
@@ -195,9 +195,9 @@ def _add_positives(figure, flow, source: int, cell: tuple[float, float]) -> None
 
 def static_figure(flows: dict, analysis: Analysis, target: int, source: int, opacity: float):
     """The matplotlib figure of what the view shows (matrices, the target -> source maps, conflict maps)."""
-    from .. import render
+    from ...figures import traces
 
-    return render.gradient_flow_comparison(flows, analysis.trace, target, source, alpha=opacity)
+    return traces.gradient_flow_comparison(flows, analysis.trace, target, source, alpha=opacity)
 
 
 def _flows_json(flows: dict, label: str) -> str:

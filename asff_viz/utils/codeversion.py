@@ -44,7 +44,7 @@ def code_identity() -> dict:
     `diff_sha256` hashes the uncommitted changes to the package (`git diff HEAD -- asff_viz`), so two different
     uncommitted edits of the same commit are two identities.
     """
-    from . import __version__
+    from .. import __version__
 
     identity = {"package": __version__, "source_sha256": source_sha256(), "git_sha": None, "dirty": None,
                 "diff_sha256": None}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, default_checkpoint_path, file_sha256, load_model
-from ..class_names import ClassMismatchError, match_classes
+from ..data.class_names import ClassMismatchError, match_classes
 from ..introspection.capture import has_fusion_weights
 
 logger = logging.getLogger(__name__)

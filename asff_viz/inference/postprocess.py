@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops.boxes import cxcywh_to_xyxy
-from .ops.nms import batched_nms
+from ..ops.boxes import cxcywh_to_xyxy
+from ..ops.nms import batched_nms
 
 # Official thresholds: demo/display (conf 0.01, NMS 0.65) and COCO evaluation (conf 0.001, NMS 0.65).
 DISPLAY_CONF_THRESHOLD, EVAL_CONF_THRESHOLD, NMS_THRESHOLD = 0.01, 0.001, 0.65

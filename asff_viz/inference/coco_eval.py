@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data.coco import COCODetection, xyxy_to_coco_bbox
-from .data.errors import DatasetError
-from .fileio import atomic_write_text
+from ..data.coco import COCODetection, xyxy_to_coco_bbox
+from ..data.errors import DatasetError
+from ..utils.fileio import atomic_write_text
 from .postprocess import EVAL_CONF_THRESHOLD, NMS_THRESHOLD, Detections, postprocess
 from .transforms import preprocess
 

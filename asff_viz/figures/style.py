@@ -27,8 +27,8 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from ..fileio import atomic_write, atomic_write_text
-from .statistics import LEVEL_LABELS
+from ..analyze.statistics import LEVEL_LABELS
+from ..utils.fileio import atomic_write, atomic_write_text
 
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper (IEEE / CVF)
 DOUBLE_WIDTH = 7.16  # inches: the full text width

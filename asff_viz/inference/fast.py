@@ -1,6 +1,6 @@
 """Inference fast paths: BatchNorm folding, channels-last, bf16 autocast and `torch.compile`, each an option.
 
-    from asff_viz.fast import optimize_for_inference
+    from asff_viz.inference.fast import optimize_for_inference
     fast_model = optimize_for_inference(model, dtype=torch.bfloat16)
     with torch.inference_mode():
         outputs = fast_model(images)          # the same list of `LevelOutput` as `model(images)`
@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.blocks import SPP, ConvBNAct
-from .models.detector import YOLOv3ASFF
+from ..models.blocks import SPP, ConvBNAct
+from ..models.detector import YOLOv3ASFF
 
 
 @torch.no_grad()

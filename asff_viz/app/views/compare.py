@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ..introspection.capture import has_fusion_weights
-from ..postprocess import row_location
-from . import cache, figures
-from .common import MAX_LISTED, Analysis, detection_caption, level_name, load_model, plotly_chart
-from .diff import match_detections
-from .inputs import InputError, weights_ui
+from ...inference.postprocess import row_location
+from ...introspection.capture import has_fusion_weights
+from .. import cached, charts
+from ..diff import match_detections
+from ..inputs import InputError, weights_ui
+from ..widgets import MAX_LISTED, Analysis, detection_caption, level_name, load_model, plotly_chart
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,10 @@ class PlainDetection:
 def side_for(label: str, weights, model, image_choice, image, settings) -> Side:
     key = (weights.path, weights.sha256)
     if has_fusion_weights(model):
-        trace = cache.trace(image_choice.key, key, settings.size, settings.conf_threshold, settings.nms_threshold,
-                            settings.device, cache.LEARNED, image, image_choice.name)
+        trace = cached.trace(image_choice.key, key, settings.size, settings.conf_threshold, settings.nms_threshold,
+                            settings.device, cached.LEARNED, image, image_choice.name)
         return Side(label, model, weights, trace, list(trace.detections[:MAX_LISTED]), len(trace.detections))
-    result = cache.detections_only(image_choice.key, key, settings.size, settings.conf_threshold,
+    result = cached.detections_only(image_choice.key, key, settings.size, settings.conf_threshold,
                                    settings.nms_threshold, settings.device, image)
     grid_sizes = model.grid_sizes(settings.size)
     records = [PlainDetection(np.asarray(box, dtype=np.float64), float(score), int(label), name,
@@ -79,7 +79,7 @@ def compare_view(analysis: Analysis | None, *, image_choice, image, weights, set
     if error:
         st.error(error, icon=":material/error:")
         return
-    first_model = analysis.model if analysis is not None else cache.model(weights.path, weights.sha256,
+    first_model = analysis.model if analysis is not None else cached.model(weights.path, weights.sha256,
                                                                            settings.device)
     try:
         with st.spinner("Running both models…"):
@@ -104,8 +104,8 @@ def compare_view(analysis: Analysis | None, *, image_choice, image, weights, set
                      "see fewer)")
             st.caption(f"{metadata.get('variant', side.model.config.variant)} · {side.model.num_classes} classes · "
                        f"sha256 `{side.weights.sha256[:12]}` · {shown}")
-            figure = figures.image_figure(image, height=400)
-            figures.add_boxes(figure, np.array([r.box_xyxy for r in side.records]).reshape(-1, 4),
+            figure = charts.image_figure(image, height=400)
+            charts.add_boxes(figure, np.array([r.box_xyxy for r in side.records]).reshape(-1, 4),
                               [r.label for r in side.records], [detection_caption(r) for r in side.records],
                               clickable=False)
             figure.update_layout(uirevision=image_choice.key, dragmode="zoom")
@@ -122,7 +122,7 @@ def compare_view(analysis: Analysis | None, *, image_choice, image, weights, set
                 if side.trace is None:
                     st.info(f"{side.label}: fuses by **{side.model.config.fusion}**, no learned weights to show.")
                     continue
-                figure = figures.figure3_mosaic(image, side.trace.fusion_weights, opacity=opacity,
+                figure = charts.figure3_mosaic(image, side.trace.fusion_weights, opacity=opacity,
                                                 colormap=colormap, panel_side=260)
                 figure.update_layout(height=460)
                 plotly_chart(figure, key=f"compare_grid_{side.label[0]}", config={"displayModeBar": False},

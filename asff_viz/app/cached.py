@@ -22,8 +22,8 @@ import streamlit as st
 
 from .. import load_model
 from ..checkpoint import file_sha256 as _file_sha256
-from ..transforms import decode_image as _decode_image
-from ..transforms import preprocess
+from ..inference.transforms import decode_image as _decode_image
+from ..inference.transforms import preprocess
 
 # (kind, source level, target levels) of a fusion counterfactual, hashable (see `Counterfactual`);
 # LEARNED is the model as trained.
@@ -46,7 +46,7 @@ def model(path: str, sha256: str, device: str):
 # Byte budgets: a trace holds its original image, so a few large uploads must not fill the memory.
 @st.cache_data(show_spinner=False, max_entries=16, max_size="512MB")
 def decode_image(image_key: str, name: str, _data: bytes) -> np.ndarray:
-    """Encoded bytes -> RGB uint8 (H, W, 3); raises `asff_viz.transforms.ImageError` with a clear message."""
+    """Encoded bytes -> RGB uint8 (H, W, 3); raises `asff_viz.inference.transforms.ImageError` with a clear message."""
     return _decode_image(_data, name)
 
 
@@ -54,7 +54,7 @@ def decode_image(image_key: str, name: str, _data: bytes) -> np.ndarray:
 def display_image(image_key: str, _image: np.ndarray) -> str:
     """The image as the JPEG data URI the browser shows (downscaled for display), encoded once per image: the
     fusion explorer sends it on every run."""
-    from .figures import _data_uri
+    from .charts import _data_uri
 
     return _data_uri(_image)[0]
 
@@ -95,18 +95,18 @@ def gradient_flow(image_key: str, weights: tuple[str, str], size: int, device: s
     _ground_truth: (M, 5) [class, cx, cy, w, h] in input pixels (`ground_truth_labels`), for the loss objective
     and to mark positives and background; part of the key through the objective's annotations key.
     """
-    from ..introspection import gradflow
+    from ..introspection import decomposition
 
     network = model(*weights, device)
     tensor, _ = preprocess(_image, size)
     kind = objective[0]
     if kind == "score":
-        target = gradflow.DetectionScore(int(objective[1]))
+        target = decomposition.DetectionScore(int(objective[1]))
     elif kind == "sum":
-        target = gradflow.SumOfScores()
+        target = decomposition.SumOfScores()
     else:
-        target = gradflow.TrainingLoss(_ground_truth)
-    return gradflow.gradient_flow(network, tensor, target, counterfactual_object(counterfactual),
+        target = decomposition.TrainingLoss(_ground_truth)
+    return decomposition.gradient_flow(network, tensor, target, counterfactual_object(counterfactual),
                                   ground_truth=_ground_truth)
 
 
@@ -133,7 +133,7 @@ def attribution(image_key: str, weights: tuple[str, str], size: int, device: str
 def detections_only(image_key: str, weights: tuple[str, str], size: int, conf_threshold: float,
                     nms_threshold: float, device: str, _image: np.ndarray):
     """`asff_viz.Detector` results for models without fusion weights (sum, concat, baseline)."""
-    from ..inference import Detector
+    from ..inference.detector import Detector
 
     detector = Detector(model(*weights, device), device=device, size=size, conf_threshold=conf_threshold,
                         nms_threshold=nms_threshold)
@@ -144,7 +144,7 @@ def detections_only(image_key: str, weights: tuple[str, str], size: int, conf_th
 
 
 def figure_bytes(figure, file_format: str) -> bytes:
-    """A matplotlib Figure (from `asff_viz.render`, never pyplot-managed) as PNG or PDF bytes."""
+    """A matplotlib Figure (from `asff_viz.figures.traces`, never pyplot-managed) as PNG or PDF bytes."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format=file_format, dpi=150 if file_format == "png" else None, bbox_inches="tight")
     return buffer.getvalue()

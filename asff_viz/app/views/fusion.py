@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import render
-from . import cache, figures
-from .common import (
+from ...figures import traces
+from .. import cached, charts
+from ..explorer import KEY as EXPLORER_KEY
+from ..explorer import MODES, FusionState, apply_browser_value, explorer_arguments, fusion_explorer
+from ..widgets import (
     PICKED_POINT,
     SELECTED_DETECTION,
     Analysis,
@@ -22,8 +24,6 @@ from .common import (
     point_picker,
     selected_detection,
 )
-from .explorer import KEY as EXPLORER_KEY
-from .explorer import MODES, FusionState, apply_browser_value, explorer_arguments, fusion_explorer
 
 VIEWS = MODES  # the view modes: Overlay, RGB composite, Entropy, Figure 3 grid
 
@@ -71,16 +71,16 @@ def fusion_view(analysis: Analysis) -> None:
                    "anything; hover a cell for its three weights, click it to read them on the right.")
 
     download_row([
-        ("Figure PNG", lambda: cache.figure_bytes(static_figure(analysis, state.mode, state.target, state.source,
+        ("Figure PNG", lambda: cached.figure_bytes(static_figure(analysis, state.mode, state.target, state.source,
                                                                 state.opacity, state.colormap, state.show_boxes),
                                                   "png"),
          f"fusion_{_slug(state.mode)}_L{state.target}.png", "image/png"),
-        ("Figure PDF", lambda: cache.figure_bytes(static_figure(analysis, state.mode, state.target, state.source,
+        ("Figure PDF", lambda: cached.figure_bytes(static_figure(analysis, state.mode, state.target, state.source,
                                                                 state.opacity, state.colormap, state.show_boxes),
                                                   "pdf"),
          f"fusion_{_slug(state.mode)}_L{state.target}.pdf", "application/pdf"),
-        ("Trace .npz", lambda: cache.trace_npz_bytes(trace), "trace.npz", "application/octet-stream"),
-        ("Detections JSON", lambda: cache.detections_json(trace, analysis.image_choice.name), "detections.json",
+        ("Trace .npz", lambda: cached.trace_npz_bytes(trace), "trace.npz", "application/octet-stream"),
+        ("Detections JSON", lambda: cached.detections_json(trace, analysis.image_choice.name), "detections.json",
          "application/json"),
     ], key="fusion_download")
 
@@ -99,7 +99,7 @@ def readout_table(analysis: Analysis, point: tuple[float, float], target: int) -
         rows.append({"target": f"{level_name(level).split(' ·')[0]} ({row}, {col})",
                      "from L0": float(values[0]), "from L1": float(values[1]), "from L2": float(values[2])})
     row, col = cell_at(analysis, target, point)
-    plotly_chart(figures.weights_bar([rows[target][f"from L{k}"] for k in range(3)],
+    plotly_chart(charts.weights_bar([rows[target][f"from L{k}"] for k in range(3)],
                                      title=f"{level_name(target)}, cell ({row}, {col})"),
                  key="readout_bar", config={"displayModeBar": False}, width="stretch")
     table = pd.DataFrame(rows)
@@ -116,14 +116,14 @@ def static_figure(analysis: Analysis, mode: str, target: int, source: int, opaci
     opacity and colormap, and the same detections when they are shown. A large image is drawn downscaled (long
     side 2048 px; the figure says so), so an 8000 x 8000 photo exports in seconds."""
     records = analysis.records if show_boxes and mode != "Figure 3 grid" else None
-    trace, records, factor = render.downscaled_for_export(analysis.trace, records)
+    trace, records, factor = traces.downscaled_for_export(analysis.trace, records)
     if mode == "Figure 3 grid":
-        figure = render.figure3_grid(trace, alpha=opacity, cmap=colormap)
+        figure = traces.figure3_grid(trace, alpha=opacity, cmap=colormap)
     elif mode == "RGB composite":
-        figure = render.rgb_composite(trace, target, alpha=opacity, records=records)
+        figure = traces.rgb_composite(trace, target, alpha=opacity, records=records)
     elif mode == "Entropy":
-        figure = render.entropy_map(trace, target, alpha=opacity, cmap=colormap, records=records)
+        figure = traces.entropy_map(trace, target, alpha=opacity, cmap=colormap, records=records)
     else:
-        figure = render.weight_overlay(trace, target, source, alpha=opacity, cmap=colormap, records=records)
-    render.note_scale(figure, factor, analysis.trace.image.shape)
+        figure = traces.weight_overlay(trace, target, source, alpha=opacity, cmap=colormap, records=records)
+    traces.note_scale(figure, factor, analysis.trace.image.shape)
     return figure

@@ -9,14 +9,14 @@ Everything is measured in one run, so the ratios hold across machines:
 * forward latency and throughput of the full-size model (random weights, BatchNorm statistics calibrated on
   noise so activations have realistic magnitudes, objectness prior 0.01) for every size and batch, model only
   and end to end (decode + score threshold + NMS on the CPU, as `Detector` does), for the model as built
-  (`eager_fp32`) and for the fast paths of `asff_viz.fast` (`fast_fp32`, `fast_bf16`, optionally compiled);
+  (`eager_fp32`) and for the fast paths of `asff_viz.inference.fast` (`fast_fp32`, `fast_bf16`, optionally compiled);
 * achieved GFLOP/s (FLOPs counted analytically: conv and matmul MACs x 2, plus the deformable conv's bilinear
   sampling) against the GFLOP/s of a single large convolution timed in the same run with the same threads, the
   practical ceiling of the machine: efficiency = model GFLOP/s / ceiling GFLOP/s;
 * the deformable convolution: its share of a forward, and the whole model against the same network with the
   deformable conv replaced by a plain 3x3 conv of the same weights;
 * fusion capture on vs off, gradient-flow analysis vs a forward, and one attribution (time);
-* training steps (SGD, random labels, `asff_viz.loss`) of a full-size and a width-0.25 model, and the data
+* training steps (SGD, random labels, `asff_viz.training.loss`) of a full-size and a width-0.25 model, and the data
   loader's throughput when a synthetic dataset is given;
 * bf16 accuracy against float32: AP on a synthetic validation split when a checkpoint is given (`--weights`),
   else agreement of the decoded outputs of the calibrated random model;
@@ -50,13 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .argtypes import input_size, non_negative_int, output_file, positive_int
-from .config import ModelConfig
-from .fast import optimize_for_inference
-from .fileio import atomic_write_text
-from .models import build_model
-from .models.deform_conv import DeformConv2d
-from .postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD, postprocess
+from ..inference.fast import optimize_for_inference
+from ..inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD, postprocess
+from ..models import build_model
+from ..models.config import ModelConfig
+from ..models.deform_conv import DeformConv2d
+from ..utils.argtypes import input_size, non_negative_int, output_file, positive_int
+from ..utils.fileio import atomic_write_text
 
 CEILING_SHAPE = (256, 152, 152)  # channels, height, width of the 256 -> 256 3x3 reference convolution
 DEFORM_SIZE = 416  # the input size of the single-size measurements (capture, deformable conv, analysis)
@@ -181,8 +181,8 @@ def environment(device: torch.device) -> dict:
 def sample_image(size: int, device: torch.device) -> torch.Tensor:
     """A bundled sample image preprocessed to (3, size, size), or noise if the samples are missing."""
     try:
-        from .samples import list_samples, sample_path
-        from .transforms import preprocess, read_image
+        from ..inference.transforms import preprocess, read_image
+        from ..samples import list_samples, sample_path
 
         tensor, _ = preprocess(read_image(sample_path(list_samples()[0])), size)
     except Exception:  # the benchmark does not depend on the samples; noise times the same
@@ -198,7 +198,7 @@ def calibrated_model(config: ModelConfig | None = None, *, size: int = 256, seed
     and no overflowing box sizes), and objectness biased to 0.01 (few candidates above the display threshold,
     as for a trained model). Eval mode, on the CPU.
     """
-    from .engine import set_objectness_prior
+    from ..training.engine import set_objectness_prior
 
     torch.manual_seed(seed)
     model = build_model(config)
@@ -297,7 +297,7 @@ def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> 
 
 def inference_variants(model: nn.Module, device: torch.device, *, with_bf16: bool,
                        compile: bool | str) -> dict:
-    """The model as built and its fast paths (`asff_viz.fast`), on `device`."""
+    """The model as built and its fast paths (`asff_viz.inference.fast`), on `device`."""
     variants = {"eager_fp32": model.to(device), "fast_fp32": optimize_for_inference(model).to(device)}
     if compile:
         variants["fast_fp32_compiled"] = optimize_for_inference(model, compile=compile).to(device)
@@ -438,7 +438,7 @@ def _deform_time_share(model: nn.Module, images: torch.Tensor, repeats: int, dev
 def capture_cost(variants: dict, size: int, repeats: int, log: Callable[[str], None],
                  names: Sequence[str] = ("eager_fp32", "fast_fp32", "fast_bf16")) -> dict:
     """Forward with fusion capture on / off (interleaved), through the introspection package's own measure."""
-    from .introspection.capture import measure_capture_overhead
+    from ..introspection.capture import measure_capture_overhead
 
     result = {"size": size, "batch": 1}
     for name in names:
@@ -453,8 +453,8 @@ def capture_cost(variants: dict, size: int, repeats: int, log: Callable[[str], N
 def analysis_cost(model: nn.Module, size: int, repeats: int, device: torch.device, *, integrated_steps: int,
                   log: Callable[[str], None]) -> dict:
     """Gradient-flow analysis vs a forward (interleaved), and attributions (time)."""
-    from .introspection.attribution import integrated_gradients, saliency
-    from .introspection.gradflow import SumOfScores, gradient_flow
+    from ..introspection.attribution import integrated_gradients, saliency
+    from ..introspection.decomposition import SumOfScores, gradient_flow
 
     image = sample_image(size, device)
     with torch.inference_mode():
@@ -496,8 +496,8 @@ def training_throughput(width: float, size: int, batch: int, steps: int, device:
                         log: Callable[[str], None], channels_first: bool = True) -> list[dict]:
     """Images/s of SGD steps with random labels: float32 channels-last (and NCHW unless `channels_first` is
     False), and on a GPU bf16 autocast."""
-    from .engine import set_objectness_prior
-    from .loss import YOLOv3Loss
+    from ..training.engine import set_objectness_prior
+    from ..training.loss import YOLOv3Loss
 
     generator = torch.Generator().manual_seed(3)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
@@ -548,8 +548,8 @@ def loader_throughput(synthetic: str, size: int, batch: int, batches: int, worke
     """Images/s the training data pipeline (decode, augment, collate) delivers with `workers` processes."""
     from torch.utils.data import DataLoader
 
-    from .data.augment import TrainDataset, collate
-    from .data.coco import COCODetection
+    from ..data.augment import TrainDataset, collate
+    from ..data.coco import COCODetection
 
     root = Path(synthetic)
     dataset = TrainDataset(COCODetection(root / "annotations" / "train.json", root / "images" / "train"),
@@ -580,15 +580,15 @@ def bf16_accuracy(variants: dict, size: int, device: torch.device, *, weights: s
     if "fast_bf16" not in variants:
         return {"skipped": "bf16 is not supported on this device"}
     if weights is not None:
-        from .checkpoint import load_model
-        from .coco_eval import evaluate_coco
-        from .data.coco import COCODetection
+        from ..checkpoint import load_model
+        from ..data.coco import COCODetection
+        from ..inference.coco_eval import evaluate_coco
 
         model = load_model(weights, device=device)
         size = int(model.metadata.get("input_size") or size)  # the size the checkpoint was trained for
         if synthetic is None:
             root = Path(tempfile.mkdtemp(prefix="asff_bench_val_"))
-            from .data.synthetic import generate
+            from ..data.synthetic import generate
 
             paths = generate(root, seed=12345, train=0, val=100, size=size)
             annotations, images = paths.val_annotations, paths.val_images
@@ -800,7 +800,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # What can be checked is checked now, not after minutes of timing.
     if args.weights is not None:
-        from .checkpoint import CheckpointError, load_model
+        from ..checkpoint import CheckpointError, load_model
 
         try:
             load_model(args.weights)
@@ -931,5 +931,3 @@ def _json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-if __name__ == "__main__":
-    main()

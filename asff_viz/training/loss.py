@@ -122,7 +122,7 @@ class YOLOv3Loss(nn.Module):
 
     @classmethod
     def from_config(cls, config, *, ignore_threshold: float = 0.7, label_smoothing: bool = False) -> YOLOv3Loss:
-        """Build from an `asff_viz.config.ModelConfig` (num_classes, anchors, anchor_masks, strides)."""
+        """Build from an `asff_viz.models.config.ModelConfig` (num_classes, anchors, anchor_masks, strides)."""
         return cls(
             config.num_classes,
             config.anchors,
@@ -319,5 +319,5 @@ class YOLOv3Loss(nn.Module):
 
 
 def build_criterion(config, *, ignore_threshold: float = 0.7, label_smoothing: bool = False) -> YOLOv3Loss:
-    """The loss for a model built from `config` (an `asff_viz.config.ModelConfig`)."""
+    """The loss for a model built from `config` (an `asff_viz.models.config.ModelConfig`)."""
     return YOLOv3Loss.from_config(config, ignore_threshold=ignore_threshold, label_smoothing=label_smoothing)

@@ -1,0 +1,1 @@
+"""The app's views, one module per tab; each draws from the shared `asff_viz.app.widgets.Analysis`."""
