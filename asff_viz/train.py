@@ -54,32 +54,22 @@ from .data.errors import DatasetError
 from .inference.coco_eval import METRIC_NAMES
 from .models import build_model, reset_fusion_weights
 from .models.config import FUSION_MODES, ModelConfig
+from .training.distributed import DistributedContext, init_distributed
 from .training.ema import ModelEMA, unwrap_model
-from .training.engine import (
-    DistributedContext,
-    EpochOptions,
-    FusionWeightStatistics,
-    GradientNormTracker,
-    NonFiniteLossError,
-    ScalarLog,
+from .training.engine import EpochOptions, NonFiniteLossError, evaluate, train_one_epoch
+from .training.loss import build_criterion
+from .training.monitors import FusionWeightStatistics, GradientNormTracker, ScalarLog, append_csv, truncate_csv_epochs
+from .training.params import grouped_parameters, initialize_weights, set_objectness_prior
+from .training.schedule import LearningRateSchedule, ScheduleConfig
+from .training.state import (
     StepState,
-    append_csv,
     epoch_seed,
-    evaluate,
-    grouped_parameters,
-    init_distributed,
-    initialize_weights,
     restore_training_state,
     save_training_checkpoint,
     seed_data_worker,
     seed_everything,
-    set_objectness_prior,
-    train_one_epoch,
     training_checkpoint,
-    truncate_csv_epochs,
 )
-from .training.loss import build_criterion
-from .training.schedule import LearningRateSchedule, ScheduleConfig
 from .utils.argtypes import (
     describe_os_error,
     input_size,

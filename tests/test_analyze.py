@@ -309,7 +309,7 @@ def test_damaged_cache_entry_is_rebuilt_not_fatal(tmp_path):
 
 def calibrated_model(fusion: str = "asff", seed: int = 0) -> torch.nn.Module:
     """A tiny model whose BatchNorm statistics match its activations, so weights and scores are not degenerate."""
-    from asff_viz.training.engine import set_objectness_prior
+    from asff_viz.training.params import set_objectness_prior
 
     torch.manual_seed(seed)
     model = build_model(width=0.125, depth=0.33, num_classes=len(CLASS_NAMES), fusion=fusion)

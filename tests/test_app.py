@@ -23,7 +23,7 @@ from asff_viz.app.inputs import store_upload
 from asff_viz.checkpoint import save_checkpoint
 from asff_viz.data.synthetic import CLASS_NAMES
 from asff_viz.samples import sample_path
-from asff_viz.training.engine import initialize_weights, set_objectness_prior
+from asff_viz.training.params import initialize_weights, set_objectness_prior
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TIMEOUT = 120

@@ -128,7 +128,7 @@ def weights_for_test(tmp_path: Path) -> Path | None:
     from asff_viz import build_model
     from asff_viz.checkpoint import save_checkpoint
     from asff_viz.data.synthetic import CLASS_NAMES
-    from asff_viz.training.engine import initialize_weights, set_objectness_prior
+    from asff_viz.training.params import initialize_weights, set_objectness_prior
 
     torch.manual_seed(0)
     model = build_model(width=0.125, depth=0.33, num_classes=8)

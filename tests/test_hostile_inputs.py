@@ -37,8 +37,9 @@ from asff_viz.data.synthetic import generate
 from asff_viz.detect import output_names
 from asff_viz.inference.coco_eval import write_evaluation
 from asff_viz.models import build_model
-from asff_viz.training.engine import EpochOptions, train_one_epoch, truncate_csv_epochs
+from asff_viz.training.engine import EpochOptions, train_one_epoch
 from asff_viz.training.loss import build_criterion
+from asff_viz.training.monitors import truncate_csv_epochs
 from asff_viz.training.schedule import LearningRateSchedule, ScheduleConfig
 
 REPO = Path(__file__).resolve().parent.parent

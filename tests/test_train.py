@@ -20,8 +20,9 @@ from asff_viz.data.coco import COCODetection
 from asff_viz.data.synthetic import generate
 from asff_viz.models import build_model
 from asff_viz.models.config import ModelConfig
-from asff_viz.training.engine import EpochOptions, initialize_weights, train_one_epoch
+from asff_viz.training.engine import EpochOptions, train_one_epoch
 from asff_viz.training.loss import build_criterion
+from asff_viz.training.params import initialize_weights
 from asff_viz.training.schedule import LearningRateSchedule, ScheduleConfig
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,24 +19,14 @@ from torch import nn
 from asff_viz import load_model
 from asff_viz.models import build_model
 from asff_viz.models.config import ModelConfig
+from asff_viz.training.distributed import DistributedContext
 from asff_viz.training.ema import ModelEMA
-from asff_viz.training.engine import (
-    DistributedContext,
-    EpochOptions,
-    FusionWeightStatistics,
-    GradientNormTracker,
-    NonFiniteLossError,
-    StepState,
-    grouped_parameters,
-    initialize_weights,
-    restore_training_state,
-    save_training_checkpoint,
-    set_objectness_prior,
-    train_one_epoch,
-    training_checkpoint,
-)
+from asff_viz.training.engine import EpochOptions, NonFiniteLossError, train_one_epoch
 from asff_viz.training.loss import build_criterion
+from asff_viz.training.monitors import FusionWeightStatistics, GradientNormTracker
+from asff_viz.training.params import grouped_parameters, initialize_weights, set_objectness_prior
 from asff_viz.training.schedule import LearningRateSchedule, ScheduleConfig, learning_rate
+from asff_viz.training.state import StepState, restore_training_state, save_training_checkpoint, training_checkpoint
 from tests.conftest import calibrate_batchnorm
 
 NUM_CLASSES = 3

@@ -198,7 +198,7 @@ def calibrated_model(config: ModelConfig | None = None, *, size: int = 256, seed
     and no overflowing box sizes), and objectness biased to 0.01 (few candidates above the display threshold,
     as for a trained model). Eval mode, on the CPU.
     """
-    from ..training.engine import set_objectness_prior
+    from ..training.params import set_objectness_prior
 
     torch.manual_seed(seed)
     model = build_model(config)
@@ -496,8 +496,8 @@ def training_throughput(width: float, size: int, batch: int, steps: int, device:
                         log: Callable[[str], None], channels_first: bool = True) -> list[dict]:
     """Images/s of SGD steps with random labels: float32 channels-last (and NCHW unless `channels_first` is
     False), and on a GPU bf16 autocast."""
-    from ..training.engine import set_objectness_prior
     from ..training.loss import YOLOv3Loss
+    from ..training.params import set_objectness_prior
 
     generator = torch.Generator().manual_seed(3)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
