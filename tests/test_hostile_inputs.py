@@ -37,6 +37,7 @@ from asff_viz.data.synthetic import generate
 from asff_viz.detect import output_names
 from asff_viz.inference.coco_eval import write_evaluation
 from asff_viz.models import build_model
+from asff_viz.training import run as training_run
 from asff_viz.training.engine import EpochOptions, train_one_epoch
 from asff_viz.training.loss import build_criterion
 from asff_viz.training.monitors import truncate_csv_epochs
@@ -195,7 +196,7 @@ def test_weights_that_turn_nan_are_never_saved_and_the_good_checkpoint_is_named(
     code, text = run_tool(train_module.main, tiny_train_args(data, out, epochs=1), capsys)
     assert code == 0, text
     good = (out / "last.pt").read_bytes()
-    real = train_module.train_one_epoch
+    real = training_run.train_one_epoch
 
     def poisoning(model, *args, **kwargs):  # a step with a finite loss that leaves NaN weights behind
         result = real(model, *args, **kwargs)
@@ -203,7 +204,7 @@ def test_weights_that_turn_nan_are_never_saved_and_the_good_checkpoint_is_named(
             next(model.parameters()).fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(train_module, "train_one_epoch", poisoning)
+    monkeypatch.setattr(training_run, "train_one_epoch", poisoning)
     code, text = run_tool(train_module.main, tiny_train_args(data, out, epochs=3, extra=[
         "--resume", out / "last.pt", "--allow-changes"]), capsys, caplog)
     assert code == 1
@@ -215,13 +216,13 @@ def test_weights_that_turn_nan_are_never_saved_and_the_good_checkpoint_is_named(
 
 def test_exploded_but_finite_weights_are_caught_by_the_probe(tmp_path):
     model = build_model(width=0.125, depth=0.33, num_classes=3)
-    probe = train_module.weight_probe(64, torch.device("cpu"))
-    assert train_module.unsound_weights(model, None, probe) is None
+    probe = training_run.weight_probe(64, torch.device("cpu"))
+    assert training_run.unsound_weights(model, None, probe) is None
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() == 4:
                 parameter.mul_(1e6)  # finite, but the activations overflow float32
-    problem = train_module.unsound_weights(model, None, probe)
+    problem = training_run.unsound_weights(model, None, probe)
     assert problem is not None and "non-finite outputs" in problem
 
 
@@ -230,7 +231,7 @@ def test_an_epoch_without_a_step_stops_the_run_and_saves_nothing(data, tmp_path,
         return {"anchor": 0.0, "iou": 0.0, "l1": 0.0, "obj": 0.0, "cls": 0.0, "total": 0.0, "images": 0,
                 "seconds": 0.1, "skipped_steps": 2, "steps": 0}
 
-    monkeypatch.setattr(train_module, "train_one_epoch", no_step)
+    monkeypatch.setattr(training_run, "train_one_epoch", no_step)
     out = tmp_path / "run"
     code, text = run_tool(train_module.main, tiny_train_args(data, out, epochs=1), capsys, caplog)
     assert code == 1 and "every step was skipped" in text and "No checkpoint was saved" in text
@@ -467,7 +468,7 @@ def test_a_new_run_does_not_overwrite_another_runs_checkpoint(data, tmp_path, ca
 def test_log_rows_of_an_interrupted_epoch_are_not_repeated_and_stale_temporaries_go(data, tmp_path, capsys,
                                                                                       monkeypatch):
     out = tmp_path / "run"
-    real = train_module.train_one_epoch
+    real = training_run.train_one_epoch
 
     def dies_after_logging(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -475,10 +476,10 @@ def test_log_rows_of_an_interrupted_epoch_are_not_repeated_and_stale_temporaries
             raise KeyboardInterrupt("killed")
         return result
 
-    monkeypatch.setattr(train_module, "train_one_epoch", dies_after_logging)
+    monkeypatch.setattr(training_run, "train_one_epoch", dies_after_logging)
     with pytest.raises(KeyboardInterrupt):
         train_module.main([str(a) for a in tiny_train_args(data, out, epochs=2, extra=["--log-interval", "1"])])
-    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    monkeypatch.setattr(training_run, "train_one_epoch", real)
     (out / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     code, text = run_tool(train_module.main, tiny_train_args(data, out, epochs=2, extra=[
         "--log-interval", "1", "--resume", out / "last.pt"]), capsys)

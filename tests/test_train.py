@@ -20,6 +20,7 @@ from asff_viz.data.coco import COCODetection
 from asff_viz.data.synthetic import generate
 from asff_viz.models import build_model
 from asff_viz.models.config import ModelConfig
+from asff_viz.training import run as training_run
 from asff_viz.training.engine import EpochOptions, train_one_epoch
 from asff_viz.training.loss import build_criterion
 from asff_viz.training.params import initialize_weights
@@ -70,17 +71,17 @@ def test_resume_reaches_the_same_weights(synthetic, tmp_path, monkeypatch):
     straight = train_module.main(tiny_args(synthetic, tmp_path / "straight", extra=extra))
     assert "error" not in straight
 
-    real_train_one_epoch = train_module.train_one_epoch
+    real_train_one_epoch = training_run.train_one_epoch
 
     def interrupted(*args, **kwargs):
         if args[5] == 1:  # the epoch argument: die at the start of the second epoch
             raise KeyboardInterrupt("simulated crash")
         return real_train_one_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    monkeypatch.setattr(training_run, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_module.main(tiny_args(synthetic, tmp_path / "resumed", extra=extra))
-    monkeypatch.setattr(train_module, "train_one_epoch", real_train_one_epoch)
+    monkeypatch.setattr(training_run, "train_one_epoch", real_train_one_epoch)
     partial = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert partial["training"]["epoch"] == 1
     train_module.main(tiny_args(synthetic, tmp_path / "resumed",
@@ -157,7 +158,7 @@ def test_reset_fusion_weights_needs_an_asff_checkpoint_to_start_from(synthetic, 
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic, tmp_path, monkeypatch):
-    real_build = train_module.build_criterion
+    real_build = training_run.build_criterion
 
     class PoisonAfterFirstEpoch(torch.nn.Module):
         def __init__(self, criterion):
@@ -171,7 +172,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthe
                 terms = {k: v * float("inf") for k, v in terms.items()}
             return terms
 
-    monkeypatch.setattr(train_module, "build_criterion", lambda *a, **k: PoisonAfterFirstEpoch(real_build(*a, **k)))
+    monkeypatch.setattr(training_run, "build_criterion", lambda *a, **k: PoisonAfterFirstEpoch(real_build(*a, **k)))
     with pytest.warns(RuntimeWarning, match="non-finite"):
         summary = train_module.main(tiny_args(synthetic, tmp_path, epochs=3))
     assert "3 consecutive non-finite" in summary["error"]
@@ -224,3 +225,20 @@ def test_adamw_option_trains_and_resumes_with_its_own_state(synthetic, tmp_path)
     checkpoint = torch.load(tmp_path / "adamw" / "last.pt", weights_only=True)
     assert checkpoint["training"]["train_config"]["optim"]["optimizer"] == "adamw"
     assert checkpoint["training"]["epoch"] == 2
+
+
+def test_the_parser_takes_its_defaults_from_the_config_dataclasses():
+    from dataclasses import fields
+
+    from asff_viz.training.config import FLAG_FIELDS, DataConfig, OptimConfig, RunConfig
+
+    config = train_module.parse_args(["--train-annotations", "a.json", "--train-images", "images"])
+    assert config.optim == OptimConfig() and config.run == RunConfig() and config.model == {}
+    assert config.data == DataConfig(train_annotations="a.json", train_images="images")
+    assert set(config.given) == {"train_annotations", "train_images"}
+    # Every field is set by exactly one flag, except the multi-scale interval (official: every 10 iterations).
+    targets = [(section, name) for section, name, *_ in FLAG_FIELDS.values() if section != "model"]
+    assert len(targets) == len(set(targets))
+    every_field = {(section, f.name) for section, cls in (("data", DataConfig), ("optim", OptimConfig),
+                                                          ("run", RunConfig)) for f in fields(cls)}
+    assert every_field - set(targets) == {("data", "multiscale_interval")}
