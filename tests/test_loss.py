@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from asff_viz.training.loss import YOLOv3Loss, centered_wh_iou, cxcywh_iou
+from asff_viz.ops.boxes import centered_wh_iou, cxcywh_iou
+from asff_viz.training.loss import YOLOv3Loss
 
 ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (42, 119), (116, 90), (156, 198), (121, 240))
 MASKS = ((6, 7, 8), (3, 4, 5), (0, 1, 2))
@@ -331,3 +332,28 @@ def test_loss_decreases_under_sgd_on_fixed_batch():
         history.append(terms["total"].item())
     assert all(math.isfinite(v) for v in history)
     assert history[-1] < 0.7 * history[0]
+
+
+def test_target_assignment_alone_last_writer_wins_and_the_anchor_free_slot_competes():
+    from asff_viz.training.assignment import LevelGrid, assign_targets
+
+    grid = LevelGrid(batch_size=1, slots=4, height=4, width=4, stride=8)
+    labels = torch.tensor([[[0.0, 12, 12, 8, 8], [1.0, 13, 13, 8, 8]]])  # both in cell (row 1, col 1)
+    valid = torch.tensor([[True, True]])
+    best_anchor, best_iou = torch.tensor([[0, 0]]), torch.tensor([[0.5, 0.5]])
+    anchor_wh = torch.zeros(grid.locations, 2)
+    cell = 1 * 4 + 1
+
+    targets = assign_targets(labels, valid, best_anchor, best_iou, (0, 1, 2), anchor_wh, grid)
+    assert targets.positive_writes.tolist() == [cell, cell]  # slot 0: location (0 * 4 + 0) * 16 + cell
+    assert targets.positive_gt.tolist() == [1]  # the later label overwrites the earlier one
+    assert sorted(targets.anchor_locations.tolist()) == [cell, 3 * 16 + cell]  # slot a and the anchor-free slot
+    assert targets.anchor_gt.tolist() == [1, 1]
+    assert targets.box_target_gt[cell] == 1 and (targets.box_target_gt >= 0).sum() == 2
+
+    anchor_wh[3 * 16 + cell] = torch.tensor([8.0, 8.0])  # slot 3's guided anchor fits the GTs exactly
+    targets = assign_targets(labels, valid, best_anchor, best_iou, (0, 1, 2), anchor_wh, grid)
+    assert targets.positive_locations.tolist() == [3 * 16 + cell]
+    # Another level's anchors: nothing is assigned here.
+    other = assign_targets(labels, valid, best_anchor, best_iou, (3, 4, 5), anchor_wh, grid)
+    assert other.gt.shape[0] == 0 and other.positive_locations.numel() == 0

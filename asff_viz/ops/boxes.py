@@ -43,3 +43,26 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - intersection
     return torch.where(union > 0, intersection / union.clamp(min=torch.finfo(union.dtype).tiny),
                        torch.zeros_like(union))
+
+
+def centered_wh_iou(wh_a: torch.Tensor, wh_b: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes that share their centre, from their sizes only.
+
+    Args:
+        wh_a: (..., 2) widths and heights.
+        wh_b: (..., 2), broadcastable against `wh_a`.
+    Returns:
+        (...) IoU. Sizes <= 0 give 0 (no division by zero: the official epsilon 1e-16 is kept).
+    """
+    intersection = torch.minimum(wh_a, wh_b).clamp(min=0).prod(dim=-1)
+    union = wh_a.prod(dim=-1) + wh_b.prod(dim=-1) - intersection
+    return intersection / (union + 1e-16)
+
+
+def cxcywh_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
+    """Element-wise IoU of (..., 4) boxes in (cx, cy, w, h) format (broadcasting like any binary op)."""
+    top_left = torch.maximum(boxes_a[..., :2] - boxes_a[..., 2:] / 2, boxes_b[..., :2] - boxes_b[..., 2:] / 2)
+    bottom_right = torch.minimum(boxes_a[..., :2] + boxes_a[..., 2:] / 2, boxes_b[..., :2] + boxes_b[..., 2:] / 2)
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    union = boxes_a[..., 2:].prod(dim=-1) + boxes_b[..., 2:].prod(dim=-1) - intersection
+    return intersection / (union + 1e-16)

@@ -36,46 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.head import SLOTS
+from ..ops.boxes import centered_wh_iou, cxcywh_iou
+from .assignment import LevelGrid, assign_targets, ignore_weights
+
 LOSS_NAMES = ("anchor", "iou", "l1", "obj", "cls")
-ANCHOR_FREE_SLOT = 3
-SLOTS_PER_CELL = 4
-
-
-def centered_wh_iou(wh_a: torch.Tensor, wh_b: torch.Tensor) -> torch.Tensor:
-    """IoU of boxes that share their centre, from their sizes only.
-
-    Args:
-        wh_a: (..., 2) widths and heights.
-        wh_b: (..., 2), broadcastable against `wh_a`.
-    Returns:
-        (...) IoU. Sizes <= 0 give 0 (no division by zero: the official epsilon 1e-16 is kept).
-    """
-    intersection = torch.minimum(wh_a, wh_b).clamp(min=0).prod(dim=-1)
-    union = wh_a.prod(dim=-1) + wh_b.prod(dim=-1) - intersection
-    return intersection / (union + 1e-16)
-
-
-def cxcywh_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
-    """Element-wise IoU of (..., 4) boxes in (cx, cy, w, h) format (broadcasting like any binary op)."""
-    top_left = torch.maximum(boxes_a[..., :2] - boxes_a[..., 2:] / 2, boxes_b[..., :2] - boxes_b[..., 2:] / 2)
-    bottom_right = torch.minimum(boxes_a[..., :2] + boxes_a[..., 2:] / 2, boxes_b[..., :2] + boxes_b[..., 2:] / 2)
-    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
-    union = boxes_a[..., 2:].prod(dim=-1) + boxes_b[..., 2:].prod(dim=-1) - intersection
-    return intersection / (union + 1e-16)
-
-
-def _last_writer(flat_locations: torch.Tensor, num_locations: int) -> torch.Tensor:
-    """Mask of the writes that survive when writes to the same location overwrite each other in order.
-
-    Args:
-        flat_locations: (K,) int64 location of each write, in write order.
-    Returns:
-        (K,) bool, True for the last write to each location (what a Python loop of assignments would leave).
-    """
-    order = torch.arange(flat_locations.numel(), device=flat_locations.device)
-    last = torch.full((num_locations,), -1, dtype=torch.long, device=flat_locations.device)
-    last.scatter_reduce_(0, flat_locations, order, reduce="amax", include_self=True)
-    return last[flat_locations] == order
 
 
 class YOLOv3Loss(nn.Module):
@@ -117,7 +82,7 @@ class YOLOv3Loss(nn.Module):
                 for mask, stride in zip(self.anchor_masks, self.strides, strict=True)
             ]
         for level, base in enumerate(base_anchors):
-            base = torch.as_tensor(base, dtype=torch.float32).view(SLOTS_PER_CELL, 2)
+            base = torch.as_tensor(base, dtype=torch.float32).view(SLOTS, 2)
             self.register_buffer(f"base_anchors_{level}", base, persistent=False)
 
     @classmethod
@@ -193,74 +158,27 @@ class YOLOv3Loss(nn.Module):
         prediction = output.prediction.float()
         anchor_logwh = output.anchor_logwh.float()
         batch_size, num_slots, num_channels, height, width = prediction.shape
-        if num_slots != SLOTS_PER_CELL or num_channels != 5 + self.num_classes:
+        if num_slots != SLOTS or num_channels != 5 + self.num_classes:
             raise ValueError(
                 f"level {level}: prediction shape {tuple(prediction.shape)} does not match "
-                f"(B, {SLOTS_PER_CELL}, {5 + self.num_classes}, H, W)"
+                f"(B, {SLOTS}, {5 + self.num_classes}, H, W)"
             )
-        device = prediction.device
         stride = self.strides[level]
         image_width, image_height = width * stride, height * stride
         prediction = prediction.permute(0, 1, 3, 4, 2)  # (B, 4, H, W, 5+C)
-        base = self.base_anchors(level).to(device)
-        anchor_wh = anchor_logwh.exp().permute(0, 1, 3, 4, 2) * base.view(1, SLOTS_PER_CELL, 1, 1, 2)  # (B,4,H,W,2)
-
-        grid_y, grid_x = torch.meshgrid(
-            torch.arange(height, device=device, dtype=torch.float32),
-            torch.arange(width, device=device, dtype=torch.float32),
-            indexing="ij",
-        )
-        predicted_xy = (prediction[..., :2].sigmoid() + torch.stack([grid_x, grid_y], dim=-1)) * stride
-        predicted_wh = prediction[..., 2:4].exp() * anchor_wh
-        predicted_boxes = torch.cat([predicted_xy, predicted_wh], dim=-1)  # (B, 4, H, W, 4) cxcywh pixels
-
+        anchor_wh, predicted_boxes = self._decode(level, prediction, anchor_logwh)
         num_locations = batch_size * num_slots * height * width
         flat_prediction = prediction.reshape(num_locations, num_channels)
         flat_anchor_wh = anchor_wh.reshape(num_locations, 2)
         flat_boxes = predicted_boxes.reshape(num_locations, 4)
 
-        # Ignore rule: objectness weight 0 where the (detached) predicted box overlaps any GT by > threshold.
-        with torch.no_grad():
-            pairwise = cxcywh_iou(predicted_boxes.reshape(batch_size, -1, 1, 4), labels[:, None, :, 1:5])  # (B,P,M)
-            pairwise = pairwise.masked_fill(~valid[:, None, :], 0.0)
-            if pairwise.shape[2]:
-                objectness_weight = (pairwise.amax(dim=2) <= self.ignore_threshold).float().reshape(num_locations)
-            else:
-                objectness_weight = torch.ones(num_locations, device=device)
-            objectness_target = torch.zeros(num_locations, device=device)
-
-        # GTs assigned to this level, in (image, label) order = the official loop order.
-        mask = torch.tensor(self.anchor_masks[level], device=device)
-        matches_mask = best_anchor[..., None] == mask  # (B, M, 3)
-        assigned = valid & matches_mask.any(dim=-1)
-        image_index, label_index = assigned.nonzero(as_tuple=True)  # (K,)
-        gt = labels[image_index, label_index]  # (K, 5 or 6)
-        gt_boxes = gt[:, 1:5]
-        slot = matches_mask[image_index, label_index].float().argmax(dim=-1)  # position of best_n in the mask
-        column = (gt[:, 1] / image_width * width).long().clamp(0, width - 1)  # official int(x / img * fsize)
-        row = (gt[:, 2] / image_height * height).long().clamp(0, height - 1)
-
-        def flat_location(slot_index: torch.Tensor) -> torch.Tensor:
-            return ((image_index * num_slots + slot_index) * height + row) * width + column
-
-        free_location = flat_location(torch.full_like(slot, ANCHOR_FREE_SLOT))
-        free_iou = centered_wh_iou(gt_boxes[:, 2:], flat_anchor_wh[free_location].detach())
-        positive_slot = torch.where(free_iou > best_anchor_iou[image_index, label_index],
-                                    torch.full_like(slot, ANCHOR_FREE_SLOT), slot)
-
-        # Guided-anchor (and box) targets: each GT writes slot a, then slot 3.
-        anchor_writes = torch.stack([flat_location(slot), free_location], dim=1).reshape(-1)  # (2K,)
-        anchor_write_gt = torch.arange(len(gt), device=device).repeat_interleave(2)
-        kept = _last_writer(anchor_writes, num_locations)
-        anchor_locations, anchor_gt = anchor_writes[kept], anchor_write_gt[kept]
-        box_target_gt = torch.full((num_locations,), -1, dtype=torch.long, device=device)
-        box_target_gt[anchor_locations] = anchor_gt
-
-        # Positives: box, objectness and class targets at the chosen slot.
-        positive_writes = flat_location(positive_slot)  # (K,)
-        kept = _last_writer(positive_writes, num_locations)
-        positive_locations = positive_writes[kept]
-        positive_gt = torch.arange(len(gt), device=device)[kept]
+        objectness_weight = ignore_weights(predicted_boxes, labels, valid, self.ignore_threshold)
+        grid = LevelGrid(batch_size, num_slots, height, width, stride)
+        targets = assign_targets(labels, valid, best_anchor, best_anchor_iou, self.anchor_masks[level],
+                                 flat_anchor_wh, grid)
+        gt, gt_boxes, column, row = targets.gt, targets.gt[:, 1:5], targets.column, targets.row
+        anchor_locations, anchor_gt = targets.anchor_locations, targets.anchor_gt
+        positive_locations, positive_gt = targets.positive_locations, targets.positive_gt
         positive = gt[positive_gt]
         scale = 2.0 - positive[:, 3] * positive[:, 4] / (image_width * image_height)
 
@@ -268,7 +186,7 @@ class YOLOv3Loss(nn.Module):
             1.0 - centered_wh_iou(flat_anchor_wh[anchor_locations], gt_boxes[anchor_gt, 2:]) ** 2
         ).sum()
 
-        box_target = gt_boxes[box_target_gt[positive_locations]]
+        box_target = gt_boxes[targets.box_target_gt[positive_locations]]
         loss_iou = (scale * (1.0 - cxcywh_iou(flat_boxes[positive_locations], box_target) ** 2)).sum()
 
         positive_prediction = flat_prediction[positive_locations]
@@ -285,7 +203,8 @@ class YOLOv3Loss(nn.Module):
         wh_target = torch.log(positive[:, 3:5] / flat_anchor_wh[positive_locations] + 1e-12)
         loss_wh = (scale[:, None] * (positive_prediction[:, 2:4] - wh_target).abs()).sum()
 
-        objectness_target = objectness_target.index_put((positive_locations,), torch.ones_like(scale))
+        objectness_target = torch.zeros(num_locations, device=prediction.device).index_put((positive_locations,),
+                                                                             torch.ones_like(scale))
         mixup_ratio = positive[:, 5] if positive.shape[1] > 5 else torch.ones_like(scale)
         objectness_weight = objectness_weight.index_put((positive_locations,), mixup_ratio)
         loss_obj = (
@@ -293,17 +212,7 @@ class YOLOv3Loss(nn.Module):
             * F.binary_cross_entropy_with_logits(flat_prediction[:, 4], objectness_target, reduction="none")
         ).sum()
 
-        class_index = gt[:, 0].long()
-        if self.label_smoothing:
-            smooth = 1.0 / self.num_classes
-            class_target = torch.full((len(positive_gt), self.num_classes), smooth, device=device)
-            class_target[torch.arange(len(positive_gt), device=device), class_index[positive_gt]] = 1.0 - smooth
-        else:
-            # Every GT that made this slot positive sets its class bit (the official targets are never cleared).
-            row_of_location = torch.full((num_locations,), -1, dtype=torch.long, device=device)
-            row_of_location[positive_locations] = torch.arange(len(positive_gt), device=device)
-            class_target = torch.zeros((len(positive_gt), self.num_classes), device=device)
-            class_target[row_of_location[positive_writes], class_index] = 1.0
+        class_target = self._class_targets(targets, num_locations)
         loss_cls = F.binary_cross_entropy_with_logits(positive_prediction[:, 5:], class_target, reduction="none").sum()
 
         terms = {
@@ -316,6 +225,41 @@ class YOLOv3Loss(nn.Module):
         # The zero product ties every output into the graph even when this level has no positives.
         terms["total"] = sum(terms.values()) + 0.0 * anchor_logwh.sum()
         return terms
+
+    def _decode(self, level: int, prediction: torch.Tensor, anchor_logwh: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guided-anchor sizes (B, 4, H, W, 2) and decoded boxes (B, 4, H, W, 4) cxcywh in input pixels, from
+        the permuted raw prediction (B, 4, H, W, 5+C) and the raw anchor log sizes (B, 4, 2, H, W)."""
+        device = prediction.device
+        _, _, height, width, _ = prediction.shape
+        stride = self.strides[level]
+        base = self.base_anchors(level).to(device)
+        anchor_wh = anchor_logwh.exp().permute(0, 1, 3, 4, 2) * base.view(1, SLOTS, 1, 1, 2)
+        grid_y, grid_x = torch.meshgrid(
+            torch.arange(height, device=device, dtype=torch.float32),
+            torch.arange(width, device=device, dtype=torch.float32),
+            indexing="ij",
+        )
+        predicted_xy = (prediction[..., :2].sigmoid() + torch.stack([grid_x, grid_y], dim=-1)) * stride
+        predicted_wh = prediction[..., 2:4].exp() * anchor_wh
+        return anchor_wh, torch.cat([predicted_xy, predicted_wh], dim=-1)
+
+    def _class_targets(self, targets, num_locations: int) -> torch.Tensor:
+        """(positives, C) class targets of the surviving positives."""
+        device = targets.gt.device
+        class_index = targets.gt[:, 0].long()
+        positive_gt = targets.positive_gt
+        if self.label_smoothing:
+            smooth = 1.0 / self.num_classes
+            class_target = torch.full((len(positive_gt), self.num_classes), smooth, device=device)
+            class_target[torch.arange(len(positive_gt), device=device), class_index[positive_gt]] = 1.0 - smooth
+            return class_target
+        # Every GT that made this slot positive sets its class bit (the official targets are never cleared).
+        row_of_location = torch.full((num_locations,), -1, dtype=torch.long, device=device)
+        row_of_location[targets.positive_locations] = torch.arange(len(positive_gt), device=device)
+        class_target = torch.zeros((len(positive_gt), self.num_classes), device=device)
+        class_target[row_of_location[targets.positive_writes], class_index] = 1.0
+        return class_target
 
 
 def build_criterion(config, *, ignore_threshold: float = 0.7, label_smoothing: bool = False) -> YOLOv3Loss:
