@@ -159,7 +159,7 @@ def test_gradient_flow_and_attribution_figures(model, trace):
     assert figure.axes[1].get_ylim() == pytest.approx((-2.0, 2.0), rel=1e-2)  # symmetric about zero
     assert overlay[..., 3].max() == pytest.approx(0.8, abs=0.02)  # opaque where strongest, clear near zero
     assert overlay[..., 3].min() < 0.05 and len(figure.axes[0].patches) == 1
-    cell = dataclasses.replace(signed, method="neuron_gradient", level=1, cell=(2, 3))
+    cell = dataclasses.replace(signed, method="neuron_gradient", level=1, cell=(2, 3), stride=16)
     figure = traces.attribution_overlay(trace.image, cell, trace.transform)
     (outline,) = figure.axes[0].patches
     assert outline.get_x() == pytest.approx(3 * 16 * WIDTH / SIZE) and outline.get_width() == pytest.approx(

@@ -173,7 +173,7 @@ def detections_json(trace_object, image_name: str) -> str:
             "label": int(record.label),
             "class_name": record.class_name,
             "level": int(record.level),
-            "stride": int((32, 16, 8)[int(record.level)]),
+            "stride": int(trace_object.strides[int(record.level)]),
             "slot": int(record.slot),
             "row": int(record.row),
             "col": int(record.col),

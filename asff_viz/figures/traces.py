@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from ..inference.transforms import ImageTransform
-from ..introspection.capture import LEVEL_NAMES, LEVEL_STRIDES
+from ..introspection.capture import LEVEL_NAMES
 from ..introspection.trace import Trace, fusion_entropy
 
 WEIGHT_CMAP = "viridis"
@@ -580,8 +580,8 @@ def attribution_overlay(image: np.ndarray, attribution, transform, *, alpha: flo
                     pad=0.02)
     outline = {"fill": False, "linewidth": 1.5, "edgecolor": "black"}
     cell = getattr(attribution, "cell", None)
-    if cell is not None and attribution.level is not None:
-        stride = LEVEL_STRIDES[attribution.level]
+    if cell is not None and attribution.stride is not None:
+        stride = attribution.stride
         row, col = cell
         ax.add_patch(Rectangle((col * stride * transform.scale_x, row * stride * transform.scale_y),
                                stride * transform.scale_x, stride * transform.scale_y, **outline))

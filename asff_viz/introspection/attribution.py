@@ -42,6 +42,7 @@ from torch import nn
 
 from ..inference.postprocess import row_location
 from ..inference.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from ..models.head import SLOTS
 from .capture import LEVEL_NAMES, fusion_levels, gradient_through_offsets, has_fusion_weights
 from .decomposition import input_batch, row_scores
 
@@ -57,6 +58,7 @@ class Attribution:
     gradients' completeness error sum(attr) - (F(x) - F(baseline)), when computed. connected: False when the
     explained value does not depend on this layer at all (the map is then zero by construction).
     cell: (row, col) on `level`'s grid of the explained fusion weight, for fusion-weight attributions.
+    stride: the input pixels per cell of `level` (layer and fusion-weight attributions).
     """
 
     method: str
@@ -68,6 +70,7 @@ class Attribution:
     convergence_delta: float | None = None
     connected: bool = True
     cell: tuple[int, int] | None = None
+    stride: int | None = None
 
     @property
     def signed(self) -> bool:
@@ -106,7 +109,7 @@ def score_function(model: nn.Module, images: torch.Tensor, row_index: int, class
                    through_offsets: bool = True) -> DetectionScoreFunction:
     """The captum forward function for a detection; class_index None = the row's best class on `images`."""
     size = images.shape[-1]
-    rows = sum(4 * (size // stride) ** 2 for stride in model.strides)
+    rows = sum(SLOTS * (size // stride) ** 2 for stride in model.strides)
     if not 0 <= int(row_index) < rows:
         raise IndexError(f"row {row_index} is outside the {rows} decoded rows of a {size} px input")
     if class_index is None:
@@ -268,7 +271,7 @@ def grad_cam_per_level(model: nn.Module, image_tensor: torch.Tensor, row_index: 
             grid = np.zeros((size // stride, size // stride), dtype=np.float32)
             target += f" (not connected: the detection comes from {LEVEL_NAMES[detection_level]})"
         results.append(Attribution("layer_grad_cam", target, np.repeat(np.repeat(grid, stride, axis=0), stride, axis=1),
-                                   grid, level=level, grid=grid, connected=connected))
+                                   grid, level=level, grid=grid, connected=connected, stride=stride))
     return results
 
 
@@ -303,4 +306,5 @@ def fusion_weight_attribution(model: nn.Module, image_tensor: torch.Tensor, leve
             raise ValueError(f"method must be 'integrated_gradients' or 'gradient', got {method!r}")
     raw = attributions[0].detach().float().cpu().numpy()
     return Attribution(f"neuron_{method}", f"fusion weight of source {LEVEL_NAMES[source]} at {LEVEL_NAMES[level]} "
-                       f"cell ({row}, {col})", raw.sum(axis=0), raw, level=level, cell=(int(row), int(col)))
+                       f"cell ({row}, {col})", raw.sum(axis=0), raw, level=level, cell=(int(row), int(col)),
+                       stride=int(model.strides[level]))

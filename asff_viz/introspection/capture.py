@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-LEVEL_STRIDES = (32, 16, 8)  # the project's pyramid: level 0 is the coarsest
+from ..models.config import ModelConfig
+
+LEVEL_STRIDES = ModelConfig.strides  # the default pyramid (level 0 is the coarsest), for level names
 LEVEL_NAMES = tuple(f"stride {stride}" for stride in LEVEL_STRIDES)
 COUNTERFACTUAL_KINDS = ("learned", "uniform", "one_hot", "drop")
 

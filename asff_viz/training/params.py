@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from ..models.head import SLOTS
 from .ema import unwrap_model
 
 
@@ -38,7 +39,7 @@ def set_objectness_prior(model: nn.Module, probability: float) -> None:
     raw = unwrap_model(model)
     with torch.no_grad():
         for level in raw.head.levels:
-            bias = level.predict.bias.view(4, -1)  # (slot, 5 + C) rows of the prediction conv
+            bias = level.predict.bias.view(SLOTS, -1)  # (slot, 5 + C) rows of the prediction conv
             bias[:, 4] = -math.log((1.0 - probability) / probability)
 
 
