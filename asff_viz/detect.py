@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoint import CheckpointError
-from .figures import traces
+from .figures.palette import class_rgb
 from .inference.detector import DetectionResult, Detector
 from .inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
 from .inference.transforms import IMAGE_SUFFIXES, ImageError, read_image
@@ -39,12 +39,6 @@ logger = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 SHOW_THRESHOLD = 0.3
 DEFAULT_FPS = 25.0
-
-def class_colour(label: int) -> tuple[int, int, int]:
-    """The RGB colour of class `label`: the one palette of every figure and of the app (`traces.class_color`)."""
-    colour = traces.class_color(label).lstrip("#")
-    return tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))
-
 
 def annotate(image: np.ndarray, result: DetectionResult, show_threshold: float = SHOW_THRESHOLD) -> np.ndarray:
     """A copy of RGB uint8 `image` with the boxes scoring >= show_threshold drawn, labelled `name score`.
@@ -64,7 +58,7 @@ def annotate(image: np.ndarray, result: DetectionResult, show_threshold: float =
         x1, y1, x2, y2 = result.boxes[i].tolist()
         if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
             continue
-        colour = class_colour(int(result.labels[i]))
+        colour = class_rgb(int(result.labels[i]))
         corner1 = (int(round(max(min(x1, width - 1), 0))), int(round(max(min(y1, height - 1), 0))))
         corner2 = (int(round(max(min(x2, width - 1), 0))), int(round(max(min(y2, height - 1), 0))))
         cv2.rectangle(canvas, corner1, corner2, colour, line, cv2.LINE_8)  # crisp: exact class colour

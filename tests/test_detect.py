@@ -15,7 +15,8 @@ import torch
 import asff_viz.checkpoint
 from asff_viz import DetectionResult, Detector
 from asff_viz.checkpoint import save_checkpoint
-from asff_viz.detect import annotate, class_colour, main, write_image_rgb
+from asff_viz.detect import annotate, main, write_image_rgb
+from asff_viz.figures.palette import class_rgb as class_colour
 from asff_viz.inference.transforms import ImageTransform
 from asff_viz.models import build_model
 

@@ -190,10 +190,17 @@ def decode_data_uri(uri: str) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def test_plotly_weight_overlay_places_cells_exactly_and_keeps_colours(trace):
-    figure = traces.weight_overlay_plotly(trace, 1, 2)
+def test_app_weight_map_places_cells_exactly_and_keeps_colours(trace):
+    from asff_viz.app import charts
+
+    figure = charts.image_figure(trace.image)
+    charts.add_weight_map(figure, trace.fusion_weights[1][2], (16 * WIDTH / SIZE, 16 * HEIGHT / SIZE),
+                          colormap="viridis", opacity=0.5, title="w")
     image, heatmap = figure.data
-    np.testing.assert_array_equal(decode_data_uri(image.source), trace.image)  # lossless and not swapped
+    shown = decode_data_uri(image.source)  # JPEG for the browser: colours kept (not swapped), within compression
+    assert shown.shape == trace.image.shape
+    np.testing.assert_allclose(shown.mean(axis=(0, 1)), trace.image.mean(axis=(0, 1)), atol=3)
+    assert shown[40, 60, 0] > 200 and shown[40, 60, 2] < 70  # the red block stays red
     assert (heatmap.zmin, heatmap.zmax) == (0.0, 1.0)
     cell_w, cell_h = 16 * WIDTH / SIZE, 16 * HEIGHT / SIZE
     assert heatmap.dx == pytest.approx(cell_w) and heatmap.x0 == pytest.approx(cell_w / 2)
@@ -202,34 +209,35 @@ def test_plotly_weight_overlay_places_cells_exactly_and_keeps_colours(trace):
     assert list(figure.layout.yaxis.range) == [HEIGHT, 0]  # image rows grow downwards
 
 
-def test_plotly_grid_composite_entropy_and_detections(trace):
-    figure = traces.figure3_grid_plotly(trace)
-    images = [d for d in figure.data if d.type == "image"]
-    heatmaps = [d for d in figure.data if d.type == "heatmap"]
-    assert len(images) == 9 and len(heatmaps) == 9
-    assert figure.layout.coloraxis.cmin == 0.0 and figure.layout.coloraxis.cmax == 1.0
-    assert all(h.coloraxis == "coloraxis" for h in heatmaps)
-    shrunk = decode_data_uri(images[0].source)
-    assert shrunk.shape[:2] == (HEIGHT, WIDTH)  # small enough already: kept at its size
-    # The red block stays red after the JPEG encoding (allowing for compression).
-    assert shrunk[40, 60, 0] > 200 and shrunk[40, 60, 2] < 70
+def test_app_figure3_mosaic_and_detection_boxes(trace):
+    from asff_viz.app import charts
+
     controlled = controlled_weights(trace)
-    composite = traces.rgb_composite_plotly(controlled, 0).data[1]
-    z = np.asarray(composite.z)
-    np.testing.assert_array_equal(z[0, 0], [255, 0, 0])
-    np.testing.assert_array_equal(z[0, -1], [0, 0, 255])
-    entropy = traces.entropy_map_plotly(controlled, 1).data[1]
-    assert (entropy.zmin, entropy.zmax) == (0.0, 1.0)
-    np.testing.assert_allclose(np.asarray(entropy.z), 1.0, atol=1e-6)
-    detections = traces.detections_plotly(trace.image, trace.detections, max_detections=5)
-    assert len(detections.data) == 1 + min(5, len(trace.detections))
+    figure = charts.figure3_mosaic(trace.image, controlled.fusion_weights, opacity=1.0, colormap="viridis")
+    mosaic, scale = figure.data
+    assert scale.zmin == 0.0 and scale.zmax == 1.0  # the fixed 0..1 colorbar
+    picture = decode_data_uri(mosaic.source)
+    panel = (picture.shape[0] - 12) // 3
+    top_left, top_right = picture[5, 5].astype(int), picture[5, (picture.shape[1] - 12) // 3 - 5].astype(int)
+    # Target level 0, source level 0: weight 1 on the left half (viridis yellow), 0 on the right (dark purple).
+    assert top_left[0] > 200 and top_left[1] > 200 and top_left[2] < 100
+    assert top_right[0] < 100 and top_right[2] > top_right[1]
+    assert panel > 0
+    records = trace.detections[:5]
+    figure = charts.image_figure(trace.image)
+    charts.add_boxes(figure, np.array([r.box_xyxy for r in records]).reshape(-1, 4), [r.label for r in records],
+                     [r.class_name for r in records])
+    markers = [d for d in figure.data if d.name == "detections"]
+    assert len(markers) == (1 if records else 0)
+    if records:
+        assert len(markers[0].x) == len(records)
 
 
 def test_bad_level_is_reported(trace):
     with pytest.raises(ValueError, match="level must be"):
         traces.weight_overlay(trace, 3, 0)
     with pytest.raises(ValueError, match="source must be"):
-        traces.weight_overlay_plotly(trace, 0, -1)
+        traces.weight_overlay(trace, 0, -1)
 
 
 def test_model_is_untouched_by_rendering(model, trace):

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..figures import plots
-from ..figures.style import LEVEL_LABELS, SOURCE_COLORS
+from ..figures.palette import SOURCE_COLORS
+from ..figures.style import LEVEL_LABELS
 from .provenance import preprocessing_record
 from .runner import (
     RunContext,

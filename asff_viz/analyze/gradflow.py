@@ -33,7 +33,8 @@ import logging
 import numpy as np
 
 from ..figures import plots
-from ..figures.style import LEVEL_LABELS, OKABE_ITO, category_color
+from ..figures.palette import OKABE_ITO, category_color
+from ..figures.style import LEVEL_LABELS
 from ..introspection.decomposition import ALL_CONTROLS, CONTROLS, SWEPT
 from ..utils.argtypes import cosine_value, positive_int, unit_interval
 from .provenance import preprocessing_record

@@ -16,6 +16,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..figures import traces
+from ..figures.palette import class_color
 
 LEVEL_NAMES = ("L0 · stride 32", "L1 · stride 16", "L2 · stride 8")
 SHORT_LEVEL_NAMES = ("L0 · s32", "L1 · s16", "L2 · s8")
@@ -26,8 +27,8 @@ MAX_DISPLAY_SIDE = 1024  # the image sent to the browser is at most this wide or
 
 
 def class_colour(label: int) -> str:
-    """The class's colour, as in the downloadable figures of `asff_viz.figures.traces`."""
-    return traces.class_color(label)
+    """The class's colour: the one palette (`asff_viz.figures.palette`)."""
+    return class_color(label)
 
 
 def plotly_colorscale(name: str) -> list[list]:

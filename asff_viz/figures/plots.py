@@ -5,7 +5,7 @@ pyplot, so nothing is shown and no global figure state is left behind.
 
 Conventions: level 0 = stride 32; in 3 x 3 layouts rows are target levels and columns source levels (the
 paper's Figure 3); fusion weights are always on the fixed scale 0..1; each source level keeps its colour
-(`style.SOURCE_COLORS`).
+(`palette.SOURCE_COLORS`).
 """
 
 from __future__ import annotations
@@ -22,18 +22,8 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ..analyze.statistics import FINE_SIZE_EDGES, REGIONS, WeightSummary
-from .style import (
-    COLUMN_WIDTH,
-    DOUBLE_WIDTH,
-    LEVEL_LABELS,
-    MAGNITUDE_CMAP,
-    OKABE_ITO,
-    SHORT_LEVEL_LABELS,
-    SOURCE_COLORS,
-    WEIGHT_CMAP,
-    category_color,
-    new_figure,
-)
+from .palette import MAGNITUDE_CMAP, OKABE_ITO, SOURCE_COLORS, WEIGHT_CMAP, category_color
+from .style import COLUMN_WIDTH, DOUBLE_WIDTH, LEVEL_LABELS, SHORT_LEVEL_LABELS, new_figure
 from .traces import draw_detections_on
 
 LABEL_FONTSIZE = 6.0  # detection labels: the smallest size a printed figure stays readable at

@@ -34,22 +34,6 @@ COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper (IEEE / CVF)
 DOUBLE_WIDTH = 7.16  # inches: the full text width
 PNG_DPI = 300
 
-# Okabe & Ito (2008), "Color Universal Design".
-OKABE_ITO = {
-    "black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9", "bluish_green": "#009E73",
-    "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "reddish_purple": "#CC79A7",
-    "grey": "#999999",
-}
-# The three source levels: vermillion, black, blue. They stay apart, and apart from the white of "uniform" in the
-# dominant-source maps, under deuteranopia, protanopia and tritanopia (simulated, Machado et al. 2009); Okabe-Ito's
-# bluish green, used before for stride 16, turned grey (chroma 7) under deuteranopia.
-SOURCE_COLORS = (OKABE_ITO["vermillion"], OKABE_ITO["black"], OKABE_ITO["blue"])
-CATEGORY_COLORS = (OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["reddish_purple"], OKABE_ITO["bluish_green"],
-                   OKABE_ITO["vermillion"], OKABE_ITO["sky_blue"], OKABE_ITO["yellow"], OKABE_ITO["black"])
-OUTCOME_COLORS = {"true positive": OKABE_ITO["bluish_green"], "missed": OKABE_ITO["vermillion"],
-                  "false positive": OKABE_ITO["sky_blue"]}
-WEIGHT_CMAP = "viridis"
-MAGNITUDE_CMAP = "cividis"
 SHORT_LEVEL_LABELS = ("s32", "s16", "s8")
 
 STYLE = {
@@ -82,10 +66,6 @@ STYLE = {
     "svg.fonttype": "none",
     "image.interpolation": "nearest",
 }
-
-
-def category_color(index: int) -> str:
-    return CATEGORY_COLORS[int(index) % len(CATEGORY_COLORS)]
 
 
 @contextlib.contextmanager
@@ -144,6 +124,5 @@ def save_figure(figure: Figure, directory: str | os.PathLike, name: str, rows: S
     return paths
 
 
-__all__ = ["CATEGORY_COLORS", "COLUMN_WIDTH", "DOUBLE_WIDTH", "LEVEL_LABELS", "MAGNITUDE_CMAP", "OKABE_ITO",
-           "OUTCOME_COLORS", "PNG_DPI", "SHORT_LEVEL_LABELS", "SOURCE_COLORS", "STYLE", "WEIGHT_CMAP",
-           "category_color", "new_figure", "publication_style", "save_figure", "write_csv"]
+__all__ = ["COLUMN_WIDTH", "DOUBLE_WIDTH", "LEVEL_LABELS", "PNG_DPI", "SHORT_LEVEL_LABELS", "STYLE", "new_figure",
+           "publication_style", "save_figure", "write_csv"]

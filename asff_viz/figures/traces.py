@@ -17,7 +17,6 @@ Conventions:
 
 from __future__ import annotations
 
-import base64
 import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,24 +32,22 @@ from matplotlib.patches import Patch, Rectangle
 from ..inference.transforms import ImageTransform
 from ..introspection.capture import LEVEL_NAMES
 from ..introspection.trace import Trace, fusion_entropy
+from .palette import (
+    CONFLICT_CMAP,
+    ENTROPY_CMAP,
+    MAGNITUDE_CMAP,
+    SIGNED_CMAP,
+    WEIGHT_CMAP,
+    class_color,
+    label_text_color,
+)
 
-WEIGHT_CMAP = "viridis"
-ENTROPY_CMAP = "magma"
-CONFLICT_CMAP = "magma"
-GRADIENT_CMAP = "cividis"
-SIGNED_CMAP = "RdBu_r"
-# Okabe-Ito: distinguishable under the common forms of colour blindness.
-CLASS_COLORS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
+GRADIENT_CMAP = MAGNITUDE_CMAP
 SOURCE_COLOR_NAMES = ("red", "green", "blue")
 WEIGHT_LABEL = "fusion weight (0..1)"
 
 
 # ------------------------------------------------------------------------------------------------ arrays
-
-
-def class_color(label: int) -> str:
-    """The colour of class index `label` (cycling through the Okabe-Ito palette)."""
-    return CLASS_COLORS[int(label) % len(CLASS_COLORS)]
 
 
 def composite_rgb(weights: np.ndarray) -> np.ndarray:
@@ -151,12 +148,6 @@ def drawable_records(records: Sequence, score_threshold: float, max_detections: 
             continue
         yielded += 1
         yield record, box
-
-
-def label_text_color(color: str) -> str:
-    """Black or white, whichever reads better on `color` (its luminance, as in `asff_viz.detect.annotate`)."""
-    red, green, blue = mcolors.to_rgb(color)
-    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.55 else "white"
 
 
 def draw_detections_on(ax, records: Sequence, *, max_detections: int | None = None, score_threshold: float = 0.0,
@@ -612,212 +603,3 @@ def grad_cam_figure(image: np.ndarray, attributions: Sequence, transform, *, alp
 
 
 # -------------------------------------------------------------------------------------------- plotly
-
-
-def image_data_uri(image: np.ndarray, image_format: str = "png", jpeg_quality: int = 90) -> str:
-    """RGB uint8 (H, W, 3) -> 'data:image/png;base64,...' (or jpeg: smaller, lossy).
-
-    OpenCV encodes BGR, hence the explicit RGB -> BGR conversion before encoding.
-    """
-    if image_format not in ("png", "jpeg"):
-        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
-    bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
-    if image_format == "png":
-        ok, encoded = cv2.imencode(".png", bgr)
-    else:
-        ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
-    if not ok:
-        raise ValueError(f"could not encode the image as {image_format}")
-    return f"data:image/{image_format};base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
-
-
-def _plotly_colorscale(cmap: str, steps: int = 11) -> list:
-    colormap = _colormap(cmap)
-    return [[i / (steps - 1), mcolors.to_hex(colormap(i / (steps - 1)))] for i in range(steps)]
-
-
-def _image_trace(image: np.ndarray, max_side: int | None = None):
-    """The RGB image as a plotly Image trace in original-pixel coordinates.
-
-    max_side: shrink the embedded image so its longer side is at most this, and embed it as JPEG (figures
-    with many copies of the image stay small); coordinates stay those of the original image. Without it the
-    image is embedded losslessly (PNG).
-    """
-    import plotly.graph_objects as go
-
-    height, width = image.shape[:2]
-    shown = image
-    if max_side is not None and max(height, width) > max_side:
-        factor = max_side / max(height, width)
-        shown = cv2.resize(image, (max(1, round(width * factor)), max(1, round(height * factor))),
-                           interpolation=cv2.INTER_AREA)
-    dx, dy = width / shown.shape[1], height / shown.shape[0]
-    # Pixel i of the shown image covers [i * dx, (i + 1) * dx]: the convention of the boxes and the cells.
-    encoding = "png" if max_side is None else "jpeg"
-    return go.Image(source=image_data_uri(shown, encoding), x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip")
-
-
-def _image_layout(figure, image: np.ndarray, row: int | None = None, col: int | None = None,
-                  x_axis: str = "x") -> None:
-    """Axes of an image panel: original-pixel ranges, y downwards, square pixels (y scaled to `x_axis`)."""
-    height, width = image.shape[:2]
-    axis = {"showticklabels": False, "showgrid": False, "zeroline": False}
-    kwargs = {} if row is None else {"row": row, "col": col}
-    figure.update_xaxes(range=[0, width], constrain="domain", **axis, **kwargs)
-    figure.update_yaxes(range=[height, 0], scaleanchor=x_axis, constrain="domain", **axis, **kwargs)
-
-
-def _grid_heatmap(values: np.ndarray, transform, stride: int, *, colorscale, zmin: float, zmax: float,
-                  opacity: float, name: str, coloraxis: str | None = None, colorbar_title: str | None = None):
-    """A heatmap of a (H_l, W_l) grid whose cells cover exactly their footprint on the original image."""
-    import plotly.graph_objects as go
-
-    cell_w, cell_h = stride * transform.scale_x, stride * transform.scale_y
-    kwargs = {"coloraxis": coloraxis} if coloraxis else {
-        "colorscale": colorscale, "zmin": zmin, "zmax": zmax, "colorbar": {"title": {"text": colorbar_title}}}
-    height, width = values.shape
-    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    return go.Heatmap(z=values, x0=cell_w / 2, dx=cell_w, y0=cell_h / 2, dy=cell_h, opacity=opacity, name=name,
-                      customdata=np.stack([rows, cols], axis=-1),
-                      hovertemplate=f"{name}<br>cell (%{{customdata[0]}}, %{{customdata[1]}})<br>value %{{z:.3f}}"
-                                    "<extra></extra>", **kwargs)
-
-
-def add_detections_plotly(figure, records: Sequence, *, max_detections: int | None = 50, score_threshold: float = 0.0,
-                          row: int | None = None, col: int | None = None,
-                          image_shape: tuple[int, ...] | None = None) -> int:
-    """Add `DetectionRecord` boxes (original pixels) as rectangles with hover text. Returns the count drawn.
-
-    image_shape: (H, W, ...) of the image, to clip absurd boxes to a margin around it (see `drawable_box`).
-    """
-    import plotly.graph_objects as go
-
-    drawn = 0
-    kwargs = {} if row is None else {"row": row, "col": col}
-    for record, (x1, y1, x2, y2) in drawable_records(records, score_threshold, max_detections, image_shape):
-        color = class_color(record.label)
-        weights = ", ".join(f"{w:.2f}" for w in record.weights_here)
-        figure.add_trace(go.Scatter(
-            x=[x1, x2, x2, x1, x1], y=[y1, y1, y2, y2, y1], mode="lines", line={"color": color, "width": 2},
-            name=f"{record.class_name} {record.score:.2f}", showlegend=False,
-            hovertemplate=(f"{record.class_name} {record.score:.3f}<br>level {LEVEL_NAMES[record.level]}, "
-                           f"slot {record.slot}, cell ({record.row}, {record.col})<br>weights [{weights}]"
-                           "<extra></extra>")), **kwargs)
-        drawn += 1
-    return drawn
-
-
-def detections_plotly(image: np.ndarray, records: Sequence, *, max_detections: int | None = 50,
-                      score_threshold: float = 0.0):
-    """Interactive version of `draw_detections`."""
-    import plotly.graph_objects as go
-
-    figure = go.Figure(_image_trace(image))
-    add_detections_plotly(figure, records, max_detections=max_detections, score_threshold=score_threshold,
-                          image_shape=image.shape)
-    _image_layout(figure, image)
-    figure.update_layout(margin={"l": 0, "r": 0, "t": 30, "b": 0})
-    return figure
-
-
-def weight_overlay_plotly(trace: Trace, level: int, source: int, opacity: float = 0.5, cmap: str = WEIGHT_CMAP, *,
-                          show_detections: bool = False):
-    """Interactive `weight_overlay`: the image plus a 0..1 heatmap of alpha^level_source on its cells."""
-    import plotly.graph_objects as go
-
-    level, source = _check_level(level), _check_level(source, "source")
-    figure = go.Figure(_image_trace(trace.image))
-    figure.add_trace(_grid_heatmap(trace.fusion_weights[level][source], trace.transform, trace.strides[level],
-                                   colorscale=_plotly_colorscale(cmap), zmin=0.0, zmax=1.0, opacity=opacity,
-                                   name=f"weight of source {LEVEL_NAMES[source]}", colorbar_title="weight"))
-    if show_detections:
-        add_detections_plotly(figure, [r for r in trace.detections if r.level == level], max_detections=20,
-                              image_shape=trace.image.shape)
-    _image_layout(figure, trace.image)
-    figure.update_layout(title={"text": f"level {LEVEL_NAMES[level]}: weight of source {LEVEL_NAMES[source]}"
-                                        f"{_trace_title(trace)}"}, margin={"l": 0, "r": 0, "t": 40, "b": 0})
-    return figure
-
-
-def figure3_grid_plotly(trace: Trace, opacity: float = 0.5, cmap: str = WEIGHT_CMAP, *, weights: list | None = None,
-                        max_image_side: int = 320):
-    """Interactive Figure 3: 3x3 subplots (row = target, column = source) sharing one 0..1 colour axis.
-
-    The image under each panel is embedded at most `max_image_side` pixels long (9 copies); maps keep their
-    exact cells.
-    """
-    from plotly.subplots import make_subplots
-
-    weights = trace.fusion_weights if weights is None else weights
-    figure = make_subplots(rows=3, cols=3, horizontal_spacing=0.02, vertical_spacing=0.04,
-                           column_titles=[f"source {n}" for n in LEVEL_NAMES],
-                           row_titles=[f"target {n}" for n in LEVEL_NAMES])
-    for level in range(3):
-        for source in range(3):
-            figure.add_trace(_image_trace(trace.image, max_image_side), row=level + 1, col=source + 1)
-            figure.add_trace(_grid_heatmap(weights[level][source], trace.transform, trace.strides[level],
-                                           colorscale=None, zmin=0.0, zmax=1.0, opacity=opacity,
-                                           name=f"target {LEVEL_NAMES[level]}, source {LEVEL_NAMES[source]}",
-                                           coloraxis="coloraxis"), row=level + 1, col=source + 1)
-            _image_layout(figure, trace.image, level + 1, source + 1, x_axis=figure.data[-1].xaxis)
-    height, width = trace.image.shape[:2]
-    figure.update_layout(coloraxis={"colorscale": _plotly_colorscale(cmap), "cmin": 0.0, "cmax": 1.0,
-                                    "colorbar": {"title": {"text": "weight"}}},
-                         height=int(260 * 3 * height / width) + 80, margin={"l": 30, "r": 0, "t": 60, "b": 0},
-                         title={"text": f"ASFF fusion weights{_trace_title(trace)}"})
-    return figure
-
-
-def rgb_composite_plotly(trace: Trace, level: int, opacity: float = 0.75):
-    """Interactive `rgb_composite`: the weights of `level` as RGB cells over the image."""
-    import plotly.graph_objects as go
-
-    level = _check_level(level)
-    stride = trace.strides[level]
-    composite = np.round(composite_rgb(trace.fusion_weights[level]) * 255).astype(np.uint8)
-    cell_w, cell_h = stride * trace.transform.scale_x, stride * trace.transform.scale_y
-    figure = go.Figure(_image_trace(trace.image))
-    figure.add_trace(go.Image(z=composite, x0=cell_w / 2, y0=cell_h / 2, dx=cell_w, dy=cell_h, opacity=opacity,
-                              hovertemplate="weights (r, g, b) = %{z}<extra></extra>"))
-    _image_layout(figure, trace.image)
-    figure.update_layout(title={"text": f"level {LEVEL_NAMES[level]}: red = source stride 32, green = 16, "
-                                        f"blue = 8{_trace_title(trace)}"}, margin={"l": 0, "r": 0, "t": 40, "b": 0})
-    return figure
-
-
-def entropy_map_plotly(trace: Trace, level: int, opacity: float = 0.6, cmap: str = ENTROPY_CMAP):
-    """Interactive `entropy_map` (fixed 0..1 scale)."""
-    import plotly.graph_objects as go
-
-    level = _check_level(level)
-    figure = go.Figure(_image_trace(trace.image))
-    figure.add_trace(_grid_heatmap(fusion_entropy(trace.fusion_weights[level]), trace.transform,
-                                   trace.strides[level], colorscale=_plotly_colorscale(cmap), zmin=0.0, zmax=1.0,
-                                   opacity=opacity, name="entropy / log 3", colorbar_title="entropy / log 3"))
-    _image_layout(figure, trace.image)
-    figure.update_layout(title={"text": f"level {LEVEL_NAMES[level]}: fusion entropy{_trace_title(trace)}"},
-                         margin={"l": 0, "r": 0, "t": 40, "b": 0})
-    return figure
-
-
-def gradient_flow_matrix_plotly(flow, cmap: str = GRADIENT_CMAP):
-    """Interactive 3x3 value-path gradient-norm matrix."""
-    import plotly.graph_objects as go
-
-    labels_x = [f"source {n}" for n in LEVEL_NAMES]
-    labels_y = [f"target {n}" for n in LEVEL_NAMES]
-    figure = go.Figure(go.Heatmap(z=flow.matrix, x=labels_x, y=labels_y, colorscale=_plotly_colorscale(cmap), zmin=0,
-                                  text=[[f"{v:.3g}" for v in row] for row in flow.matrix], texttemplate="%{text}",
-                                  colorbar={"title": {"text": "gradient norm"}}))
-    figure.update_yaxes(autorange="reversed")
-    figure.update_layout(title={"text": f"{flow.objective} ({flow.counterfactual_label})"})
-    return figure
-
-
-__all__ = [
-    "add_detections_plotly", "attribution_overlay", "class_color", "composite_rgb", "conflict_maps",
-    "counterfactual_comparison", "detections_plotly", "draw_detections", "draw_detections_on", "drawable_box",
-    "entropy_map", "entropy_map_plotly", "figure3_grid", "figure3_grid_plotly", "figure_to_png", "grad_cam_figure",
-    "gradient_flow_maps", "gradient_flow_matrix", "gradient_flow_matrix_plotly", "image_data_uri", "rgb_composite",
-    "rgb_composite_plotly", "weight_overlay", "weight_overlay_array", "weight_overlay_plotly",
-]
