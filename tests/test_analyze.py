@@ -15,30 +15,18 @@ import pytest
 import torch
 
 from asff_viz.analyze import results_cache
+from asff_viz.analyze.cells import background_weights, box_cell_mask, coco_size_bins, mean_weights_in_box, size_bins
 from asff_viz.analyze.cli import main
+from asff_viz.analyze.flow_statistics import REGIONS, GradientFlowStatistics, summarize_flow
+from asff_viz.analyze.fusion_statistics import FusionStatistics, histogram_quantiles
 from asff_viz.analyze.results_cache import ImageResult
 from asff_viz.analyze.runner import add_image_statistics
 from asff_viz.analyze.sources import GroundTruth
-from asff_viz.analyze.statistics import (
-    FALSE_POSITIVE,
-    MISSED,
-    REGIONS,
-    TRUE_POSITIVE,
-    FusionStatistics,
-    GradientFlowStatistics,
-    background_weights,
-    box_cell_mask,
-    coco_size_bins,
-    histogram_quantiles,
-    match_detections,
-    mean_weights_in_box,
-    size_bins,
-    summarize_flow,
-)
 from asff_viz.checkpoint import file_sha256, save_checkpoint
 from asff_viz.inference.transforms import ImageTransform
 from asff_viz.introspection.trace import DetectionRecord, Trace
 from asff_viz.models import build_model
+from asff_viz.ops.matching import FALSE_POSITIVE, MISSED, TRUE_POSITIVE, match_to_ground_truth
 from tests.conftest import calibrate_batchnorm
 
 SIZE = 64
@@ -120,7 +108,7 @@ def test_histogram_quantiles_within_one_bin():
     assert np.isnan(histogram_quantiles(np.zeros(50))).all()
 
 
-def test_match_detections_greedy_by_score_per_class_with_crowd():
+def test_match_to_ground_truth_greedy_by_score_per_class_with_crowd():
     truth = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 60, 60]], dtype=np.float64)
     labels = np.array([0, 1, 0])
     crowd = np.array([False, False, True])
@@ -129,7 +117,7 @@ def test_match_detections_greedy_by_score_per_class_with_crowd():
                            [20, 20, 30, 30],    # right place, wrong class: FP
                            [41, 41, 50, 50],    # inside the crowd box of its class: ignored
                            [20, 20, 30, 30]], dtype=np.float64)  # below the score threshold: ignored
-    result = match_detections(detections, [0.9, 0.8, 0.7, 0.6, 0.1], [0, 0, 0, 0, 1], truth, labels,
+    result = match_to_ground_truth(detections, [0.9, 0.8, 0.7, 0.6, 0.1], [0, 0, 0, 0, 1], truth, labels,
                               truth_crowd=crowd, score_threshold=0.3, iou_threshold=0.5)
     np.testing.assert_array_equal(result.detection_outcome, [TRUE_POSITIVE, FALSE_POSITIVE, FALSE_POSITIVE, -1, -1])
     np.testing.assert_array_equal(result.ground_truth_matched, [True, False, False])

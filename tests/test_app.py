@@ -404,19 +404,19 @@ def test_downloads_are_valid_files(weights, tmp_path):
     assert abs(sum(first["fusion_weights_here"]) - 1) < 1e-3
 
 
-def test_match_detections_pairs_boxes_by_overlap_and_class():
+def test_diff_detections_pairs_boxes_by_overlap_and_class():
     from types import SimpleNamespace
 
-    from asff_viz.app.diff import match_detections
+    from asff_viz.ops.matching import diff_detections
 
     def record(box, label, score):
         return SimpleNamespace(box_xyxy=np.array(box, dtype=np.float64), label=label, score=score)
 
     learned = [record([0, 0, 10, 10], 0, 0.9), record([20, 20, 30, 30], 1, 0.8), record([50, 50, 60, 60], 2, 0.7)]
     other = [record([21, 21, 31, 31], 0, 0.6), record([0, 0, 10, 11], 0, 0.5), record([80, 80, 90, 90], 2, 0.4)]
-    changes = {(c.status, c.reference, c.other) for c in match_detections(learned, other)}
+    changes = {(c.status, c.reference, c.other) for c in diff_detections(learned, other)}
     assert changes == {("kept", 0, 1), ("relabelled", 1, 0), ("lost", 2, None), ("new", None, 2)}
-    assert [c.status for c in match_detections([], other)] == ["new"] * 3
+    assert [c.status for c in diff_detections([], other)] == ["new"] * 3
 
 
 def test_bundled_samples_are_small_and_annotated():

@@ -197,7 +197,7 @@ def test_each_control_is_what_it_says(model, image, best_row):
 
 
 def test_learned_weights_that_equal_their_shuffle_give_a_zero_paired_difference(image):
-    from asff_viz.analyze.statistics import GradientFlowStatistics, summarize_flow
+    from asff_viz.analyze.flow_statistics import GradientFlowStatistics, summarize_flow
 
     flat = tiny_model().double()
     with torch.no_grad():  # the same weight vector everywhere: shuffling changes nothing
@@ -238,7 +238,7 @@ def test_peaked_random_terms_do_not_lower_the_controlled_metric():
 
 
 def test_paired_bootstrap_against_hand_computed_cases():
-    from asff_viz.analyze.statistics import REGIONS, GradientFlowStatistics
+    from asff_viz.analyze.flow_statistics import REGIONS, GradientFlowStatistics
 
     def record(active, conflicting):
         counts = np.zeros((3, len(REGIONS)), dtype=np.int64)

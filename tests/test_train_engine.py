@@ -385,7 +385,7 @@ def test_objectness_prior_sets_every_slot():
 def test_training_fusion_statistics_use_the_analysis_definition_of_a_boxs_cells():
     """The training log and scale-stats measure one quantity: the same cells per box (box_cell_mask), the same
     COCO bins (of the area in input pixels)."""
-    from asff_viz.analyze.statistics import coco_size_bins, mean_weights_in_box
+    from asff_viz.analyze.cells import coco_size_bins, mean_weights_in_box
 
     torch.manual_seed(0)
     model = build_model(width=0.125, depth=0.33, num_classes=3).eval()

@@ -7,6 +7,9 @@ per command (`figure3`, `scale_stats`, `gradflow`, `evolution`, `compare`, `repl
 drawn by `asff_viz.figures.plots` in the style of `asff_viz.figures.style`.
 """
 
-from .statistics import FusionStatistics, GradientFlowStatistics, match_detections, mean_weights_in_box
+from ..ops.matching import match_to_ground_truth
+from .cells import mean_weights_in_box
+from .flow_statistics import GradientFlowStatistics
+from .fusion_statistics import FusionStatistics
 
-__all__ = ["FusionStatistics", "GradientFlowStatistics", "match_detections", "mean_weights_in_box"]
+__all__ = ["FusionStatistics", "GradientFlowStatistics", "match_to_ground_truth", "mean_weights_in_box"]

@@ -27,6 +27,8 @@ from ..inference.transforms import read_image
 from ..utils.argtypes import positive_int, unit_interval
 from ..utils.fileio import atomic_write
 from .ap_bootstrap import MatchedImages, paired_ap_difference
+from .cells import COCO_SIZE_LABELS
+from .fusion_statistics import summary_rows
 from .provenance import preprocessing_record
 from .runner import (
     RunContext,
@@ -39,7 +41,6 @@ from .runner import (
     record_dataset_images,
 )
 from .sources import AnalysisDataset, AnalysisError, load_analysed_model
-from .statistics import COCO_SIZE_LABELS, summary_rows
 
 COCO_MAX_DETECTIONS = 100
 

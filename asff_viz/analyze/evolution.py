@@ -27,6 +27,7 @@ import numpy as np
 from ..figures import plots
 from ..figures.palette import SOURCE_COLORS
 from ..figures.style import LEVEL_LABELS
+from .cells import COCO_SIZE_LABELS
 from .provenance import preprocessing_record
 from .runner import (
     RunContext,
@@ -37,7 +38,6 @@ from .runner import (
     record_dataset_images,
 )
 from .sources import AnalysisDataset, AnalysisError, load_analysed_model
-from .statistics import COCO_SIZE_LABELS
 
 logger = logging.getLogger(__name__)
 PART_NAMES = ("backbone", "neck", "fusion", "head")

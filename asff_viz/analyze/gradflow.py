@@ -37,6 +37,7 @@ from ..figures.palette import OKABE_ITO, category_color
 from ..figures.style import LEVEL_LABELS
 from ..introspection.decomposition import ALL_CONTROLS, CONTROLS, SWEPT
 from ..utils.argtypes import cosine_value, positive_int, unit_interval
+from .flow_statistics import MAIN_REGIONS, REGIONS, GradientFlowStatistics
 from .provenance import preprocessing_record
 from .results_cache import sweep_key
 from .runner import (
@@ -48,7 +49,6 @@ from .runner import (
     record_dataset_images,
 )
 from .sources import AnalysisDataset, AnalysisError, load_analysed_model
-from .statistics import MAIN_REGIONS, REGIONS, GradientFlowStatistics
 
 logger = logging.getLogger(__name__)
 MODE_COLORS = {"learned": OKABE_ITO["blue"], "uniform": OKABE_ITO["orange"], "sum": OKABE_ITO["reddish_purple"]}

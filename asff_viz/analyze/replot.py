@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, argv=None):
         draw(context, [Trace.load(directory / name) for name in files], names, suffix)
     elif command == "compare":
         from .compare import draw, load_shown
-        from .statistics import FusionStatistics
+        from .fusion_statistics import FusionStatistics
 
         labels = record["labels"]
         statistics = [FusionStatistics.load(directory / f"compare_variant_{i}.npz") for i in range(len(labels))]
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, argv=None):
              load_shown(data_path, len(labels)), record["class_names"])
     elif command == "evolution":
         from .evolution import draw_checkpoints, draw_run
-        from .statistics import FusionStatistics
+        from .fusion_statistics import FusionStatistics
 
         points = [(float(point["epoch"]), point["checkpoint"],
                    FusionStatistics.load(directory / point["statistics"]).by_coco_size())
@@ -89,13 +89,13 @@ def run(args: argparse.Namespace, argv=None):
         if record.get("training_run"):  # the run's logs are data: read again from where they were
             draw_run(context, Path(record["training_run"]))
     elif command == "scale-stats":
+        from .fusion_statistics import FusionStatistics
         from .scale_stats import write_figures
-        from .statistics import FusionStatistics
 
         write_figures(context, FusionStatistics.load(data_path), min_count=int(arguments.get("min_count", 5)))
     else:
+        from .flow_statistics import GradientFlowStatistics
         from .gradflow import write_figures
-        from .statistics import GradientFlowStatistics
 
         write_figures(context, GradientFlowStatistics.load(data_path), samples=int(arguments.get("bootstrap", 1000)))
     replots = list(record.get("replots", []))

@@ -10,7 +10,7 @@ entry is a different file; a stale entry is never read. Kinds:
   statistics store a *light* trace without the image pixels and without the decoded rows (a few MB per
   COCO image otherwise), i.e. the fusion weights, the detections after NMS and the geometry.
 * `detections`: boxes, scores, labels and producing level for models without fusion weights (sum fusion).
-* `gradflow`: the per-image gradient-flow summary (`statistics.summarize_flow`).
+* `gradflow`: the per-image gradient-flow summary (`flow_statistics.summarize_flow`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from ..introspection.decomposition import TrainingLoss, gradient_flow, ground_tr
 from ..introspection.trace import Trace, TraceError, trace_image
 from ..utils.codeversion import source_sha256
 from ..utils.fileio import atomic_write
+from .flow_statistics import summarize_flow
 from .sources import AnalysedModel, AnalysisError, file_sha256
-from .statistics import summarize_flow
 
 CACHE_FORMAT_VERSION = 1
 # The version of each statistic a cache entry holds: raise one when its definition changes (what a conflict is,

@@ -16,20 +16,13 @@ import torch
 from ..figures.style import publication_style, save_figure
 from ..inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
 from ..introspection.capture import COUNTERFACTUAL_KINDS, Counterfactual
+from ..ops.matching import FALSE_POSITIVE, MISSED, TRUE_POSITIVE, match_to_ground_truth
 from ..utils.argtypes import device, input_size, output_folder, positive_int, unit_interval
+from .cells import background_weights, mean_weights_in_box, size_bins
+from .fusion_statistics import FusionStatistics
 from .provenance import RunRecord
 from .results_cache import AnalysisCache, ImageResult
 from .sources import AnalysedModel, AnalysisDataset, AnalysisError, GroundTruth, resolve_device
-from .statistics import (
-    FALSE_POSITIVE,
-    MISSED,
-    TRUE_POSITIVE,
-    FusionStatistics,
-    background_weights,
-    match_detections,
-    mean_weights_in_box,
-    size_bins,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +168,7 @@ def add_image_statistics(statistics: FusionStatistics, result: ImageResult, trut
     Ground-truth boxes (not crowd) count as true positives when matched, else as missed, with their own
     class and their annotation area; unmatched detections count as false positives, with the predicted box,
     class and box area. Each box contributes its (3, 3) mean fusion weights inside the box (see
-    `statistics.mean_weights_in_box`); models without fusion weights only add to the counts. size_basis: the
+    `cells.mean_weights_in_box`); models without fusion weights only add to the counts. size_basis: the
     pixels the size bins measure areas in, "original" (COCO's: the image as stored) or "input" (the network's
     input, after the square resize: what the levels see, and what compares across datasets and input sizes).
     """
@@ -185,7 +178,7 @@ def add_image_statistics(statistics: FusionStatistics, result: ImageResult, trut
         finite = np.isfinite(result.boxes).all(axis=1)
         result = replace(result, boxes=result.boxes[finite], scores=result.scores[finite],
                          labels=result.labels[finite], levels=result.levels[finite])
-    match = match_detections(result.boxes, result.scores, result.labels, truth.boxes, truth.labels,
+    match = match_to_ground_truth(result.boxes, result.scores, result.labels, truth.boxes, truth.labels,
                              truth_crowd=truth.crowd, score_threshold=score_threshold, iou_threshold=iou_threshold)
     counted = ~truth.crowd
     truth_boxes, truth_labels = truth.boxes[counted], truth.labels[counted]

@@ -26,7 +26,10 @@ import argparse
 import numpy as np
 
 from ..figures import plots
+from ..ops.matching import OUTCOMES
 from ..utils.argtypes import positive_int
+from .cells import COCO_SIZE_LABELS, COCO_SIZE_OF_FINE, FINE_SIZE_EDGES, FINE_SIZE_LABELS
+from .fusion_statistics import FusionStatistics, summary_rows
 from .provenance import preprocessing_record
 from .runner import (
     RunContext,
@@ -38,15 +41,6 @@ from .runner import (
     record_dataset_images,
 )
 from .sources import AnalysisDataset, AnalysisError, load_analysed_model
-from .statistics import (
-    COCO_SIZE_LABELS,
-    COCO_SIZE_OF_FINE,
-    FINE_SIZE_EDGES,
-    FINE_SIZE_LABELS,
-    OUTCOMES,
-    FusionStatistics,
-    summary_rows,
-)
 
 
 def add_parser(subparsers) -> None:

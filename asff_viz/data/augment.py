@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from asff_viz.data.errors import DatasetError
+from asff_viz.ops.boxes import box_iou
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,16 +133,6 @@ def random_expand(
     return canvas, boxes
 
 
-def box_iou_matrix(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU of x1, y1, x2, y2 boxes (official ``matrix_iou``)."""
-    top_left = np.maximum(boxes_a[:, None, :2], boxes_b[:, :2])
-    bottom_right = np.minimum(boxes_a[:, None, 2:], boxes_b[:, 2:])
-    intersection = np.prod(bottom_right - top_left, axis=2) * (top_left < bottom_right).all(axis=2)
-    area_a = np.prod(boxes_a[:, 2:] - boxes_a[:, :2], axis=1)
-    area_b = np.prod(boxes_b[:, 2:] - boxes_b[:, :2], axis=1)
-    return intersection / (area_a[:, None] + area_b - intersection)
-
-
 def random_crop(
     image: np.ndarray,
     boxes: np.ndarray,
@@ -174,7 +165,8 @@ def random_crop(
             left = int(rng.integers(0, max(1, width - crop_width)))
             top = int(rng.integers(0, max(1, height - crop_height)))
             roi = np.array((left, top, left + crop_width, top + crop_height))
-            iou = box_iou_matrix(boxes, roi[None])
+            iou = box_iou(torch.as_tensor(boxes, dtype=torch.float64),
+                          torch.as_tensor(roi[None], dtype=torch.float64)).numpy()  # official matrix_iou
             if not (min_iou <= iou.min() and iou.max() <= max_iou):
                 continue
             centers = (boxes[:, :2] + boxes[:, 2:]) / 2

@@ -21,7 +21,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from ..analyze.statistics import FINE_SIZE_EDGES, REGIONS, WeightSummary
+from ..analyze.cells import FINE_SIZE_EDGES
+from ..analyze.flow_statistics import REGIONS
+from ..analyze.fusion_statistics import WeightSummary
 from .palette import MAGNITUDE_CMAP, OKABE_ITO, SOURCE_COLORS, WEIGHT_CMAP, category_color
 from .style import COLUMN_WIDTH, DOUBLE_WIDTH, LEVEL_LABELS, SHORT_LEVEL_LABELS, new_figure
 from .traces import draw_detections_on

@@ -27,7 +27,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from ..analyze.statistics import LEVEL_LABELS
+from ..analyze.fusion_statistics import LEVEL_LABELS
 from ..utils.fileio import atomic_write, atomic_write_text
 
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper (IEEE / CVF)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..inference.postprocess import row_location
+from ..ops.boxes import centered_wh_iou
 from .capture import (
     LEVEL_NAMES,
     Counterfactual,
@@ -166,8 +167,7 @@ def ground_truth_cells(labels, config, size: int) -> tuple[list[np.ndarray], lis
         width, height = row[3], row[4]
         if width <= 0 or height <= 0:
             continue
-        intersection = np.minimum(width, anchors[:, 0]) * np.minimum(height, anchors[:, 1])
-        iou = intersection / (width * height + anchors.prod(axis=1) - intersection + 1e-16)
+        iou = centered_wh_iou(torch.tensor([width, height], dtype=torch.float64), torch.from_numpy(anchors))
         best = int(iou.argmax())
         assigned = next(level for level, mask in enumerate(config.anchor_masks) if best in mask)
         for level, (stride, grid) in enumerate(zip(config.strides, grids, strict=True)):

@@ -32,7 +32,7 @@ class FusionWeightStatistics:
 
     Forward hooks on `model.fusion.levels[l].softmax` capture the weights (B, 3, H_l, W_l) of each forward;
     `update(labels)` then averages them over the cells of each GT box (the cells whose centre lies inside the
-    box, or the cell holding its centre when there is none: `analyze.statistics.box_cell_mask`, the definition
+    box, or the cell holding its centre when there is none: `analyze.cells.box_cell_mask`, the definition
     `scale-stats` uses) and accumulates one mean per box. Sizes are COCO's bins of the box area in input pixels
     (the training images are augmented and resized: their original sizes are gone), i.e. `scale-stats
     --size-basis input`. Use as a context manager: the hooks are removed on exit, also after an exception.
@@ -103,7 +103,7 @@ class FusionWeightStatistics:
             inside_x = (centers_x >= x1[..., None]) & (centers_x <= x2[..., None])  # (B, M, W)
             inside_y = (centers_y >= y1[..., None]) & (centers_y <= y2[..., None])  # (B, M, H)
             inside = (inside_y[..., :, None] & inside_x[..., None, :]).float()  # (B, M, H, W)
-            # The one definition of the cells of a box (`asff_viz.analyze.statistics.box_cell_mask`): the cells
+            # The one definition of the cells of a box (`asff_viz.analyze.cells.box_cell_mask`): the cells
             # whose centre lies inside it, or the cell holding its centre when there is none.
             empty = inside.sum(dim=(2, 3)) == 0  # (B, M)
             column = (labels[..., 1] / stride).floor().long().clamp(0, width - 1)

@@ -12,8 +12,8 @@ import streamlit as st
 
 from ...inference.postprocess import row_location
 from ...introspection.capture import has_fusion_weights
+from ...ops.matching import diff_detections
 from .. import cached, charts
-from ..diff import match_detections
 from ..inputs import InputError, weights_ui
 from ..widgets import MAX_LISTED, Analysis, detection_caption, level_name, load_model, plotly_chart
 
@@ -146,7 +146,7 @@ def mean_weights_table(sides: list[Side]) -> None:
 
 
 def detection_counts(sides: list[Side]) -> None:
-    changes = match_detections(sides[0].records, sides[1].records)
+    changes = diff_detections(sides[0].records, sides[1].records)
     counts = {status: sum(1 for change in changes if change.status == status)
               for status in ("kept", "relabelled", "lost", "new")}
     st.markdown("**Detections of A matched in B** (IoU ≥ 0.5)")

@@ -11,8 +11,8 @@ import pandas as pd
 import streamlit as st
 
 from ...figures import traces
+from ...ops.matching import diff_detections
 from .. import cached, charts
-from ..diff import match_detections
 from ..widgets import MAX_LISTED, Analysis, download_row, initial, level_control, level_name, plotly_chart
 
 KINDS = {"uniform": "Uniform (plain sum)", "one_hot": "Force one level", "drop": "Drop one level"}
@@ -74,7 +74,7 @@ def counterfactual_view(analysis: Analysis) -> None:
         st.error(f"The counterfactual could not be run: {error}", icon=":material/error:")
         return
     learned_records, counterfactual_records = analysis.records, list(counterfactual.detections[:MAX_LISTED])
-    changes = match_detections(learned_records, counterfactual_records)
+    changes = diff_detections(learned_records, counterfactual_records)
     counts = {status: sum(1 for change in changes if change.status == status) for status in STATUS_COLOURS}
     kept_deltas = [float(counterfactual_records[c.other].score) - float(learned_records[c.reference].score)
                    for c in changes if c.status == "kept"]

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from ...analyze.statistics import COCO_SIZE_LABELS, background_weights, coco_size_bins, mean_weights_in_box
+from ...analyze.cells import COCO_SIZE_LABELS, background_weights, coco_size_bins, mean_weights_in_box
 from ...data.errors import DatasetError
 from ...inference.transforms import IMAGE_SUFFIXES, ImageError
 from ...samples import list_samples, sample_annotations, sample_path
