@@ -721,3 +721,22 @@ def test_across_images_over_a_folder_outside_the_allowed_root_is_refused(monkeyp
     open_view(app, "Across images")
     assert not app.exception
     assert any("outside" in warning.value for warning in app.warning)
+
+
+def test_the_apps_ground_truth_is_the_datasets():
+    # One reading of a COCO file: the boxes the app draws are the boxes training and the analyses use.
+    import json
+
+    from asff_viz.data.coco import COCODetection
+    from asff_viz.samples import SAMPLES_DIR, annotations_from_coco
+
+    annotation_file = SAMPLES_DIR / "annotations.json"
+    document = json.loads(annotation_file.read_text())
+    dataset = COCODetection(annotation_file, SAMPLES_DIR)
+    assert len(dataset) >= 3
+    for index in range(len(dataset)):
+        info = dataset.info(index)
+        targets = dataset.targets(index)
+        shown = annotations_from_coco(document, info["file_name"])
+        np.testing.assert_allclose(shown.boxes_xyxy, targets[:, 1:], atol=1e-4)
+        np.testing.assert_array_equal(shown.class_indices, targets[:, 0].astype(np.int64))

@@ -143,27 +143,33 @@ def _load_annotation_document(annotation_file: Path) -> dict:
                            "file") from None
     except OSError as error:
         raise DatasetError(f"annotation file {annotation_file} cannot be read: {error.strerror or error}") from None
+    return validate_document(document, f"annotation file {annotation_file}")
+
+
+def validate_document(document: Any, source: str | os.PathLike) -> dict:
+    """Check the structure of a parsed COCO annotation document (lists, categories, images with integer ids,
+    file names and sizes, unique ids); DatasetError naming `source` otherwise. Returns the document."""
     if not isinstance(document, dict):
         raise DatasetError(
-            f"annotation file {annotation_file} holds a JSON {type(document).__name__}, not an object; "
+            f"{source} holds a JSON {type(document).__name__}, not an object; "
             "expected a COCO annotation file with 'images', 'annotations' and 'categories' "
             "(a list at the top level is usually a detection results file)"
         )
     missing = [key for key in ("images", "categories") if key not in document]
     if missing:
         raise DatasetError(
-            f"annotation file {annotation_file} is not in COCO format: it lacks {missing} "
+            f"{source} is not in COCO format: it lacks {missing} "
             f"(it has {sorted(document)[:8]}); expected 'images', 'annotations' and 'categories'"
         )
     for key in ("images", "annotations", "categories"):
         if key in document and not isinstance(document[key], list):
             raise DatasetError(
-                f"annotation file {annotation_file}: '{key}' must be a list, got {type(document[key]).__name__}"
+                f"{source}: '{key}' must be a list, got {type(document[key]).__name__}"
             )
     document.setdefault("annotations", [])
     if not document["categories"]:
         raise DatasetError(
-            f"annotation file {annotation_file} has no categories, so the class list cannot be derived; "
+            f"{source} has no categories, so the class list cannot be derived; "
             "add the 'categories' entries ({'id': ..., 'name': ...})"
         )
     category_ids = set()
@@ -171,12 +177,12 @@ def _load_annotation_document(annotation_file: Path) -> dict:
         if (not isinstance(category, dict) or not _is_int(category.get("id"))
                 or not isinstance(category.get("name"), str)):
             raise DatasetError(
-                f"annotation file {annotation_file}: categories[{position}] = {str(category)[:200]} "
+                f"{source}: categories[{position}] = {str(category)[:200]} "
                 "needs an integer 'id' and a string 'name'"
             )
         if category["id"] in category_ids:
             raise DatasetError(
-                f"annotation file {annotation_file}: category id {category['id']} appears twice; category ids "
+                f"{source}: category id {category['id']} appears twice; category ids "
                 "must be unique (a repeated id would add a class and shift every label after it)"
             )
         category_ids.add(category["id"])
@@ -184,7 +190,7 @@ def _load_annotation_document(annotation_file: Path) -> dict:
     for position, image in enumerate(document["images"]):
         if not isinstance(image, dict) or any(key not in image for key in ("id", "file_name", "width", "height")):
             raise DatasetError(
-                f"annotation file {annotation_file}: images[{position}] = {str(image)[:200]} "
+                f"{source}: images[{position}] = {str(image)[:200]} "
                 "needs 'id', 'file_name', 'width' and 'height'"
             )
         problem = None
@@ -196,10 +202,10 @@ def _load_annotation_document(annotation_file: Path) -> dict:
                   and image["height"] > 0):
             problem = f"width {image['width']!r} and height {image['height']!r} must be positive integers"
         if problem:
-            raise DatasetError(f"annotation file {annotation_file}: images[{position}]: {problem}")
+            raise DatasetError(f"{source}: images[{position}]: {problem}")
         if image["id"] in seen_ids:
             raise DatasetError(
-                f"annotation file {annotation_file}: image id {image['id']} appears twice; image ids must be unique"
+                f"{source}: image id {image['id']} appears twice; image ids must be unique"
             )
         seen_ids.add(image["id"])
     return document

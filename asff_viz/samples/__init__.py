@@ -80,33 +80,46 @@ class AnnotationError(ValueError):
 def annotations_from_coco(document: dict, file_name: str, source: str = "annotations") -> SampleAnnotations | None:
     """Ground truth of image `file_name` from a COCO-style document, or None when it does not list that image.
 
-    A document that lists a single image applies to any file name. Class index = rank of the category id
-    among the document's sorted category ids (so COCO's 80 ids with gaps map to indices 0..79).
-    Raises AnnotationError (naming `source`) when the document is not COCO-style.
+    The document is checked and its boxes converted as the datasets of training and analysis do
+    (`asff_viz.data.coco`: the official [x, y, w, h] -> xyxy conversion, clipped to the image; crowd and empty
+    boxes left out), so the app shows the ground truth the analyses use. A document that lists a single image
+    applies to any file name. Class index = rank of the category id among the document's sorted category ids
+    (so COCO's 80 ids with gaps map to indices 0..79). Raises AnnotationError (naming `source`) when the
+    document is not COCO-style.
     """
+    from ..data.coco import convert_coco_bbox, validate_document
+    from ..data.errors import DatasetError
+
     try:
-        images = list(document["images"])
-        categories = sorted(document["categories"], key=lambda category: int(category["id"]))
-        annotations = list(document.get("annotations", []))
-        by_name = {Path(str(image["file_name"])).name: image["id"] for image in images}
-        if len(images) == 1:
-            image_id = images[0]["id"]
-        elif Path(file_name).name in by_name:
-            image_id = by_name[Path(file_name).name]
-        else:
-            return None
-        class_index = {int(category["id"]): index for index, category in enumerate(categories)}
-        rows = [annotation for annotation in annotations
-                if annotation["image_id"] == image_id and not annotation.get("iscrowd", 0)]
-        boxes = np.array([[float(v) for v in annotation["bbox"]] for annotation in rows],
-                         dtype=np.float64).reshape(-1, 4)
-        classes = np.array([class_index[int(annotation["category_id"])] for annotation in rows], dtype=np.int64)
-        names = tuple(str(category["name"]) for category in categories)
-    except (KeyError, TypeError, ValueError) as error:
-        raise AnnotationError(f"{source}: not COCO-style annotations (need images, categories and annotations "
-                              f"with bbox [x, y, w, h] and category_id): {type(error).__name__} {error}") from None
-    boxes[:, 2:] += boxes[:, :2]  # COCO xywh -> xyxy
-    return SampleAnnotations(boxes, classes, names)
+        validate_document(document, source)
+    except DatasetError as error:
+        raise AnnotationError(str(error)) from None
+    images = document["images"]
+    by_name = {Path(image["file_name"]).name: image for image in images}
+    if len(images) == 1:
+        image = images[0]
+    elif Path(file_name).name in by_name:
+        image = by_name[Path(file_name).name]
+    else:
+        return None
+    categories = sorted(document["categories"], key=lambda category: category["id"])
+    class_index = {category["id"]: index for index, category in enumerate(categories)}
+    boxes, classes = [], []
+    for position, annotation in enumerate(document["annotations"]):
+        try:
+            if annotation["image_id"] != image["id"] or annotation.get("iscrowd", 0):
+                continue
+            x, y, width, height = (float(value) for value in annotation["bbox"])
+            label = class_index[annotation["category_id"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise AnnotationError(f"{source}: annotations[{position}] needs image_id, category_id (one of the "
+                                  f"categories) and bbox [x, y, w, h] ({type(error).__name__} {error})") from None
+        box = convert_coco_bbox((x, y, width, height), image["width"], image["height"]) if width > 0 < height else None
+        if box is not None:
+            boxes.append(box)
+            classes.append(label)
+    names = tuple(str(category["name"]) for category in categories)
+    return SampleAnnotations(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(classes, np.int64), names)
 
 
 def generate_samples(out_dir: str | Path = SAMPLES_DIR) -> list[Path]:
