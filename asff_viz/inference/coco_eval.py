@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.coco import COCODetection, xyxy_to_coco_bbox
 from ..data.errors import DatasetError
+from ..models import unwrap_model
 from ..utils.fileio import atomic_write_text
 from .postprocess import EVAL_CONF_THRESHOLD, NMS_THRESHOLD, Detections, postprocess
 from .transforms import preprocess
@@ -136,12 +137,6 @@ def detections_to_results(detections: Sequence[Detections], image_ids: Sequence[
     return results
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 @torch.no_grad()
 def predict_coco_results(model: nn.Module, dataset: COCODetection, size: int, *,
                          conf_threshold: float = EVAL_CONF_THRESHOLD, nms_threshold: float = NMS_THRESHOLD,
@@ -156,7 +151,7 @@ def predict_coco_results(model: nn.Module, dataset: COCODetection, size: int, *,
     trained on this dataset's categories in their order).
     """
     category_ids = list(dataset.category_ids if category_ids is None else category_ids)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     was_training = model.training
     model.eval()
     images = EvaluationImages(dataset, size)

@@ -86,3 +86,14 @@ def build_model(config: ModelConfig | None = None, **overrides) -> YOLOv3ASFF:
 
 
 __all__ = ["SLOTS", "LevelOutput", "YOLOv3ASFF", "build_model", "decode_level"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..inference.coco_eval import evaluate_coco
+from ..models import unwrap_model
 from .distributed import DistributedContext, all_ranks_true, all_reduce_sum, collective_device
-from .ema import ModelEMA, unwrap_model
+from .ema import ModelEMA
 from .loss import LOSS_NAMES, YOLOv3Loss
 from .monitors import FusionWeightStatistics, GradientNormTracker, ScalarLog
 from .schedule import LearningRateSchedule

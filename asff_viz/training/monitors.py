@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models import unwrap_model
 from ..utils.fileio import atomic_write_text
 from .distributed import all_reduce_sum, collective_device
-from .ema import unwrap_model
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import nn
 
+from ..models import unwrap_model
 from ..models.head import SLOTS
-from .ema import unwrap_model
 
 
 def initialize_weights(model: nn.Module) -> None:

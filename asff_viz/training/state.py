@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_save, checkpoint_dict
-from .ema import ModelEMA, unwrap_model
+from ..models import unwrap_model
+from .ema import ModelEMA
 from .schedule import LearningRateSchedule
 
 

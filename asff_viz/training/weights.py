@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_darknet_weights, load_state_dict_strict
+from ..models import unwrap_model
 from ..models.config import ModelConfig
 from ..models.head import SLOTS
 from .config import TrainingError
-from .ema import ModelEMA, unwrap_model
+from .ema import ModelEMA
 
 logger = logging.getLogger(__name__)
 
