@@ -281,7 +281,7 @@ def test_the_app_in_chromium(server, tmp_path):
     -> upload sequence, two sessions, and the timings (reported in timings.json, not asserted)."""
     playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
     from asff_viz.app.charts import plotly_colorscale
-    from asff_viz.bench import cpu_model
+    from asff_viz.bench.environment import cpu_model
     from asff_viz.samples import sample_path
 
     shots = Path(os.environ.get("ASFF_VIZ_SCREENSHOTS", tmp_path / "screenshots"))

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from asff_viz import Detector, build_model, capture
-from asff_viz.bench import format_table, model_flops, run_interleaved, targets, without_deformation
+from asff_viz.bench.models import model_flops, without_deformation
+from asff_viz.bench.report import format_table, targets
 from asff_viz.inference.fast import (
     CascadedSPP,
     FusedConvAct,
@@ -24,6 +25,7 @@ from asff_viz.inference.postprocess import postprocess, row_location
 from asff_viz.models.blocks import SPP
 from asff_viz.models.deform_conv import deform_conv2d, deform_conv2d_grid_sample
 from asff_viz.models.detector import YOLOv3ASFF
+from asff_viz.utils.timing import run_interleaved
 from tests.conftest import calibrate_batchnorm
 
 SIZE = 96
@@ -342,7 +344,7 @@ def test_run_interleaved_rotates_and_collects():
 
 
 def test_bf16_ap_check_with_a_checkpoint(tmp_path):
-    from asff_viz.bench import bf16_accuracy
+    from asff_viz.bench.sections import bf16_accuracy
     from asff_viz.checkpoint import save_checkpoint
     from asff_viz.data.synthetic import CLASS_NAMES, generate
 
