@@ -13,19 +13,12 @@ import torch
 from torch import nn
 
 from asff_viz import CheckpointError, load_model
-from asff_viz.checkpoint import (
-    convert_official,
-    file_sha256,
-    load_darknet_weights,
-    load_state_dict_strict,
-    official_key_to_project,
-    read_checkpoint,
-    save_checkpoint,
-)
+from asff_viz.checkpoint import convert_official, file_sha256, load_state_dict_strict, read_checkpoint, save_checkpoint
 from asff_viz.convert import main as convert_main
 from asff_viz.models import build_model
 from asff_viz.models.backbone import Darknet53
 from asff_viz.models.config import ModelConfig
+from asff_viz.models.official import load_darknet_weights, official_key_to_project
 from tests.reference.manifest_weights import MANIFESTS, manifest_state_dict, read_manifest
 
 SMALL = {"width": 0.125, "depth": 0.33, "num_classes": 3}

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from asff_viz import load_model
-from asff_viz.checkpoint import parse_checkpoint, remap_official_state_dict
+from asff_viz.checkpoint import parse_checkpoint
 from asff_viz.models import build_model
+from asff_viz.models.official import remap_official_state_dict
 from tests.reference.manifest_weights import HERE, manifest_state_dict
 
 

@@ -9,10 +9,11 @@ import logging
 import torch
 from torch import nn
 
-from ..checkpoint import load_darknet_weights, load_state_dict_strict
+from ..checkpoint import load_state_dict_strict
 from ..models import unwrap_model
 from ..models.config import ModelConfig
 from ..models.head import SLOTS
+from ..models.official import load_darknet_weights
 from .config import TrainingError
 from .ema import ModelEMA
 
