@@ -11,7 +11,8 @@ import torch
 
 from asff_viz import Counterfactual, Trace, build_model, capture, trace_image
 from asff_viz.inference.postprocess import row_location
-from asff_viz.introspection.capture import hook_count, measure_capture_overhead
+from asff_viz.introspection.capture import hook_count
+from asff_viz.introspection.overhead import measure_capture_overhead
 from asff_viz.introspection.trace import TraceError
 from tests.conftest import calibrate_batchnorm
 

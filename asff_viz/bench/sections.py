@@ -190,7 +190,7 @@ def _deform_time_share(model: nn.Module, images: torch.Tensor, repeats: int, dev
 def capture_cost(variants: dict, size: int, repeats: int, log: Callable[[str], None],
                  names: Sequence[str] = ("eager_fp32", "fast_fp32", "fast_bf16")) -> dict:
     """Forward with fusion capture on / off (interleaved), through the introspection package's own measure."""
-    from ..introspection.capture import measure_capture_overhead
+    from ..introspection.overhead import measure_capture_overhead
 
     result = {"size": size, "batch": 1}
     for name in names:

@@ -5,7 +5,7 @@ passes (`attribution` imports captum, so it is imported on use: `from asff_viz.i
 attribution`). Figures are drawn by `asff_viz.figures.traces` from the objects these return.
 """
 
-from .capture import Counterfactual, Recorder, capture, measure_capture_overhead
+from .capture import Counterfactual, Recorder, capture
 from .decomposition import (
     DetectionScore,
     GradientFlow,
@@ -16,6 +16,7 @@ from .decomposition import (
     gradient_flow,
     ground_truth_labels,
 )
+from .overhead import measure_capture_overhead
 from .trace import DetectionRecord, Trace, TraceError, trace_image
 
 __all__ = [

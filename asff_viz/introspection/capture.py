@@ -192,6 +192,71 @@ def _is_identity(module: nn.Module) -> bool:
     return isinstance(module, nn.Identity)
 
 
+class _Hooks:
+    """The forward hooks of one `capture`: each records into `recorder`, and only for the thread that opened the
+    capture (a model shared by threads, e.g. app sessions, runs other forwards unrecorded)."""
+
+    def __init__(self, recorder: Recorder, counterfactual: Counterfactual, keep_graph: bool) -> None:
+        self.recorder, self.counterfactual, self.keep_graph = recorder, counterfactual, keep_graph
+        self.owner = threading.get_ident()
+
+    def mine(self) -> bool:
+        return threading.get_ident() == self.owner
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.keep_graph else tensor.detach()
+
+    def on_model(self, module, inputs, outputs):
+        if self.mine():
+            self.recorder.forward_count += 1
+            self.recorder.outputs = [type(out)(*(self.keep(t) for t in out)) if isinstance(out, tuple)
+                                     else self.keep(out) for out in outputs]
+
+    def on_neck(self, module, inputs, outputs):
+        if not self.mine():
+            return None
+        self.recorder.neck_outputs = [self.keep(x) for x in outputs]
+        if self.keep_graph:
+            views = [x.view_as(x) for x in outputs]
+            self.recorder.sources = list(views)
+            return views
+        self.recorder.sources = list(self.recorder.neck_outputs)
+        return None
+
+    def on_softmax(self, level: int):
+        def hook(module, inputs, weights):
+            if not self.mine():
+                return None
+            recorder = self.recorder
+            recorder.learned_weights[level] = self.keep(weights)
+            if self.counterfactual.applies_to(level):
+                replacement = self.counterfactual.apply(weights)
+                recorder.fusion_weights[level] = self.keep(replacement)
+                return replacement
+            recorder.fusion_weights[level] = recorder.learned_weights[level]
+            return None
+        return hook
+
+    def on_resize(self, level: int, source: int, identity: bool):
+        def hook(module, inputs, output):
+            if not self.mine():
+                return None
+            if self.keep_graph and identity:
+                # An identity returns its input object; a view makes R_{k->l}(x^k) its own autograd node.
+                output = output.view_as(output)
+                self.recorder.resized[level][source] = output
+                return output
+            self.recorder.resized[level][source] = self.keep(output)
+            return None
+        return hook
+
+    def on_fused(self, level: int):
+        def hook(module, inputs, output):
+            if self.mine():
+                self.recorder.fused[level] = self.keep(output)
+        return hook
+
+
 @contextmanager
 def capture(model: nn.Module, *, resized: bool = False, fused: bool = False,
             counterfactual: Counterfactual | str | dict | None = None, keep_graph: bool = False,
@@ -220,77 +285,22 @@ def capture(model: nn.Module, *, resized: bool = False, fused: bool = False,
     if not counterfactual.is_learned and not with_weights:
         raise ValueError(f"counterfactual {counterfactual.describe()!r} needs an ASFF model; this one fuses by "
                          f"{getattr(model.fusion, 'mode', 'another mode')!r} and has no fusion weights.")
-    owner = threading.get_ident()
     recorder = Recorder(counterfactual=counterfactual)
-    keep = (lambda tensor: tensor) if keep_graph else (lambda tensor: tensor.detach())
     record_sources = sources or keep_graph
-
-    def mine() -> bool:
-        return threading.get_ident() == owner
-
-    def on_model(module, inputs, outputs):
-        if mine():
-            recorder.forward_count += 1
-            recorder.outputs = [type(out)(*(keep(t) for t in out)) if isinstance(out, tuple) else keep(out)
-                                for out in outputs]
-
-    def on_neck(module, inputs, outputs):
-        if not mine():
-            return None
-        recorder.neck_outputs = [keep(x) for x in outputs]
-        if keep_graph:
-            views = [x.view_as(x) for x in outputs]
-            recorder.sources = list(views)
-            return views
-        if record_sources:
-            recorder.sources = list(recorder.neck_outputs)
-        return None
-
-    def on_softmax(level: int):
-        def hook(module, inputs, weights):
-            if not mine():
-                return None
-            recorder.learned_weights[level] = keep(weights)
-            if counterfactual.applies_to(level):
-                replacement = counterfactual.apply(weights)
-                recorder.fusion_weights[level] = keep(replacement)
-                return replacement
-            recorder.fusion_weights[level] = recorder.learned_weights[level]
-            return None
-        return hook
-
-    def on_resize(level: int, source: int, identity: bool):
-        def hook(module, inputs, output):
-            if not mine():
-                return None
-            if keep_graph and identity:
-                # An identity returns its input object; a view makes R_{k->l}(x^k) its own autograd node.
-                output = output.view_as(output)
-                recorder.resized[level][source] = output
-                return output
-            recorder.resized[level][source] = keep(output)
-            return None
-        return hook
-
-    def on_fused(level: int):
-        def hook(module, inputs, output):
-            if mine():
-                recorder.fused[level] = keep(output)
-        return hook
-
+    hooks = _Hooks(recorder, counterfactual, keep_graph)
     handles = []
     try:
-        handles.append(model.register_forward_hook(on_model))
+        handles.append(model.register_forward_hook(hooks.on_model))
         if record_sources:
-            handles.append(model.neck.register_forward_hook(on_neck))
+            handles.append(model.neck.register_forward_hook(hooks.on_neck))
         for level, module in enumerate(levels):
             if with_weights:
-                handles.append(module.softmax.register_forward_hook(on_softmax(level)))
+                handles.append(module.softmax.register_forward_hook(hooks.on_softmax(level)))
             if (resized or keep_graph) and hasattr(module, "resize"):
                 for source, path in enumerate(module.resize):
-                    handles.append(path.register_forward_hook(on_resize(level, source, _is_identity(path))))
+                    handles.append(path.register_forward_hook(hooks.on_resize(level, source, _is_identity(path))))
             if (fused or keep_graph) and hasattr(module, "fused"):
-                handles.append(module.fused.register_forward_hook(on_fused(level)))
+                handles.append(module.fused.register_forward_hook(hooks.on_fused(level)))
         yield recorder
     finally:
         for handle in handles:
@@ -305,62 +315,6 @@ def hook_count(model: nn.Module) -> int:
                      "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
             total += len(getattr(module, name, {}) or {})
     return total
-
-
-def measure_capture_overhead(model: nn.Module, size: int = 416, repeats: int = 7, warmup: int = 1,
-                             batch_size: int = 1) -> dict:
-    """Time inference with and without capturing the fusion weights, interleaved, and compare medians.
-
-    Plain and captured forwards alternate (and swap order every repeat: `asff_viz.utils.timing.run_interleaved`) so
-    that load from other processes hits both alike. Runs under `torch.no_grad` on the model's device with random
-    input. Each forward is timed by the wall clock and, on CPU, by this process's CPU time, which other processes
-    competing for the cores disturb less (though not at all only on an idle machine).
-    Returns {"size", "repeats", "clock" ("process_cpu" on CPU, else "wall"), "plain_seconds",
-    "captured_seconds" (medians by that clock), "ratio" (captured / plain), "wall_ratio", "paired_ratio"
-    (median of the ratios of adjacent runs), "best_ratio" (fastest captured / fastest plain), and the
-    per-repeat lists "plain_all", "captured_all", "plain_wall", "captured_wall"}.
-    """
-    import time
-
-    from ..utils.timing import median, paired_ratio, run_interleaved, synchronize
-
-    device = next(model.parameters()).device
-    images = torch.randn(batch_size, 3, size, size, device=device)
-    on_cpu = device.type == "cpu"
-
-    def case(captured: bool):
-        def run() -> dict[str, float]:
-            synchronize(device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            if captured:
-                with capture(model) as recorder:
-                    model(images)
-                weights = recorder.fusion_weights  # noqa: F841  (kept alive until the timer stops)
-            else:
-                model(images)
-            synchronize(device)
-            return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
-
-        return run
-
-    with torch.no_grad():
-        times = run_interleaved({"plain": case(False), "captured": case(True)}, repeats=repeats, warmup=warmup,
-                                device=device)
-    key = "cpu" if on_cpu else "wall"
-    plain_times, captured_times = times["plain"][key], times["captured"][key]
-    plain_wall, captured_wall = times["plain"]["wall"], times["captured"]["wall"]
-    plain_median, captured_median = median(plain_times), median(captured_times)
-    return {"size": size, "repeats": repeats, "clock": "process_cpu" if on_cpu else "wall",
-            "plain_seconds": plain_median, "captured_seconds": captured_median,
-            "ratio": captured_median / plain_median,
-            "wall_ratio": median(captured_wall) / median(plain_wall),
-            # Each captured run sits next to a plain one: the median of those pairs' ratios cancels slow drifts
-            # of the machine's load.
-            "paired_ratio": paired_ratio(captured_times, plain_times),
-            # The least-disturbed run of each kind (what `timeit` reports) on a machine shared with others.
-            "best_ratio": min(captured_times) / min(plain_times),
-            "plain_all": plain_times, "captured_all": captured_times,
-            "plain_wall": plain_wall, "captured_wall": captured_wall}
 
 
 @contextmanager

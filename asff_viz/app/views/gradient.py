@@ -55,6 +55,47 @@ def gradient_view(analysis: Analysis) -> None:
                "(rows: target, columns: source), and where those contributions disagree. The learned weights are "
                "compared with uniform weights (a plain sum), the case the paper argues from.")
     labels, no_labels_reason = ground_truth(analysis)
+    chosen = _objective_controls(analysis, labels, no_labels_reason)
+    if chosen is None:
+        return
+    objective, label, index = chosen
+    if not _requested(analysis, objective, label):
+        return
+    if index is not None:
+        # The maps open on the level that predicted the picked detection (its gradient starts there).
+        level = int(analysis.records[index].level)
+        if st.session_state.get("gradient_target_for") != (analysis.trace_key, index):
+            st.session_state["gradient_target_for"] = (analysis.trace_key, index)
+            st.session_state["gradient_target"] = level
+    flows = _compute_flows(analysis, objective, labels)
+    if flows is None:
+        return
+    _matrices(flows, label)
+    st.markdown("**Where the gradient goes**")
+    map_controls = st.columns([1.5, 1.5, 2])
+    with map_controls[0]:
+        target = level_control("Target level", "gradient_target", 2,
+                               help="The level whose fused map sends the gradient.")
+    with map_controls[1]:
+        source = level_control("Source level", "gradient_source", 0,
+                               help="The level that receives it (maps are at the source's resolution).")
+    with map_controls[2]:
+        opacity = st.slider("Opacity", 0.0, 1.0, 0.75, 0.05, key="gradient_opacity",
+                            help="Opacity of the maps over the image.")
+    _flow_maps(analysis, flows, target, source, opacity)
+    _conflict_maps(analysis, flows, source, opacity)
+    download_row([
+        ("Figure PNG", lambda: cached.figure_bytes(static_figure(flows, analysis, target, source, opacity), "png"),
+         "gradient_flow.png", "image/png"),
+        ("Figure PDF", lambda: cached.figure_bytes(static_figure(flows, analysis, target, source, opacity), "pdf"),
+         "gradient_flow.pdf", "application/pdf"),
+        ("Matrices JSON", lambda: _flows_json(flows, label), "gradient_flow.json", "application/json"),
+    ], key="gradient_download")
+
+
+def _objective_controls(analysis: Analysis, labels, no_labels_reason: str | None) -> tuple | None:
+    """The objective picked: (cache key of the objective, its label, the detection index or None); None when it
+    cannot be computed (no detection, no ground truth), after saying why."""
     controls = st.columns([2.4, 2])
     with controls[0]:
         options = list(OBJECTIVES)
@@ -67,41 +108,40 @@ def gradient_view(analysis: Analysis) -> None:
         index = detection_picker(analysis, key="gradient_detection") if objective_kind == "score" else None
     if objective_kind == "score" and index is None:
         st.info("No detection to explain at this threshold; choose another objective or lower the threshold.")
-        return
+        return None
     if objective_kind == "loss" and labels is None:
         st.warning(no_labels_reason, icon=":material/info:")
-        return
+        return None
     if objective_kind == "score":
         record = analysis.records[index]
-        objective = ("score", int(record.row_index))
         label = f"score of #{index} ({detection_caption(record)}, {level_name(record.level)})"
-    elif objective_kind == "sum":
-        objective, label = ("sum",), "sum of all scores"
-    else:
-        # The labels' own hash: another annotation file for the same image is another objective.
-        objective = ("loss", hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest())
-        label = "training loss vs ground truth"
+        return ("score", int(record.row_index)), label, index
+    if objective_kind == "sum":
+        return ("sum",), "sum of all scores", None
+    # The labels' own hash: another annotation file for the same image is another objective.
+    labels_hash = hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()
+    return ("loss", labels_hash), "training loss vs ground truth", None
 
-    # Backward passes through the whole model, twice: seconds on a GPU, up to a minute on a busy CPU. They run
-    # when asked (once per image, model, settings and objective; the result is cached).
+
+def _requested(analysis: Analysis, objective: tuple, label: str) -> bool:
+    """Backward passes through the whole model, twice: seconds on a GPU, up to a minute on a busy CPU. They run
+    when asked (once per image, model, settings and objective; the result is cached)."""
     request = (analysis.trace_key, objective)
     requested = st.session_state.setdefault("gradient_requested", [])
-    if request not in requested:
-        prompt = st.empty()
-        with prompt.container():
-            st.info(f"Ready to compute the gradient flow of the {label} (backward passes with the learned and with "
-                    "uniform weights; tens of seconds on a CPU).", icon=":material/play_circle:")
-            if not st.button("Compute the gradient flow", key="compute_gradient_flow", type="primary"):
-                return
-        prompt.empty()
-        requested.append(request)
-    if objective_kind == "score":
-        # The maps open on the level that predicted the picked detection (its gradient starts there).
-        level = int(analysis.records[index].level)
-        if st.session_state.get("gradient_target_for") != (analysis.trace_key, index):
-            st.session_state["gradient_target_for"] = (analysis.trace_key, index)
-            st.session_state["gradient_target"] = level
+    if request in requested:
+        return True
+    prompt = st.empty()
+    with prompt.container():
+        st.info(f"Ready to compute the gradient flow of the {label} (backward passes with the learned and with "
+                "uniform weights; tens of seconds on a CPU).", icon=":material/play_circle:")
+        if not st.button("Compute the gradient flow", key="compute_gradient_flow", type="primary"):
+            return False
+    prompt.empty()
+    requested.append(request)
+    return True
 
+
+def _compute_flows(analysis: Analysis, objective: tuple, labels) -> dict | None:
     flows = {}
     progress = st.progress(0.0, text="Computing the gradient flow with the learned weights…")
     try:
@@ -113,10 +153,13 @@ def gradient_view(analysis: Analysis) -> None:
     except (RuntimeError, ValueError) as error:  # e.g. out of memory for the backward pass
         st.error(f"The gradient flow could not be computed: {error}. Try a smaller input size.",
                  icon=":material/error:")
-        return
+        return None
     finally:
         progress.empty()
+    return flows
 
+
+def _matrices(flows: dict, label: str) -> None:
     matrix_max = float(max(flows["learned"].matrix.max(), flows["uniform"].matrix.max()) or 1.0)
     columns = st.columns(2, gap="large")
     for column, (name, flow) in zip(columns, flows.items(), strict=True):
@@ -131,18 +174,8 @@ def gradient_view(analysis: Analysis) -> None:
             plotly_chart(charts.matrix_figure(flow.matrix, "gradient norm, target → source", zmax=matrix_max),
                          key=f"gradient_matrix_{name}", config={"displayModeBar": False}, width="stretch")
 
-    st.markdown("**Where the gradient goes**")
-    map_controls = st.columns([1.5, 1.5, 2])
-    with map_controls[0]:
-        target = level_control("Target level", "gradient_target", 2,
-                               help="The level whose fused map sends the gradient.")
-    with map_controls[1]:
-        source = level_control("Source level", "gradient_source", 0,
-                               help="The level that receives it (maps are at the source's resolution).")
-    with map_controls[2]:
-        opacity = st.slider("Opacity", 0.0, 1.0, 0.75, 0.05, key="gradient_opacity",
-                            help="Opacity of the maps over the image.")
-    height, width = analysis.image.shape[:2]
+
+def _flow_maps(analysis: Analysis, flows: dict, target: int, source: int, opacity: float) -> None:
     source_cell = analysis.cell(source)
     map_max = float(max(flows[name].maps[target][source].max() for name in flows) or 1.0)
     columns = st.columns(2, gap="large")
@@ -152,20 +185,23 @@ def gradient_view(analysis: Analysis) -> None:
             relative = flow.maps[target][source] / map_max
             # Below 1 % of the largest value reads as no gradient: left clear, so the image shows through.
             charts.add_weight_map(figure, np.where(relative >= 0.01, relative, np.nan), source_cell,
-                                   colormap="magma", opacity=opacity, title="norm / max")
+                                  colormap="magma", opacity=opacity, title="norm / max")
             _add_positives(figure, flow, source, source_cell)
             st.caption(f"{name}: gradient from {level_name(target)} into {level_name(source)} (scale shared by both; "
                        "clear = under 1 % of the largest)")
             plotly_chart(figure, key=f"gradient_map_{name}", config={"displaylogo": False}, width="stretch")
 
+
+def _conflict_maps(analysis: Analysis, flows: dict, source: int, opacity: float) -> None:
     st.markdown("**Conflict map** of the source level: 0 = the three target levels agree, 1 = they cancel")
+    source_cell = analysis.cell(source)
     columns = st.columns(2, gap="large")
     for column, (name, flow) in zip(columns, flows.items(), strict=True):
         with column:
             figure = charts.image_figure(analysis.image, height=360, dim=0.35)
             conflict = np.where(flow.conflict[source].active, flow.conflict_maps[source], np.nan)
             charts.add_weight_map(figure, conflict, source_cell, colormap="inferno", opacity=opacity,
-                                   title="cancellation")
+                                  title="cancellation")
             _add_positives(figure, flow, source, source_cell)
             rate = flow.conflict_rate[source]
             at_objects = flow.conflict_rate_at_objects
@@ -173,14 +209,6 @@ def gradient_view(analysis: Analysis) -> None:
                      and np.isfinite(at_objects[source]) else "")
             st.caption(f"{name}: conflict rate at {level_name(source)} {rate:.1%}{extra}; blank = no gradient")
             plotly_chart(figure, key=f"conflict_map_{name}", config={"displaylogo": False}, width="stretch")
-
-    download_row([
-        ("Figure PNG", lambda: cached.figure_bytes(static_figure(flows, analysis, target, source, opacity), "png"),
-         "gradient_flow.png", "image/png"),
-        ("Figure PDF", lambda: cached.figure_bytes(static_figure(flows, analysis, target, source, opacity), "pdf"),
-         "gradient_flow.pdf", "application/pdf"),
-        ("Matrices JSON", lambda: _flows_json(flows, label), "gradient_flow.json", "application/json"),
-    ], key="gradient_download")
 
 
 def _add_positives(figure, flow, source: int, cell: tuple[float, float]) -> None:
