@@ -268,7 +268,8 @@ def test_gradient_flow_statistics_from_hand_built_flows():
 
 def test_sum_fusion_model_decomposes_with_unit_weights():
     """The gradient decomposition of a sum-fusion model: no weight branch, value paths sum to the fusion total."""
-    from asff_viz.introspection.decomposition import SumOfScores, decompose_gradients
+    from asff_viz.introspection.decomposition import decompose_gradients
+    from asff_viz.introspection.objectives import SumOfScores
 
     torch.manual_seed(0)
     model = build_model(width=0.125, depth=0.33, num_classes=3, fusion="sum").eval().double()

@@ -9,13 +9,15 @@ import torch
 from asff_viz.inference.transforms import ImageTransform
 from asff_viz.introspection.capture import hook_count
 from asff_viz.introspection.decomposition import (
-    DetectionScore,
-    SumOfScores,
-    TrainingLoss,
     compare_with_uniform,
     conflict_statistics,
     decompose_gradients,
     gradient_flow,
+)
+from asff_viz.introspection.objectives import (
+    DetectionScore,
+    SumOfScores,
+    TrainingLoss,
     ground_truth_cells,
     ground_truth_labels,
 )
@@ -175,7 +177,7 @@ def test_identity_also_holds_through_the_heads_offsets(model, image, best_row, d
 
 
 def test_each_control_is_what_it_says(model, image, best_row):
-    from asff_viz.introspection.decomposition import ALL_CONTROLS, control_weight_maps
+    from asff_viz.introspection.controls import ALL_CONTROLS, control_weight_maps
 
     flow = gradient_flow(model, image, TrainingLoss(LABELS), controls=True, control_seed=3)
     assert set(flow.controls) == set(ALL_CONTROLS)

@@ -17,10 +17,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from asff_viz import trace_image
-from asff_viz.figures import traces
+from asff_viz.figures import gradients, traces
 from asff_viz.inference.transforms import preprocess
 from asff_viz.introspection.attribution import Attribution
-from asff_viz.introspection.decomposition import SumOfScores, gradient_flow
+from asff_viz.introspection.decomposition import gradient_flow
+from asff_viz.introspection.objectives import SumOfScores
 from tests.test_capture import SIZE, synthetic_image, tiny_model
 
 HEIGHT, WIDTH = 90, 130
@@ -141,18 +142,18 @@ def test_draw_detections_draws_every_box_with_its_label(trace):
 def test_gradient_flow_and_attribution_figures(model, trace):
     image_tensor, _ = preprocess(trace.image, SIZE)
     flow = gradient_flow(model, image_tensor, SumOfScores(), ground_truth=[[0, 48.0, 48.0, 30.0, 40.0]])
-    figure = traces.gradient_flow_matrix(flow, include_weight_branch=True)
+    figure = gradients.gradient_flow_matrix(flow, include_weight_branch=True)
     assert len(figure.axes) == 3 and len(figure.axes[0].texts) == 9
-    assert len(traces.gradient_flow_maps(flow).axes) == 12  # 9 maps and a colorbar per source
-    assert len(traces.gradient_flow_maps(flow, trace=trace).axes) == 12
-    figure = traces.conflict_maps([flow, flow])
+    assert len(gradients.gradient_flow_maps(flow).axes) == 12  # 9 maps and a colorbar per source
+    assert len(gradients.gradient_flow_maps(flow, trace=trace).axes) == 12
+    figure = gradients.conflict_maps([flow, flow])
     conflict_images = [ax.images[0] for ax in figure.axes if ax.images]
     assert len(conflict_images) == 6 and all(image.get_clim() == (0.0, 1.0) for image in conflict_images)
-    on_image = traces.conflict_maps(flow, trace=trace)
+    on_image = gradients.conflict_maps(flow, trace=trace)
     assert [image.get_clim() for image in weight_images(on_image)] == [(0.0, 1.0)] * 3
     signed = Attribution("integrated_gradients", "test", np.linspace(-2, 1, SIZE * SIZE).reshape(SIZE, SIZE),
                          np.zeros((3, SIZE, SIZE)))
-    figure = traces.attribution_overlay(trace.image, signed, trace.transform, clip_percentile=None,
+    figure = gradients.attribution_overlay(trace.image, signed, trace.transform, clip_percentile=None,
                                         box_xyxy=[10, 10, 50, 40])
     overlay = figure.axes[0].images[1].get_array()
     assert overlay.shape == (HEIGHT, WIDTH, 4)
@@ -160,7 +161,7 @@ def test_gradient_flow_and_attribution_figures(model, trace):
     assert overlay[..., 3].max() == pytest.approx(0.8, abs=0.02)  # opaque where strongest, clear near zero
     assert overlay[..., 3].min() < 0.05 and len(figure.axes[0].patches) == 1
     cell = dataclasses.replace(signed, method="neuron_gradient", level=1, cell=(2, 3), stride=16)
-    figure = traces.attribution_overlay(trace.image, cell, trace.transform)
+    figure = gradients.attribution_overlay(trace.image, cell, trace.transform)
     (outline,) = figure.axes[0].patches
     assert outline.get_x() == pytest.approx(3 * 16 * WIDTH / SIZE) and outline.get_width() == pytest.approx(
         16 * WIDTH / SIZE)
@@ -168,7 +169,7 @@ def test_gradient_flow_and_attribution_figures(model, trace):
             for level, grid in enumerate(np.ones((3, 1, 1)) * np.arange(1, 4)[:, None, None])]
     cams = [dataclasses.replace(cam, grid=np.full((SIZE // s, SIZE // s), v)) for cam, s, v in
             zip(cams, (32, 16, 8), (1.0, 2.0, 3.0), strict=True)]
-    figure = traces.grad_cam_figure(trace.image, cams, trace.transform)
+    figure = gradients.grad_cam_figure(trace.image, cams, trace.transform)
     assert all(image.get_clim() == (0.0, 3.0) for image in weight_images(figure))
     assert isinstance(traces.figure_to_png(figure), bytes)
 

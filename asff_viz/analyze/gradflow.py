@@ -35,7 +35,8 @@ import numpy as np
 from ..figures import plots
 from ..figures.palette import OKABE_ITO, category_color
 from ..figures.style import LEVEL_LABELS
-from ..introspection.decomposition import ALL_CONTROLS, CONTROLS, SWEPT
+from ..introspection.controls import ALL_CONTROLS, CONTROLS
+from ..introspection.decomposition import SWEPT
 from ..utils.argtypes import cosine_value, positive_int, unit_interval
 from .flow_statistics import MAIN_REGIONS, REGIONS, GradientFlowStatistics
 from .provenance import preprocessing_record

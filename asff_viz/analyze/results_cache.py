@@ -28,7 +28,8 @@ import torch
 from ..inference.postprocess import postprocess, row_location
 from ..inference.transforms import ImageError, ImageTransform, preprocess, read_image
 from ..introspection.capture import Counterfactual, as_counterfactual
-from ..introspection.decomposition import TrainingLoss, gradient_flow, ground_truth_labels
+from ..introspection.decomposition import gradient_flow
+from ..introspection.objectives import TrainingLoss, ground_truth_labels
 from ..introspection.trace import Trace, TraceError, trace_image
 from ..utils.codeversion import source_sha256
 from ..utils.fileio import atomic_write

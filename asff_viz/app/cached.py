@@ -95,19 +95,19 @@ def gradient_flow(image_key: str, weights: tuple[str, str], size: int, device: s
     _ground_truth: (M, 5) [class, cx, cy, w, h] in input pixels (`ground_truth_labels`), for the loss objective
     and to mark positives and background; part of the key through the objective's annotations key.
     """
-    from ..introspection import decomposition
+    from ..introspection import decomposition, objectives
 
     network = model(*weights, device)
     tensor, _ = preprocess(_image, size)
     kind = objective[0]
     if kind == "score":
-        target = decomposition.DetectionScore(int(objective[1]))
+        target = objectives.DetectionScore(int(objective[1]))
     elif kind == "sum":
-        target = decomposition.SumOfScores()
+        target = objectives.SumOfScores()
     else:
-        target = decomposition.TrainingLoss(_ground_truth)
+        target = objectives.TrainingLoss(_ground_truth)
     return decomposition.gradient_flow(network, tensor, target, counterfactual_object(counterfactual),
-                                  ground_truth=_ground_truth)
+                                       ground_truth=_ground_truth)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

@@ -206,7 +206,8 @@ def analysis_cost(model: nn.Module, size: int, repeats: int, device: torch.devic
                   log: Callable[[str], None], clock: Callable[[], float] = time.perf_counter) -> dict:
     """Gradient-flow analysis vs a forward (interleaved), and attributions (time)."""
     from ..introspection.attribution import integrated_gradients, saliency
-    from ..introspection.decomposition import SumOfScores, gradient_flow
+    from ..introspection.decomposition import gradient_flow
+    from ..introspection.objectives import SumOfScores
 
     image = sample_image(size, device)
     with torch.inference_mode():

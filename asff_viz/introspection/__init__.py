@@ -6,16 +6,8 @@ attribution`). Figures are drawn by `asff_viz.figures.traces` from the objects t
 """
 
 from .capture import Counterfactual, Recorder, capture
-from .decomposition import (
-    DetectionScore,
-    GradientFlow,
-    SumOfScores,
-    TrainingLoss,
-    compare_with_uniform,
-    decompose_gradients,
-    gradient_flow,
-    ground_truth_labels,
-)
+from .decomposition import GradientFlow, compare_with_uniform, decompose_gradients, gradient_flow
+from .objectives import DetectionScore, SumOfScores, TrainingLoss, ground_truth_labels
 from .overhead import measure_capture_overhead
 from .trace import DetectionRecord, Trace, TraceError, trace_image
 

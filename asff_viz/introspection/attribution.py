@@ -44,7 +44,8 @@ from ..inference.postprocess import row_location
 from ..inference.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from ..models.head import SLOTS
 from .capture import LEVEL_NAMES, fusion_levels, gradient_through_offsets, has_fusion_weights
-from .decomposition import input_batch, row_scores
+from .decomposition import input_batch
+from .objectives import row_scores
 
 
 @dataclass

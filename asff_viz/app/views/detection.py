@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ...figures import traces
+from ...figures import gradients, traces
 from .. import cached, charts
 from ..widgets import (
     SELECTED_DETECTION,
@@ -253,9 +253,9 @@ def show_attributions(analysis: Analysis, record, results: dict) -> None:
     for method, attributions in results.items():
         def make(file_format, method=method, attributions=attributions):
             if method == "grad_cam":
-                figure = traces.grad_cam_figure(analysis.image, attributions, transform)
+                figure = gradients.grad_cam_figure(analysis.image, attributions, transform)
             else:
-                figure = traces.attribution_overlay(analysis.image, attributions[0], transform)
+                figure = gradients.attribution_overlay(analysis.image, attributions[0], transform)
             return cached.figure_bytes(figure, file_format)
         short = {"integrated_gradients": "IG", "saliency": "Saliency", "grad_cam": "GradCAM"}[method]
         items.append((f"{short} PNG", lambda make=make: make("png"), f"{method}.png", "image/png"))

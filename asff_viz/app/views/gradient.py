@@ -32,7 +32,7 @@ UNIFORM: cached.CounterfactualKey = ("uniform", None, None)
 
 def ground_truth(analysis: Analysis) -> tuple[np.ndarray | None, str | None]:
     """(M, 5) [class, cx, cy, w, h] input-pixel labels of the image's annotations, or (None, why not)."""
-    from ...introspection.decomposition import ground_truth_labels
+    from ...introspection.objectives import ground_truth_labels
 
     annotations = analysis.image_choice.annotations
     if annotations is None or len(annotations.class_indices) == 0:
@@ -223,9 +223,9 @@ def _add_positives(figure, flow, source: int, cell: tuple[float, float]) -> None
 
 def static_figure(flows: dict, analysis: Analysis, target: int, source: int, opacity: float):
     """The matplotlib figure of what the view shows (matrices, the target -> source maps, conflict maps)."""
-    from ...figures import traces
+    from ...figures import gradients
 
-    return traces.gradient_flow_comparison(flows, analysis.trace, target, source, alpha=opacity)
+    return gradients.gradient_flow_comparison(flows, analysis.trace, target, source, alpha=opacity)
 
 
 def _flows_json(flows: dict, label: str) -> str:
