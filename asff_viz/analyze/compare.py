@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.coco import xyxy_to_coco_bbox
-from ..figures import plots
+from ..figures import figure3, plots
 from ..inference.coco_eval import METRIC_NAMES, coco_metrics
 from ..inference.transforms import read_image
 from ..utils.argtypes import positive_int, unit_interval
@@ -187,7 +187,7 @@ def draw(context: RunContext, labels: list[str], metrics: list[dict], statistics
              "x2": result.boxes[j, 2], "y2": result.boxes[j, 3], "level": int(result.levels[j])}
             for i in range(len(shown)) for label, result in zip(labels, results[i], strict=True)
             for j in range(len(result.scores)) if result.scores[j] >= args.score_threshold]
-        context.figure("compare_detections", lambda: plots.detections_grid(
+        context.figure("compare_detections", lambda: figure3.detections_grid(
             images, truths, results, labels, class_names=class_names, score_threshold=args.score_threshold),
             detection_rows)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..figures import plots
+from ..figures import figure3 as figure3_plots
 from ..figures.style import LEVEL_LABELS
 from ..utils.argtypes import positive_int, unit_interval
 from .provenance import preprocessing_record
@@ -80,10 +80,10 @@ def draw(context: RunContext, traces: list, names: list[str], suffix: str) -> No
     """Every figure and table of figure3 from the traces (also what `replot` calls)."""
     args = context.args
     for trace, name in zip(traces, names, strict=True):
-        context.figure(f"figure3_{name}{suffix}", lambda trace=trace: plots.figure3(
+        context.figure(f"figure3_{name}{suffix}", lambda trace=trace: figure3_plots.figure3(
             trace, score_threshold=args.score_threshold, max_detections=args.max_detections), weight_rows(trace))
         context.table(f"figure3_{name}{suffix}_detections", detection_rows(trace, args.score_threshold))
-    context.figure(f"figure3_overview{suffix}", lambda: plots.figure3_overview(
+    context.figure(f"figure3_overview{suffix}", lambda: figure3_plots.figure3_overview(
         traces, names, score_threshold=args.score_threshold, max_detections=args.max_detections),
         overview_rows(traces, names))
 

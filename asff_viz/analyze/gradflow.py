@@ -32,7 +32,7 @@ import logging
 
 import numpy as np
 
-from ..figures import plots
+from ..figures import flow_plots
 from ..figures.palette import OKABE_ITO, category_color
 from ..figures.style import LEVEL_LABELS
 from ..introspection.controls import ALL_CONTROLS, CONTROLS
@@ -199,7 +199,7 @@ def write_figures(context: RunContext, statistics: GradientFlowStatistics, *, sa
         rows, controls, estimates, lower, upper = control_rows(statistics, all_modes[0], samples=samples,
                                                                seed=context.seed)
         names = [c[len(CONTROL_PREFIX):] for c in controls]
-        context.figure("gradflow_conflict_controls", lambda: plots.paired_differences(
+        context.figure("gradflow_conflict_controls", lambda: flow_plots.paired_differences(
             names, estimates, lower, upper, reference=all_modes[0]), rows)
     modes = [m for m in all_modes if not m.startswith(CONTROL_PREFIX)]
     statistics.modes = modes
@@ -208,12 +208,12 @@ def write_figures(context: RunContext, statistics: GradientFlowStatistics, *, sa
     rates = np.stack([intervals[m][0] for m in modes])
     lower = np.stack([intervals[m][1] for m in modes])
     upper = np.stack([intervals[m][2] for m in modes])
-    context.figure("gradflow_conflict", lambda: plots.conflict_bars(modes, rates, lower, upper, colors=colors),
+    context.figure("gradflow_conflict", lambda: flow_plots.conflict_bars(modes, rates, lower, upper, colors=colors),
                    [r for r in rows if r["region"] in REGIONS[:MAIN_REGIONS]])
     context.table("gradflow_conflict_by_level", [r for r in rows if r["region"] not in REGIONS[:MAIN_REGIONS]])
-    context.figure("gradflow_shares", lambda: plots.share_matrices(
+    context.figure("gradflow_shares", lambda: flow_plots.share_matrices(
         [(m, statistics.energy_shares(m)) for m in modes]), share_rows(statistics))
-    context.figure("gradflow_paths", lambda: plots.path_norms(
+    context.figure("gradflow_paths", lambda: flow_plots.path_norms(
         modes, [statistics.rms_norms(m) for m in modes], colors=colors), path_rows(statistics))
     context.table("gradflow_per_image", statistics.per_image_rows())
 
