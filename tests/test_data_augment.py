@@ -11,19 +11,15 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from asff_viz.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    MixupDataset,
-    MultiScaleBatchSampler,
     PhotometricParameters,
-    TrainDataset,
     TrainTransform,
-    ValDataset,
     ValTransform,
     apply_photometric,
-    collate,
     draw_photometric,
     flip_horizontal,
     valid_label_count,
 )
+from asff_viz.data.loading import MixupDataset, MultiScaleBatchSampler, TrainDataset, ValDataset, collate
 
 GEOMETRIC_STEPS = ("expand", "crop", "flip", "affine")
 

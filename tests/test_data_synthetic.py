@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from asff_viz.data import synthetic
+from asff_viz.data import drawing, synthetic
 from asff_viz.data.synthetic import CLASS_NAMES, RenderSettings, generate, render_image
 
 
@@ -91,7 +91,7 @@ def test_each_shape_fills_its_patch_so_boxes_are_tight(class_name):
     # The box is measured from the mask; a shape filling its patch means the patch size is the object size.
     rng = np.random.default_rng(0)
     for height, width in ((32, 32), (48, 36), (120, 160)):
-        mask = synthetic._shape_mask(class_name, rng, height, width)
+        mask = drawing.shape_mask(class_name, rng, height, width)
         rows = np.flatnonzero(mask.any(axis=1))
         cols = np.flatnonzero(mask.any(axis=0))
         assert rows[0] <= 1 and rows[-1] >= height - 2, (class_name, height, width)
@@ -102,10 +102,10 @@ def test_boxes_are_the_exact_extent_of_the_drawn_objects(monkeypatch):
     # Black background, white objects, no noise: every pixel an object touches is non-zero, so the box
     # must span exactly the columns and rows of non-zero pixels (to the pixel edges it covers partly).
     monkeypatch.setattr(
-        synthetic, "_render_background", lambda rng, height, width: np.zeros((height, width, 3), np.float32)
+        synthetic, "render_background", lambda rng, height, width: np.zeros((height, width, 3), np.float32)
     )
     monkeypatch.setattr(
-        synthetic, "_object_texture", lambda rng, height, width, pixels: np.full((height, width, 3), 255, np.float32)
+        synthetic, "object_texture", lambda rng, height, width, pixels: np.full((height, width, 3), 255, np.float32)
     )
     settings = RenderSettings(size=128, min_objects=1, max_objects=1, max_noise_sigma=0.0)
     for index in range(12):

@@ -15,8 +15,9 @@ import torch
 import asff_viz.train as train_module
 from asff_viz import load_model
 from asff_viz.checkpoint import save_checkpoint
-from asff_viz.data.augment import TrainDataset, TrainTransform, collate
+from asff_viz.data.augment import TrainTransform
 from asff_viz.data.coco import COCODetection
+from asff_viz.data.loading import TrainDataset, collate
 from asff_viz.data.synthetic import generate
 from asff_viz.models import build_model
 from asff_viz.models.config import ModelConfig

@@ -302,8 +302,8 @@ def loader_throughput(synthetic: str, size: int, batch: int, batches: int, worke
     """Images/s the training data pipeline (decode, augment, collate) delivers with `workers` processes."""
     from torch.utils.data import DataLoader
 
-    from ..data.augment import TrainDataset, collate
     from ..data.coco import COCODetection
+    from ..data.loading import TrainDataset, collate
 
     root = Path(synthetic)
     dataset = TrainDataset(COCODetection(root / "annotations" / "train.json", root / "images" / "train"),

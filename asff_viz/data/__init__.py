@@ -1,12 +1,14 @@
-"""Data: synthetic dataset generator, COCO-format dataset, official training augmentation.
+"""Data: synthetic dataset generator, COCO-format dataset, official training augmentation and loading.
 
 Names are imported lazily so that ``python -m asff_viz.data.synthetic`` (and its worker processes) do not
 pay for importing torch.
 
 - ``synthetic``: ``generate``, ``render_image``, ``CLASS_NAMES``.
 - ``coco``: ``COCODetection``, ``load_rgb_image``, ``convert_coco_bbox``, ``xyxy_to_coco_bbox``.
-- ``augment``: ``TrainTransform``, ``ValTransform``, ``MixupDataset``, ``TrainDataset``, ``ValDataset``,
-  ``MultiScaleBatchSampler``, ``collate``.
+- ``augment``: ``TrainTransform``, ``ValTransform`` (the official augmentation).
+- ``loading``: ``MixupDataset``, ``TrainDataset``, ``ValDataset``, ``MultiScaleBatchSampler``, ``collate``.
+- ``drawing``: backgrounds, textures and shape masks of the synthetic images.
+- ``class_names``: COCO's class names and matching class lists by name.
 - ``errors``: ``DatasetError``.
 """
 
@@ -25,11 +27,11 @@ _EXPORTS = {
     "xyxy_to_coco_bbox": "coco",
     "TrainTransform": "augment",
     "ValTransform": "augment",
-    "MixupDataset": "augment",
-    "TrainDataset": "augment",
-    "ValDataset": "augment",
-    "MultiScaleBatchSampler": "augment",
-    "collate": "augment",
+    "MixupDataset": "loading",
+    "TrainDataset": "loading",
+    "ValDataset": "loading",
+    "MultiScaleBatchSampler": "loading",
+    "collate": "loading",
     "DatasetError": "errors",
 }
 

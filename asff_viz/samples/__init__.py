@@ -87,7 +87,8 @@ def annotations_from_coco(document: dict, file_name: str, source: str = "annotat
     (so COCO's 80 ids with gaps map to indices 0..79). Raises AnnotationError (naming `source`) when the
     document is not COCO-style.
     """
-    from ..data.coco import convert_coco_bbox, validate_document
+    from ..data.coco import convert_coco_bbox
+    from ..data.coco_document import validate_document
     from ..data.errors import DatasetError
 
     try:

@@ -17,7 +17,7 @@ def build_train_loader(dataset, config: TrainConfig, epoch: int, context: Distri
     the sampler and the loader's generator (which seeds the workers' torch RNG, from which `TrainDataset`
     draws each item's numpy Generator) are seeded per epoch.
     """
-    from ..data.augment import MultiScaleBatchSampler, collate
+    from ..data.loading import MultiScaleBatchSampler, collate
 
     data, run = config.data, config.run
     final_phase = epoch >= run.epochs - config.optim.final_epochs

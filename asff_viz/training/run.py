@@ -268,7 +268,8 @@ def _distributed_model(model: nn.Module, sync_bn: bool, context: DistributedCont
 def _prepare(config: TrainConfig, context: DistributedContext, resume: _Reference | None,
              train_set: COCODetection, val_set: COCODetection | None) -> _Run:
     """Model, data, loss, optimizer, schedule and monitors of the run."""
-    from ..data.augment import TrainDataset, TrainTransform
+    from ..data.augment import TrainTransform
+    from ..data.loading import TrainDataset
 
     data, optim, run = config.data, config.optim, config.run
     class_names = train_set.class_names
