@@ -162,8 +162,7 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
         saved_points = []
         for position, path in enumerate(args.checkpoints):
             model = load_analysed_model(path, context.device)
-            if not model.has_fusion_weights:
-                raise AnalysisError(f"{path}: a {model.fusion_mode!r}-fusion model has no fusion weights.")
+            model.require_fusion_weights("the evolution follows them over checkpoints of an ASFF run.")
             epoch = model.metadata.get("epoch")
             if epoch is not None and epoch in seen:
                 # best.pt and last.pt of one run often hold the same epoch: one point per epoch.

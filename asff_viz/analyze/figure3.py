@@ -16,7 +16,7 @@ from ..figures.style import LEVEL_LABELS
 from ..utils.argtypes import positive_int, unit_interval
 from .provenance import preprocessing_record
 from .runner import RunContext, add_common_options, mode_name, parse_counterfactual
-from .sources import AnalysisError, check_image_paths, load_analysed_model
+from .sources import check_image_paths, load_analysed_model
 
 
 def add_parser(subparsers) -> None:
@@ -102,9 +102,7 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
     context = RunContext("figure3", args, argv)
     paths = check_image_paths(args.images)
     model = load_analysed_model(args.weights, context.device)
-    if not model.has_fusion_weights:
-        raise AnalysisError(f"{model.path}: a {model.fusion_mode!r}-fusion model has no fusion weights to draw; "
-                            "pass an ASFF checkpoint.")
+    model.require_fusion_weights("Figure 3 draws them: pass an ASFF checkpoint.")
     size = context.size_for(model)
     context.record.add_checkpoint(model.record("model"))
     context.record["preprocessing"] = preprocessing_record(size)

@@ -222,9 +222,7 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
     context = RunContext("gradflow", args, argv)
     dataset = AnalysisDataset(args.annotations, args.images, args.limit)
     model = load_analysed_model(args.weights, context.device)
-    if not model.has_fusion_weights:
-        raise AnalysisError(f"{model.path}: a {model.fusion_mode!r}-fusion model; pass the ASFF checkpoint as "
-                            "--weights and a sum-fusion one as --sum-weights.")
+    model.require_fusion_weights("pass the ASFF checkpoint as --weights and a sum-fusion one as --sum-weights.")
     dataset.check_classes(model)
     modes = args.modes or [parse_counterfactual("learned"), parse_counterfactual("uniform")]
     variants = [(model, counterfactual, mode_label(counterfactual)) for counterfactual in modes]

@@ -40,7 +40,7 @@ from .runner import (
     parse_counterfactual,
     record_dataset_images,
 )
-from .sources import AnalysisDataset, AnalysisError, load_analysed_model
+from .sources import AnalysisDataset, load_analysed_model
 
 
 def add_parser(subparsers) -> None:
@@ -132,9 +132,7 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
     context = RunContext("scale-stats", args, argv)
     dataset = AnalysisDataset(args.annotations, args.images, args.limit)
     model = load_analysed_model(args.weights, context.device)
-    if not model.has_fusion_weights:
-        raise AnalysisError(f"{model.path}: a {model.fusion_mode!r}-fusion model has no fusion weights; "
-                            "scale-stats needs an ASFF checkpoint.")
+    model.require_fusion_weights("scale-stats needs an ASFF checkpoint.")
     context.record.add_checkpoint(model.record("model"))
     context.record["preprocessing"] = preprocessing_record(context.size_for(model))
     context.record["thresholds"] = {"conf": args.conf_threshold, "nms": args.nms_threshold,

@@ -70,6 +70,11 @@ class AnalysedModel:
     def fusion_mode(self) -> str:
         return str(getattr(self.model.config, "fusion", "asff"))
 
+    def require_fusion_weights(self, what: str) -> None:
+        """AnalysisError naming the file when the model has no ASFF weights: `what` says what needs them."""
+        if not self.has_fusion_weights:
+            raise AnalysisError(f"{self.path}: a {self.fusion_mode!r}-fusion model has no fusion weights; {what}")
+
     def record(self, role: str) -> dict:
         """The run.json entry of this checkpoint."""
         metadata = self.metadata

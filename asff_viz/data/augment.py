@@ -21,6 +21,9 @@ Pipeline of ``TrainTransform`` (official ``TrainTransform(p=0.5)``), each step s
 6. resize to the square input size with a random interpolation, /255, ImageNet mean/std, CHW float32,
 7. boxes to (cx, cy, w, h) in input pixels; boxes with min(w, h) <= ``min_box_size`` are dropped; if none
    is left, the un-augmented resized original is used instead.
+
+The whole pipeline stays in this one module (a little over 400 lines) so that it reads top to bottom against
+the official ``data_augment.py``.
 """
 
 from __future__ import annotations

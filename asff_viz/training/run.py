@@ -4,6 +4,7 @@ The steps, each a function: read the checkpoint to resume (its settings laid und
 datasets, build and initialise the model, set up the optimization, restore the training state, then train
 epoch by epoch, evaluating and saving as scheduled. Weights are checked (finite, finite outputs on a fixed
 probe) before every save, so a checkpoint never holds NaN; the error names the last good checkpoint.
+The steps stay in one module, in the order they run (a little over 400 lines), so that a run reads top to bottom.
 """
 
 from __future__ import annotations
