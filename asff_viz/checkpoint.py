@@ -25,7 +25,8 @@ from .utils.fileio import atomic_write
 
 FORMAT_NAME = "asff_viz"
 FORMAT_VERSION = 1
-OFFICIAL_INPUT_SIZE = 608
+OFFICIAL_INPUT_SIZE = 608  # the Darknet-53 models' test size
+OFFICIAL_MOBILE_INPUT_SIZE = 416  # the MobileNetV2 models' (`config/yolov3_mobile.cfg`)
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -240,7 +241,8 @@ def parse_checkpoint(data: dict, source: str = "checkpoint") -> tuple[ModelConfi
             raise CheckpointError(f"{source}: {error}") from None
         class_names = list(COCO_CLASSES) if config.num_classes == 80 else [
             f"class_{i}" for i in range(config.num_classes)]
-        metadata = {"class_names": class_names, "input_size": OFFICIAL_INPUT_SIZE, "variant": config.variant,
+        size = OFFICIAL_MOBILE_INPUT_SIZE if config.backbone == "mobilenet_v2" else OFFICIAL_INPUT_SIZE
+        metadata = {"class_names": class_names, "input_size": size, "variant": config.variant,
                     "origin": "official"}
         return config, state_dict, metadata
     keys = list(data)[:5]

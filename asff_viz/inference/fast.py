@@ -16,7 +16,8 @@ What each option does and why the result stays equal (or close):
 * `fold_bn`: in eval mode BatchNorm is an affine map per channel, y = (x - mean) / sqrt(var + eps) * gamma +
   beta, so it folds into the preceding bias-free conv: W' = W * s, b' = beta - mean * s with s = gamma /
   sqrt(var + eps). The BN module becomes an `nn.Identity`. Equal up to float round-off.
-* `fuse_activation` (CPU, needs `fold_bn`): conv + bias + LeakyReLU(0.1) as one oneDNN primitive
+* `fuse_activation` (CPU, needs `fold_bn`): conv + bias + LeakyReLU(0.1) (ReLU6 in the MobileNetV2 models) as
+  one oneDNN primitive
   (`torch.ops.mkldnn._convolution_pointwise`, the kernel `torch.compile` uses for the same fusion), so the
   activation is applied while the conv output is still in registers instead of in a second pass over memory.
   Used only on CPU tensors without autograd; anywhere else the module computes conv, then activation.
@@ -47,6 +48,7 @@ from torch import nn
 
 from ..models.blocks import SPP, ConvBNAct
 from ..models.detector import YOLOv3ASFF
+from ..models.mobilenet import InvertedResidual
 
 
 @torch.no_grad()
@@ -78,6 +80,10 @@ def fold_all_batchnorms(model: nn.Module) -> int:
             fold_batchnorm(module.conv, module.bn)
             module.bn = nn.Identity()
             count += 1
+        elif isinstance(module, InvertedResidual) and isinstance(module.project_bn, nn.BatchNorm2d):
+            fold_batchnorm(module.project, module.project_bn)  # MobileNetV2's linear projection
+            module.project_bn = nn.Identity()
+            count += 1
     return count
 
 
@@ -86,8 +92,18 @@ def fused_conv_activation_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def _pointwise(act: nn.Module) -> tuple[str, list[float]]:
+    """The oneDNN post-op of an activation: LeakyReLU(a) is leaky_relu [a], ReLU6 is hardtanh [0, 6]."""
+    if isinstance(act, nn.LeakyReLU):
+        return "leaky_relu", [act.negative_slope]
+    if isinstance(act, nn.ReLU6):
+        return "hardtanh", [0.0, 6.0]
+    raise TypeError(f"no fused kernel for {type(act).__name__}")
+
+
 class FusedConvAct(ConvBNAct):
-    """A `ConvBNAct` whose BN is folded, computed as one oneDNN conv + bias + LeakyReLU on CPU.
+    """A `ConvBNAct` whose BN is folded, computed as one oneDNN conv + bias + activation (LeakyReLU or ReLU6)
+    on CPU.
 
     Same submodules (`conv`, `bn` = Identity, `act`) and parameters as the ConvBNAct it replaces; falls back to
     conv then activation on other devices, other dtypes, or when autograd records the forward.
@@ -102,7 +118,7 @@ class FusedConvAct(ConvBNAct):
         # Outside autocast the first layer receives the float32 image while the weights may be bf16.
         return torch.ops.mkldnn._convolution_pointwise(
             x.to(weight.dtype), weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups, "leaky_relu", [self.act.negative_slope], "")
+            conv.groups, *_pointwise(self.act), "")
 
 
 class CascadedSPP(SPP):
@@ -194,7 +210,7 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     for module in optimized.modules():
         if type(module) is SPP:
             module.__class__ = CascadedSPP
-        elif fuse_activation and type(module) is ConvBNAct and isinstance(module.act, nn.LeakyReLU):
+        elif fuse_activation and type(module) is ConvBNAct and isinstance(module.act, (nn.LeakyReLU, nn.ReLU6)):
             module.__class__ = FusedConvAct
     fused = sum(isinstance(module, FusedConvAct) for module in optimized.modules())
     if channels_last:

@@ -1,4 +1,4 @@
-"""Darknet-53 with named stages that declare their channels and stride."""
+"""Darknet-53 with named stages that declare their channels and stride; `build_backbone` picks the family."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ class Stage(nn.Module):
 class Darknet53(nn.Module):
     """Darknet-53: a 3x3 stem then five stages (64, 128, 256, 512, 1024 channels; 1, 2, 8, 8, 4 blocks).
 
-    `forward` returns {"dark3": (B, 256w, H/8, W/8), "dark4": (B, 512w, H/16, W/16),
-    "dark5": (B, 1024w, H/32, W/32)}, with w the width multiplier.
+    `forward` returns [dark3 (B, 256w, H/8, W/8), dark4 (B, 512w, H/16, W/16), dark5 (B, 1024w, H/32, W/32)]
+    (the order of `feature_info`: stride 8, 16, 32), with w the width multiplier.
     """
 
     STAGES = (("dark1", 64, 1), ("dark2", 128, 2), ("dark3", 256, 8), ("dark4", 512, 8), ("dark5", 1024, 4))
@@ -55,13 +55,13 @@ class Darknet53(nn.Module):
             if name in self.OUTPUTS:
                 self.feature_info.append(FeatureInfo(f"backbone.{name}", out_channels, stride))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
-        outputs = {}
+        outputs = []
         for name, _, _ in self.STAGES:
             x = getattr(self, name)(x)
             if name in self.OUTPUTS:
-                outputs[name] = x
+                outputs.append(x)
         return outputs
 
     def conv_layers(self) -> list[ConvBNAct]:
@@ -69,5 +69,10 @@ class Darknet53(nn.Module):
         return [m for m in self.modules() if isinstance(m, ConvBNAct)]
 
 
-def build_backbone(config: ModelConfig) -> Darknet53:
+def build_backbone(config: ModelConfig) -> nn.Module:
+    """The backbone `config.backbone` names; each declares its outputs in `feature_info` (stride 8, 16, 32)."""
+    if config.backbone == "mobilenet_v2":
+        from .mobilenet import MobileNetV2
+
+        return MobileNetV2(config)
     return Darknet53(config)

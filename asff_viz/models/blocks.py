@@ -1,4 +1,4 @@
-"""Building blocks shared by the backbone, neck and fusion: conv-BN-leaky, residual stacks, SPP, DropBlock."""
+"""Building blocks shared by the backbones, neck and fusion: conv-BN-activation, residual stacks, SPP, DropBlock."""
 
 from __future__ import annotations
 
@@ -7,26 +7,46 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class ConvBNAct(nn.Module):
-    """Conv (no bias) + BatchNorm + LeakyReLU(0.1): the official `add_conv`, padding (k - 1) // 2."""
+def activation(kind: str) -> nn.Module:
+    """"leaky": LeakyReLU(0.1) (Darknet-53 models); "relu6": ReLU6 (MobileNetV2 models)."""
+    if kind == "leaky":
+        return nn.LeakyReLU(0.1)
+    if kind == "relu6":
+        return nn.ReLU6()
+    raise ValueError(f"activation must be 'leaky' or 'relu6', got {kind!r}")
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> None:
+
+class ConvBNAct(nn.Module):
+    """Conv (no bias) + BatchNorm + activation: the official `add_conv` (LeakyReLU 0.1, or ReLU6 with
+    `leaky=False`) and torchvision's `ConvBNReLU` (ReLU6, optional groups), padding (k - 1) // 2."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *,
+                 act: str = "leaky", groups: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups,
+                              bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.LeakyReLU(0.1)
+        self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
 
 
 class Bottleneck(nn.Module):
-    """1x1 halving conv then 3x3 restoring conv, with an optional residual add (no activation after it)."""
+    """1x1 halving conv then 3x3 restoring conv, with an optional residual add (no activation after it).
 
-    def __init__(self, channels: int, shortcut: bool = True) -> None:
+    `in_channels` other than `channels` (no shortcut then) gives the MobileNetV2 neck's `ressepblock`, e.g.
+    1280 -> 512 -> 1024.
+    """
+
+    def __init__(self, channels: int, shortcut: bool = True, *, act: str = "leaky",
+                 in_channels: int | None = None) -> None:
         super().__init__()
-        self.reduce = ConvBNAct(channels, channels // 2, 1)
-        self.expand = ConvBNAct(channels // 2, channels, 3)
+        in_channels = channels if in_channels is None else in_channels
+        if shortcut and in_channels != channels:
+            raise ValueError("a residual bottleneck needs as many input as output channels")
+        self.reduce = ConvBNAct(in_channels, channels // 2, 1, act=act)
+        self.expand = ConvBNAct(channels // 2, channels, 3, act=act)
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,9 +57,11 @@ class Bottleneck(nn.Module):
 class ResidualStack(nn.Module):
     """`num_blocks` bottlenecks in sequence: the official `resblock`."""
 
-    def __init__(self, channels: int, num_blocks: int, shortcut: bool = True) -> None:
+    def __init__(self, channels: int, num_blocks: int, shortcut: bool = True, *, act: str = "leaky",
+                 in_channels: int | None = None) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(*(Bottleneck(channels, shortcut) for _ in range(num_blocks)))
+        self.blocks = nn.Sequential(*(Bottleneck(channels, shortcut, act=act, in_channels=in_channels if i == 0
+                                                 else None) for i in range(num_blocks)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import Darknet53, build_backbone
+from .backbone import build_backbone
 from .config import ModelConfig
 from .fusion import Fusion, build_fusion
 from .head import SLOTS, Head, LevelOutput, build_head
@@ -20,7 +20,7 @@ class YOLOv3ASFF(nn.Module):
     training and eval. `decode` turns them into boxes; loss and NMS live elsewhere.
     """
 
-    def __init__(self, backbone: Darknet53, neck: YOLOv3Neck, fusion: Fusion, head: Head,
+    def __init__(self, backbone: nn.Module, neck: YOLOv3Neck, fusion: Fusion, head: Head,
                  config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -79,9 +79,9 @@ def build_model(config: ModelConfig | None = None, **overrides) -> YOLOv3ASFF:
     elif overrides:
         config = ModelConfig.from_dict({**config.to_dict(), **overrides})
     backbone = build_backbone(config)
-    neck = build_neck(config)
+    neck = build_neck(config, tuple(info.channels for info in backbone.feature_info))
     fusion = build_fusion(config, neck.out_channels)
-    head = build_head(fusion.out_channels, config.num_classes, config.rfb)
+    head = build_head(fusion.out_channels, config.num_classes, config.rfb, config.feature_adaption)
     return YOLOv3ASFF(backbone, neck, fusion, head, config)
 
 

@@ -16,26 +16,29 @@ from .blocks import ConvBNAct
 from .config import ModelConfig
 
 
-def _resize_paths(level: int, in_channels: tuple[int, int, int]) -> nn.ModuleList:
+def _resize_paths(level: int, in_channels: tuple[int, int, int], act: str) -> nn.ModuleList:
     """Official resizing: stride-2 3x3 convs (plus a max pool for 4x) down, 1x1 compress + nearest up."""
     target = in_channels[level]
     if level == 0:
         paths = [
             nn.Identity(),
-            ConvBNAct(in_channels[1], target, 3, 2),
-            nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1), ConvBNAct(in_channels[2], target, 3, 2)),
+            ConvBNAct(in_channels[1], target, 3, 2, act=act),
+            nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1), ConvBNAct(in_channels[2], target, 3, 2, act=act)),
         ]
     elif level == 1:
         paths = [
-            nn.Sequential(ConvBNAct(in_channels[0], target, 1), nn.Upsample(scale_factor=2, mode="nearest")),
+            nn.Sequential(ConvBNAct(in_channels[0], target, 1, act=act), nn.Upsample(scale_factor=2, mode="nearest")),
             nn.Identity(),
-            ConvBNAct(in_channels[2], target, 3, 2),
+            ConvBNAct(in_channels[2], target, 3, 2, act=act),
         ]
     elif level == 2:
-        # Source 1 already has level 2's channel count: the official code upsamples it with no compress conv.
+        # In the Darknet model source 1 already has level 2's channel count and is upsampled with no compress
+        # conv; in the MobileNetV2 model (ASFFmobile) it has twice as many and gets `compress_level_1` first.
+        upsample = nn.Upsample(scale_factor=2, mode="nearest")
         paths = [
-            nn.Sequential(ConvBNAct(in_channels[0], target, 1), nn.Upsample(scale_factor=4, mode="nearest")),
-            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Sequential(ConvBNAct(in_channels[0], target, 1, act=act), nn.Upsample(scale_factor=4, mode="nearest")),
+            (upsample if in_channels[1] == target
+             else nn.Sequential(ConvBNAct(in_channels[1], target, 1, act=act), upsample)),
             nn.Identity(),
         ]
     else:
@@ -50,21 +53,21 @@ class LevelFusion(nn.Module):
     """
 
     def __init__(self, level: int, in_channels: tuple[int, int, int], out_channels: int, mode: str,
-                 compress_channels: int) -> None:
+                 compress_channels: int, act: str = "leaky") -> None:
         super().__init__()
         self.level, self.mode = level, mode
         inter = in_channels[level]
-        self.resize = _resize_paths(level, in_channels)
+        self.resize = _resize_paths(level, in_channels, act)
         if mode == "asff":
-            self.weight_convs = nn.ModuleList(ConvBNAct(inter, compress_channels, 1) for _ in range(3))
+            self.weight_convs = nn.ModuleList(ConvBNAct(inter, compress_channels, 1, act=act) for _ in range(3))
             self.weight_logits = nn.Conv2d(3 * compress_channels, 3, 1)
             self.softmax = nn.Softmax(dim=1)
         elif mode == "concat":
-            self.project = ConvBNAct(3 * inter, inter, 1)
+            self.project = ConvBNAct(3 * inter, inter, 1, act=act)
         elif mode != "sum":
             raise ValueError(f"unknown fusion mode {mode!r}")
         self.fused = nn.Identity()
-        self.expand = ConvBNAct(inter, out_channels, 3)
+        self.expand = ConvBNAct(inter, out_channels, 3, act=act)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         resized = [path(x) for path, x in zip(self.resize, features, strict=True)]
@@ -83,11 +86,11 @@ class LevelFusion(nn.Module):
 class BaselineLevel(nn.Module):
     """No fusion: the official YOLOv3 baseline's 3x3 pre-head conv (none at stride 8, where the neck ends in one)."""
 
-    def __init__(self, level: int, in_channels: tuple[int, int, int], out_channels: int) -> None:
+    def __init__(self, level: int, in_channels: tuple[int, int, int], out_channels: int, act: str = "leaky") -> None:
         super().__init__()
         self.level = level
         channels = in_channels[level]
-        self.expand = ConvBNAct(channels, out_channels, 3) if channels != out_channels else nn.Identity()
+        self.expand = ConvBNAct(channels, out_channels, 3, act=act) if channels != out_channels else nn.Identity()
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.expand(features[self.level])
@@ -101,11 +104,12 @@ class Fusion(nn.Module):
         self.mode = config.fusion
         c = config.channels
         self.out_channels = (c(1024), c(512), c(256))
+        act = config.activation
         if config.fusion == "baseline":
-            levels = [BaselineLevel(l, in_channels, self.out_channels[l]) for l in range(3)]
+            levels = [BaselineLevel(l, in_channels, self.out_channels[l], act) for l in range(3)]
         else:
             levels = [LevelFusion(l, in_channels, self.out_channels[l], config.fusion,
-                                  config.fusion_compress_channels) for l in range(3)]
+                                  config.fusion_compress_channels, act) for l in range(3)]
         self.levels = nn.ModuleList(levels)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The guided-anchor detection head with deformable feature adaption (official `YOLOv3Head`, sep=False)."""
+"""The guided-anchor detection head (official `YOLOv3Head`): with deformable feature adaption (sep=False, the
+Darknet models) or without (sep=True, the MobileNetV2 models)."""
 
 from __future__ import annotations
 
@@ -67,19 +68,23 @@ class FeatureAdaption(nn.Module):
 
 
 class GuidedAnchorHead(nn.Module):
-    """One level's head: guided anchor shapes, feature adaption, then the 1x1 prediction conv."""
+    """One level's head: guided anchor shapes, feature adaption, then the 1x1 prediction conv.
 
-    def __init__(self, in_channels: int, num_classes: int, rfb: bool = False) -> None:
+    Without `adaption` (the MobileNetV2 models' `sep=True` head, whose `Feature_adaption` returns its input)
+    the prediction conv reads the features directly: `self.adaption` is None.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rfb: bool = False, adaption: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.guide_wh = nn.Conv2d(in_channels, 2 * SLOTS, 1)
-        self.adaption = FeatureAdaption(in_channels, rfb)
+        self.adaption = FeatureAdaption(in_channels, rfb) if adaption else None
         self.predict = nn.Conv2d(in_channels, SLOTS * (5 + num_classes), 1)
 
     def forward(self, x: torch.Tensor) -> LevelOutput:
         batch, _, height, width = x.shape
         anchor_logwh = self.guide_wh(x)  # (B, 8, H, W)
-        features = self.adaption(x, anchor_logwh)
+        features = self.adaption(x, anchor_logwh) if self.adaption is not None else x
         prediction = self.predict(features)  # (B, 4 * (5 + C), H, W)
         return LevelOutput(
             prediction.view(batch, SLOTS, 5 + self.num_classes, height, width),
@@ -90,13 +95,15 @@ class GuidedAnchorHead(nn.Module):
 class Head(nn.Module):
     """The three level heads; `levels[0]` is stride 32."""
 
-    def __init__(self, in_channels: tuple[int, int, int], num_classes: int, rfb: bool = False) -> None:
+    def __init__(self, in_channels: tuple[int, int, int], num_classes: int, rfb: bool = False,
+                 adaption: bool = True) -> None:
         super().__init__()
-        self.levels = nn.ModuleList(GuidedAnchorHead(c, num_classes, rfb) for c in in_channels)
+        self.levels = nn.ModuleList(GuidedAnchorHead(c, num_classes, rfb, adaption) for c in in_channels)
 
     def forward(self, features: list[torch.Tensor]) -> list[LevelOutput]:
         return [head(x) for head, x in zip(self.levels, features, strict=True)]
 
 
-def build_head(in_channels: tuple[int, int, int], num_classes: int, rfb: bool = False) -> Head:
-    return Head(in_channels, num_classes, rfb)
+def build_head(in_channels: tuple[int, int, int], num_classes: int, rfb: bool = False,
+               adaption: bool = True) -> Head:
+    return Head(in_channels, num_classes, rfb, adaption)

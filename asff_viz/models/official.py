@@ -1,7 +1,7 @@
 """The official implementation's checkpoints mapped onto these models: the explicit key-remap tables of the
-official `module_list` layout (Darknet-53 YOLOv3, baseline and ASFF heads), the config a state_dict needs, and
-Darknet `.weights` files for the backbone. Kept next to the models they serve, as timm keeps its
-`checkpoint_filter_fn`; `asff_viz.checkpoint` reads files and calls these.
+official `module_list` layouts (Darknet-53 and MobileNetV2 YOLOv3, baseline and ASFF), the config a state_dict
+needs, Darknet `.weights` files and torchvision's MobileNetV2 state_dict for the backbones. Kept next to the
+models they serve, as timm keeps its `checkpoint_filter_fn`; `asff_viz.checkpoint` reads files and calls these.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import CheckpointError, summarize_keys
 from .config import ModelConfig
+from .head import SLOTS
 
 # Official `module_list` indices of the Darknet-53 backbone.
 _BACKBONE = {0: "backbone.stem"}
@@ -60,6 +61,34 @@ _HEAD_PARTS = {
 }
 
 
+# The MobileNetV2 models (`models/yolov3_mobilev2.py`). Backbone: torchvision's layout under `module_list.N`
+# (and `features.N` in torchvision's own ImageNet checkpoint): N = 0 the stem, 1..17 the inverted residual
+# blocks, 18 the last 1x1 conv. A `ConvBNReLU` numbers its conv 0 and BN 1; an inverted residual numbers its
+# parts in `conv`, and the first block (expansion 1) has no expansion conv, so its numbers start one lower.
+_MOBILE_BACKBONE = {0: "backbone.stem", **{n: f"backbone.blocks.{n - 1}" for n in range(1, 18)}, 18: "backbone.last"}
+_MOBILE_EXPANSION_ONE = {1}  # module_list / features indices of the blocks without an expansion conv
+_CONV_BN_RELU_PARTS = {"0": "conv", "1": "bn"}
+_INVERTED_RESIDUAL_PARTS = {"conv.0.0": "expand.conv", "conv.0.1": "expand.bn", "conv.1.0": "depthwise.conv",
+                            "conv.1.1": "depthwise.bn", "conv.2": "project", "conv.3": "project_bn"}
+_INVERTED_RESIDUAL_ONE_PARTS = {"conv.0.0": "depthwise.conv", "conv.0.1": "depthwise.bn", "conv.1": "project",
+                                "conv.2": "project_bn"}
+# Neck, `module_list[19..39]`; 21 (SPP), 24, 30, 37 (DropBlock), 27 and 34 (upsample + route) hold no weights.
+_NECK_MOBILE = {
+    19: "neck.level0.0", 20: "neck.level0.1", 22: "neck.level0.3", 23: "neck.level0.4", 25: "neck.level0.6",
+    26: "neck.lateral1",
+    28: "neck.level1.0", 29: "neck.level1.1", 31: "neck.level1.3", 32: "neck.level1.4",
+    33: "neck.lateral2",
+    35: "neck.level2.0", 36: "neck.level2.1", 38: "neck.level2.3", 39: "neck.level2.4",
+}
+# `ASFFmobile` (`level_{l}_conv.*`): level 2 compresses source 1 too (`compress_level_1`).
+_MOBILE_FUSION_PARTS = {
+    0: {"stride_level_1": "resize.1", "stride_level_2": "resize.2.1"},
+    1: {"compress_level_0": "resize.0.0", "stride_level_2": "resize.2"},
+    2: {"compress_level_0": "resize.0.0", "compress_level_1": "resize.1.0"},
+}
+LAYOUTS = ("asff", "baseline", "mobile_asff", "mobile_baseline")
+
+
 def _map_parts(rest: str, table: dict[str, str]) -> str | None:
     for official, ours in sorted(table.items(), key=lambda item: -len(item[0])):
         if rest == official or rest.startswith(official + "."):
@@ -74,11 +103,31 @@ def _map_unit_suffix(rest: str) -> str:
     return rest.replace("batch_norm.", "bn.")
 
 
+def mobilenet_backbone_key(index: int, rest: str) -> str | None:
+    """Our name for the key `rest` of MobileNetV2 module `index` (official `module_list.N` and torchvision
+    `features.N` alike); None if it has no counterpart."""
+    target = _MOBILE_BACKBONE.get(index)
+    if target is None:
+        return None
+    if index in (0, 18):
+        mapped = _map_parts(rest, _CONV_BN_RELU_PARTS)
+    else:
+        mapped = _map_parts(rest, _INVERTED_RESIDUAL_ONE_PARTS if index in _MOBILE_EXPANSION_ONE
+                            else _INVERTED_RESIDUAL_PARTS)
+    return None if mapped is None else f"{target}.{mapped}"
+
+
 def official_key_to_project(key: str, layout: str) -> str | None:
-    """Our parameter name for an official state_dict key (layout 'asff' or 'baseline'); None if unknown."""
+    """Our parameter name for an official state_dict key (a layout of `LAYOUTS`); None if unknown."""
+    mobile = layout.startswith("mobile_")
     match = re.match(r"module_list\.(\d+)\.(.+)$", key)
     if match:
         index, rest = int(match.group(1)), match.group(2)
+        if mobile:
+            if index in _MOBILE_BACKBONE:
+                return mobilenet_backbone_key(index, rest)
+            target = _NECK_MOBILE.get(index)
+            return None if target is None else f"{target}.{_map_unit_suffix(rest)}"
         table = {**_BACKBONE, **(_NECK_BASELINE if layout == "baseline" else _NECK_ASFF)}
         if index not in table:
             return None
@@ -87,13 +136,18 @@ def official_key_to_project(key: str, layout: str) -> str | None:
             mapped = _map_parts(rest, _HEAD_PARTS)
             return None if mapped is None else f"{target}.{mapped}"
         return f"{target}.{_map_unit_suffix(rest)}"
-    match = re.match(r"level_(\d)_(fusion|header)\.(.+)$", key)
+    match = re.match(r"level_(\d)_(fusion|header|conv)\.(.+)$", key)
     if match:
         level, kind, rest = int(match.group(1)), match.group(2), match.group(3)
         if kind == "header":
             mapped = _map_parts(rest, _HEAD_PARTS)
             return None if mapped is None else f"head.levels.{level}.{mapped}"
-        mapped = _map_parts(rest, {**_FUSION_COMMON, **_FUSION_PARTS.get(level, {})})
+        if kind != ("conv" if mobile else "fusion"):
+            return None
+        if layout == "mobile_baseline":  # one 3x3 add_conv per level, no fusion
+            return f"fusion.levels.{level}.expand.{_map_unit_suffix(rest)}"
+        parts = (_MOBILE_FUSION_PARTS if mobile else _FUSION_PARTS).get(level, {})
+        mapped = _map_parts(rest, {**_FUSION_COMMON, **parts})
         return None if mapped is None else f"fusion.levels.{level}.{_map_unit_suffix(mapped)}"
     return None
 
@@ -102,25 +156,42 @@ def is_official_state_dict(state_dict: dict) -> bool:
     return any(key.startswith("module_list.") for key in state_dict)
 
 
-def official_config(state_dict: dict) -> ModelConfig:
-    """The model config an official state_dict needs: variant, class count and width from its keys and shapes."""
+def official_layout(state_dict: dict) -> str:
+    """Which official network a state_dict is, from its keys: one of `LAYOUTS`."""
+    if "module_list.1.conv.0.0.weight" in state_dict:  # an inverted residual: MobileNetV2
+        if "level_0_conv.weight_levels.weight" in state_dict:
+            return "mobile_asff"
+        if "level_0_conv.conv.weight" in state_dict:
+            return "mobile_baseline"
+        raise CheckpointError("state_dict has a MobileNetV2 backbone (`module_list.1.conv.*`) but neither the "
+                              "ASFF (`level_0_conv.weight_levels.*`) nor the baseline (`level_0_conv.conv.*`) "
+                              "levels: not a checkpoint of the official YOLOv3 MobileNetV2 models.")
     if any(key.startswith("level_0_fusion.") for key in state_dict):
-        fusion, head_key = "asff", "level_0_header.conv.weight"
-    elif "module_list.37.conv.weight" in state_dict:
-        fusion, head_key = "baseline", "module_list.37.conv.weight"
-    else:
-        raise CheckpointError("state_dict has `module_list.*` keys but neither the ASFF (`level_0_fusion.*`) nor "
-                              "the baseline (`module_list.37.*`) head: not a YOLOv3 Darknet checkpoint of the "
-                              "official code (MobileNet models are not supported).")
+        return "asff"
+    if "module_list.37.conv.weight" in state_dict:
+        return "baseline"
+    raise CheckpointError("state_dict has `module_list.*` keys but neither the ASFF (`level_0_fusion.*`) nor the "
+                          "baseline (`module_list.37.*`) head of the Darknet-53 models, nor a MobileNetV2 "
+                          "backbone: not a YOLOv3 checkpoint of the official code.")
+
+
+def official_config(state_dict: dict) -> ModelConfig:
+    """The model config an official state_dict needs: family, variant, class count and width from its keys and
+    shapes."""
+    layout = official_layout(state_dict)
+    mobile = layout.startswith("mobile_")
+    fusion = "asff" if layout.endswith("asff") else "baseline"
+    head_key = ("level_0_header.conv.weight" if layout != "baseline" else "module_list.37.conv.weight")
     if head_key not in state_dict:
         raise CheckpointError(f"official state_dict lacks `{head_key}` (the level-0 prediction conv)")
     outputs = state_dict[head_key].shape[0]
-    if outputs % 4 or outputs // 4 <= 5:
-        raise CheckpointError(f"`{head_key}` has {outputs} outputs, not 4 * (5 + classes)")
+    if outputs % SLOTS or outputs // SLOTS <= 5:
+        raise CheckpointError(f"`{head_key}` has {outputs} outputs, not {SLOTS} * (5 + classes)")
     rfb = any(".rfb." in key for key in state_dict)
-    stem = state_dict.get("module_list.0.conv.weight")
+    stem = state_dict.get("module_list.0.0.weight" if mobile else "module_list.0.conv.weight")
     width = 1.0 if stem is None or stem.shape[0] == 32 else stem.shape[0] / 32
-    return ModelConfig(num_classes=outputs // 4 - 5, fusion=fusion, rfb=rfb, width=width)
+    return ModelConfig(num_classes=outputs // SLOTS - 5, fusion=fusion, rfb=rfb, width=width,
+                       backbone="mobilenet_v2" if mobile else "darknet53")
 
 
 def remap_official_state_dict(state_dict: dict) -> tuple[ModelConfig, dict]:
@@ -128,8 +199,8 @@ def remap_official_state_dict(state_dict: dict) -> tuple[ModelConfig, dict]:
 
     Raises CheckpointError listing the keys with no counterpart.
     """
+    layout = official_layout(state_dict)
     config = official_config(state_dict)
-    layout = "baseline" if config.fusion == "baseline" else "asff"
     remapped, unknown = {}, []
     for key, value in state_dict.items():
         target = official_key_to_project(key, layout)
@@ -152,6 +223,10 @@ def load_darknet_weights(backbone: nn.Module, path: str | os.PathLike) -> int:
     52 backbone convs are read; later layers (a classifier) are ignored. Returns the number of convs loaded.
     """
     path = Path(path)
+    if not hasattr(backbone, "conv_layers"):
+        raise CheckpointError(f"{path}: Darknet .weights initialise a Darknet-53 backbone; this model's backbone is "
+                              f"{type(backbone).__name__} (for MobileNetV2 pass torchvision's ImageNet state_dict, "
+                              "e.g. mobilenet_v2-b0353104.pth).")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such Darknet weights file.")
     raw = path.read_bytes()
@@ -174,3 +249,28 @@ def load_darknet_weights(backbone: nn.Module, path: str | os.PathLike) -> int:
                 tensor.copy_(torch.from_numpy(values[offset: offset + count].copy()).view_as(tensor))
                 offset += count
     return len(layers)
+
+
+def is_torchvision_mobilenet_v2(state_dict: dict) -> bool:
+    """Whether `state_dict` is torchvision's MobileNetV2 (`features.N.*`, e.g. `mobilenet_v2-b0353104.pth`)."""
+    return "features.1.conv.0.0.weight" in state_dict and "features.18.0.weight" in state_dict
+
+
+def remap_torchvision_mobilenet_v2(state_dict: dict) -> dict:
+    """torchvision's MobileNetV2 state_dict onto our `MobileNetV2` backbone (keys without `backbone.`), as the
+    official recipe initialises the light models; the ImageNet classifier is left out. CheckpointError for
+    keys with no counterpart."""
+    remapped, unknown = {}, []
+    for key, value in state_dict.items():
+        if key.startswith("classifier."):
+            continue
+        match = re.match(r"features\.(\d+)\.(.+)$", key)
+        target = mobilenet_backbone_key(int(match.group(1)), match.group(2)) if match else None
+        if target is None:
+            unknown.append(key)
+        else:
+            remapped[target.removeprefix("backbone.")] = value
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} keys of the MobileNetV2 state_dict have no place in the backbone: "
+                              f"{summarize_keys(unknown)}")
+    return remapped

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..models.config import FUSION_MODES
+from ..models.config import BACKBONES, FUSION_MODES
 from ..utils.argtypes import device as device_type
 from ..utils.argtypes import (
     input_size,
@@ -166,6 +166,10 @@ def _add_data_flags(group) -> None:
 
 
 def _add_model_flags(group) -> None:
+    group.add_argument("--backbone", choices=BACKBONES,
+                       help="darknet53 (the official ASFF models) or mobilenet_v2 (the official light models: ReLU6, "
+                            "no feature adaption, 9th anchor (373, 326)); --init with torchvision's ImageNet "
+                            "MobileNetV2 state_dict initialises its backbone")
     group.add_argument("--fusion", choices=FUSION_MODES)
     group.add_argument("--rfb", action=argparse.BooleanOptionalAction, default=None)
     group.add_argument("--dropblock", action=argparse.BooleanOptionalAction, default=None)
@@ -243,7 +247,8 @@ FLAG_FIELDS: dict[str, tuple] = {
     "max_size": ("data", "max_size"), "fixed_size_epochs": ("data", "fixed_size_epochs"),
     "no_mixup": ("data", "mixup", _negate), "min_box_size": ("data", "min_box_size"),
     "batch_size": ("data", "batch_size"), "workers": ("data", "workers"),
-    "fusion": ("model", "fusion"), "rfb": ("model", "rfb"), "dropblock": ("model", "dropblock"),
+    "backbone": ("model", "backbone"), "fusion": ("model", "fusion"), "rfb": ("model", "rfb"),
+    "dropblock": ("model", "dropblock"),
     "width": ("model", "width"), "depth": ("model", "depth"),
     "optimizer": ("optim", "optimizer"), "lr": ("optim", "lr"), "momentum": ("optim", "momentum"),
     "weight_decay": ("optim", "weight_decay"), "no_decay_bn_bias": ("optim", "decay_norm_and_bias", _negate),

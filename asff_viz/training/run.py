@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from ..checkpoint import (
     check_finite,
     parse_checkpoint,
     read_checkpoint,
+    strip_prefixes,
 )
 from ..data.class_names import ClassMismatchError, match_classes
 from ..data.coco import COCODetection
@@ -30,6 +31,7 @@ from ..data.errors import DatasetError
 from ..inference.coco_eval import METRIC_NAMES
 from ..models import build_model, reset_fusion_weights
 from ..models.config import ModelConfig
+from ..models.official import is_torchvision_mobilenet_v2, remap_torchvision_mobilenet_v2
 from ..utils.argtypes import describe_os_error
 from ..utils.fileio import remove_stale_temporaries
 from .config import TrainConfig, TrainingError, check_schedule, resumed_config
@@ -49,7 +51,14 @@ from .state import (
     seed_everything,
     training_checkpoint,
 )
-from .weights import load_initial_weights, resolve_model_config, set_dropblock, unsound_weights, weight_probe
+from .weights import (
+    load_backbone_weights,
+    load_initial_weights,
+    resolve_model_config,
+    set_dropblock,
+    unsound_weights,
+    weight_probe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +111,7 @@ class _Reference:
     weights: dict
     metadata: dict
     training: dict | None = None  # the training state, for --resume
+    backbone_only: bool = False  # torchvision's ImageNet MobileNetV2: `weights` are the backbone's (no config)
 
 
 @dataclass
@@ -200,12 +210,19 @@ def _read_datasets(config: TrainConfig) -> tuple[COCODetection, COCODetection | 
 
 
 def _read_init(run_config) -> _Reference | None:
-    """The checkpoint of --init (not a Darknet .weights file, which holds a backbone only)."""
+    """The checkpoint of --init: a model checkpoint, or torchvision's ImageNet MobileNetV2 state_dict (a backbone
+    only, remapped onto ours, as the official recipe initialises the light models). A Darknet .weights file is
+    read later, into the backbone."""
     path = run_config.init
     if run_config.resume or not path or path.endswith((".weights", ".conv.74")):
         return None
     try:
-        model_config, weights, metadata = parse_checkpoint(read_checkpoint(path), path)
+        data = read_checkpoint(path)
+        if is_torchvision_mobilenet_v2(strip_prefixes(data)):
+            weights = remap_torchvision_mobilenet_v2(strip_prefixes(data))
+            check_finite(weights, path)
+            return _Reference(path, None, weights, {}, backbone_only=True)
+        model_config, weights, metadata = parse_checkpoint(data, path)
         check_finite(weights, path)
     except CheckpointError as error:
         raise TrainingError(str(error)) from None
@@ -218,10 +235,16 @@ def _build_model(config: TrainConfig, class_names: list[str], resume: _Reference
     initialised officially, then from --init."""
     run = config.run
     init = _read_init(run)
-    reference = resume or init
+    requested = dict(config.model)
+    if init is not None and init.backbone_only:
+        if requested.setdefault("backbone", "mobilenet_v2") != "mobilenet_v2":
+            raise TrainingError(f"--init {init.source} holds torchvision's MobileNetV2; it initialises "
+                                "--backbone mobilenet_v2, not --backbone darknet53")
+        init = replace(init, config=None)
+    reference = resume or (init if init is None or not init.backbone_only else None)
     if resume is not None:
         check_class_names(resume.metadata.get("class_names"), class_names, resume.source, config.data.train_annotations)
-    model_config = resolve_model_config(config.model, len(class_names), reference and reference.config,
+    model_config = resolve_model_config(requested, len(class_names), reference and reference.config,
                                         reference and reference.source)
     if resume is not None and resume.config.num_classes != len(class_names):
         raise TrainingError(f"{resume.source} was trained on {resume.config.num_classes} classes, the data has "
@@ -232,7 +255,10 @@ def _build_model(config: TrainConfig, class_names: list[str], resume: _Reference
         set_objectness_prior(model, config.optim.objectness_prior)  # a checkpoint given by --init overrides it
     if run.init and not run.resume:
         try:
-            load_initial_weights(model, run.init, init and init.weights)
+            if init is not None and init.backbone_only:
+                load_backbone_weights(model, init.weights, init.source)
+            else:
+                load_initial_weights(model, run.init, init and init.weights)
         except CheckpointError as error:
             raise TrainingError(str(error)) from None
         if run.reset_fusion_weights:

@@ -59,7 +59,10 @@ def resolve_model_config(requested: dict, num_classes: int, reference: ModelConf
     A requested architecture field that contradicts the checkpoint is an error (its weights would not fit).
     """
     if reference is None:
-        return ModelConfig(**{**requested, "num_classes": num_classes})
+        try:
+            return ModelConfig(**{**requested, "num_classes": num_classes})
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
     base = reference.to_dict()
     for name, value in requested.items():
         if base[name] != value:
@@ -100,6 +103,12 @@ def load_initial_weights(model: nn.Module, path: str, state_dict: dict | None) -
         logger.info("initialized from %s; class outputs re-initialized for %d classes", path, model.num_classes)
     else:
         logger.info("initialized from %s", path)
+
+
+def load_backbone_weights(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Load backbone weights (keys without `backbone.`), checking every key and shape."""
+    load_state_dict_strict(model.backbone, state_dict, source)
+    logger.info("initialized the backbone from %s (%d tensors)", source, len(state_dict))
 
 
 def set_dropblock(model: nn.Module, epoch: int, epochs: int) -> None:

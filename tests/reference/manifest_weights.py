@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-MANIFESTS = {name: HERE / f"checkpoint_manifest_{name}.txt" for name in ("asff", "asff_rfb", "baseline")}
+MANIFESTS = {name: HERE / f"checkpoint_manifest_{name}.txt"
+             for name in ("asff", "asff_rfb", "baseline", "mobile", "mobile_asff")}
 
 
 def read_manifest(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -27,13 +28,16 @@ def read_manifest(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     return rows
 
 
-def manifest_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def manifest_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype,
+                    batchnorm_prefixes: set[str] | frozenset[str] = frozenset()) -> torch.Tensor:
+    """One tensor of the rule. A BatchNorm is any module whose keys include `running_var`
+    (`batchnorm_prefixes`): the Darknet units name it `batch_norm`, the MobileNetV2 blocks number it."""
     if key.endswith("num_batches_tracked"):
         return torch.zeros(shape, dtype=dtype)
     generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
     uniform = torch.rand(shape, generator=generator)
     normal = torch.randn(shape, generator=generator)
-    if ".batch_norm." in key:
+    if key.rsplit(".", 1)[0] in batchnorm_prefixes:
         field = key.rsplit(".", 1)[1]
         value = {"weight": 0.5 + uniform, "bias": 0.1 * normal, "running_mean": 0.1 * normal,
                  "running_var": 0.5 + uniform}[field]
@@ -52,5 +56,7 @@ def manifest_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> tor
 
 
 def manifest_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """The official-layout state_dict for manifest `name` ('asff', 'asff_rfb' or 'baseline')."""
-    return {key: manifest_tensor(key, shape, dtype) for key, shape, dtype in read_manifest(MANIFESTS[name])}
+    """The official-layout state_dict for manifest `name` (a key of `MANIFESTS`)."""
+    rows = read_manifest(MANIFESTS[name])
+    batchnorms = {key.rsplit(".", 1)[0] for key, _, _ in rows if key.endswith(".running_var")}
+    return {key: manifest_tensor(key, shape, dtype, batchnorms) for key, shape, dtype in rows}
