@@ -34,7 +34,8 @@ TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, Path]:
-    """Small checkpoints: ASFF, sum fusion, another class count, and metadata naming the wrong class count.
+    """Small checkpoints: ASFF, sum fusion, another class count, MobileNetV2 ASFF and baseline, and metadata naming
+    the wrong class count.
 
     The official initialization with a low objectness prior gives a few dozen detections at 0.25 on the
     samples (PyTorch's default initialization saturates every score at one value).
@@ -49,6 +50,12 @@ def weights(tmp_path_factory) -> dict[str, Path]:
         names = list(CLASS_NAMES) if classes == 8 else ["a", "b", "c"]
         paths[name] = folder / f"{name}.pt"
         save_checkpoint(paths[name], model, {"class_names": names, "input_size": 128})
+    for fusion in ("asff", "baseline"):  # the MobileNetV2 family
+        model = build_model(backbone="mobilenet_v2", width=0.25, depth=0.33, num_classes=8, fusion=fusion)
+        initialize_weights(model)
+        set_objectness_prior(model, 0.001)
+        paths[f"mobile_{fusion}"] = folder / f"mobile_{fusion}.pt"
+        save_checkpoint(paths[f"mobile_{fusion}"], model, {"class_names": list(CLASS_NAMES), "input_size": 128})
     model = build_model(width=0.125, depth=0.33, num_classes=3)
     paths["wrong_metadata"] = folder / "wrong_metadata.pt"
     save_checkpoint(paths["wrong_metadata"], model, {"class_names": list(CLASS_NAMES), "input_size": 128})
@@ -740,3 +747,25 @@ def test_the_apps_ground_truth_is_the_datasets():
         shown = annotations_from_coco(document, info["file_name"])
         np.testing.assert_allclose(shown.boxes_xyxy, targets[:, 1:], atol=1e-4)
         np.testing.assert_array_equal(shown.class_indices, targets[:, 0].astype(np.int64))
+
+
+@pytest.mark.parametrize("name", ["mobile_asff", "mobile_baseline"])
+def test_every_view_works_on_a_mobilenet_model(weights, name):
+    from asff_viz.app.main import DETECTION_ONLY_VIEWS, VIEWS
+
+    app = start(weights[name])
+    assert_healthy(app)
+    views = VIEWS if name == "mobile_asff" else DETECTION_ONLY_VIEWS
+    for view in views:
+        if view == "Gradient flow":
+            app.session_state["gradient_objective"] = "sum"  # defined with or without detections
+        open_view(app, view)
+        if view == "Gradient flow":
+            compute_gradient_flow(app)
+            assert "Conflict rate" in [m.label for m in app.metric]
+        assert_healthy(app)
+        assert app.get("plotly_chart"), view
+    if name == "mobile_asff":
+        for mode in ("RGB composite", "Entropy", "Figure 3 grid", "Overlay"):
+            explore(open_view(app, "Fusion weights"), mode=mode)
+            assert_healthy(app)

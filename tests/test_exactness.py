@@ -9,7 +9,6 @@ from asff_viz.models import build_model
 from asff_viz.models.official import remap_official_state_dict
 from tests.reference.manifest_weights import HERE, manifest_state_dict
 
-
 # manifest -> (reference outputs, decoded rows, detected variant); Darknet-53 at 320, MobileNetV2 at 416.
 REFERENCES = {
     "asff": ("official_asff_320.pt", 8400, "asff"),

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.config import ModelConfig
 from ..utils.argtypes import input_size, non_negative_int, output_file, positive_int
 from ..utils.fileio import atomic_write_text
 from ..utils.timing import CLOCKS
@@ -84,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--integrated-steps", type=non_negative_int, default=None,
                         help="integrated-gradients steps to time (default 16; 0 in --quick)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=("forward", "deform", "capture", "analysis", "training", "accuracy"),
+                        choices=("forward", "mobilenet", "deform", "capture", "analysis", "training", "accuracy"),
                         help="sections to leave out")
     parser.add_argument("--out", type=output_file, default="bench.json",
                         help="JSON results (the table goes next to it as .md)")
@@ -181,6 +182,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return results
 
 
+def mobilenet_forward(settings: Settings, ceilings: dict, with_bf16: bool, log) -> dict:
+    """The official light model (MobileNetV2 + ASFF) timed like the Darknet one, at the same sizes and batches."""
+    log("MobileNetV2 ASFF forward latency and throughput (BatchNorm calibrated on noise)")
+    model = calibrated_model(ModelConfig(backbone="mobilenet_v2"))
+    flops = {size: model_flops(model, size) for size in sorted(set(settings.sizes) | {DEFORM_SIZE})}
+    variants = inference_variants(model, settings.device, with_bf16=with_bf16, compile=settings.compile_mode)
+    rows = forward_grid(variants, flops, ceilings, settings.sizes, settings.batches, settings.repeats,
+                        settings.warmup, settings.device, log, clock=settings.clock)
+    return {"variant": model.config.variant, "parameters": sum(p.numel() for p in model.parameters()),
+            "flops": flops, "forward": rows}
+
+
 def measure(args: argparse.Namespace, settings: Settings, log) -> dict:
     """Every section the flags ask for, in one run (so the ratios between them hold)."""
     device, quick, sizes, batches = settings.device, settings.quick, settings.sizes, settings.batches
@@ -212,6 +225,8 @@ def measure(args: argparse.Namespace, settings: Settings, log) -> dict:
         results["forward"] = forward_grid(variants, results["flops"], results["ceilings"], sizes, batches, repeats,
                                           warmup, device, log, clock=clock)
         results["memory"]["after_forward_rss"] = peak_rss_mb()
+    if "mobilenet" not in args.skip:
+        results["mobilenet"] = mobilenet_forward(settings, results["ceilings"], with_bf16, log)
     if "deform" not in args.skip:
         log(f"deformable conv cost at {deform_size}")
         compared = ("eager_fp32", "fast_bf16") if quick else None

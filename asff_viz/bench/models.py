@@ -63,6 +63,8 @@ class PlainConvInsteadOfDeform(nn.Module):
 
 def without_deformation(model: nn.Module) -> nn.Module:
     """A copy of `model` whose head convs ignore their offsets (same FLOPs, no sampling)."""
+    if any(level.adaption is None for level in model.head.levels):
+        raise ValueError(f"the {model.config.variant} model has no deformable conv (no feature adaption)")
     copied = copy.deepcopy(model)
     for level in copied.head.levels:
         level.adaption.dconv = PlainConvInsteadOfDeform(level.adaption.dconv)
@@ -78,13 +80,15 @@ def model_flops(model: nn.Module, size: int) -> dict:
     with torch.no_grad(), counter:
         model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
     counts = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    # The MobileNetV2 heads have no feature adaption, hence no deformable conv.
+    deformable = [(level.adaption.dconv, stride) for level, stride in zip(model.head.levels, model.strides, strict=True)
+                  if level.adaption is not None]
     sampling = 0
-    for level, stride in zip(model.head.levels, model.strides, strict=True):
-        _, channels, kernel_h, kernel_w = level.adaption.dconv.weight.shape
+    for dconv, stride in deformable:
+        _, channels, kernel_h, kernel_w = dconv.weight.shape
         sampling += 8 * channels * kernel_h * kernel_w * (size // stride) ** 2
     matmul = sum(n for op, n in counts.items() if "mm" in op)
-    deform_matmul = sum(2 * level.adaption.dconv.weight.numel() * (size // stride) ** 2
-                        for level, stride in zip(model.head.levels, model.strides, strict=True))
+    deform_matmul = sum(2 * dconv.weight.numel() * (size // stride) ** 2 for dconv, stride in deformable)
     total = sum(counts.values()) + sampling
     return {"gflop": total / 1e9, "conv_gflop": counts.get("aten.convolution", 0) / 1e9, "matmul_gflop": matmul / 1e9,
             "deform_sampling_gflop": sampling / 1e9, "deform_share_of_flops": (deform_matmul + sampling) / total}
