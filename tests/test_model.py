@@ -144,3 +144,36 @@ def test_model_config_round_trip():
         ModelConfig.from_dict({**dataclasses.asdict(config), "colour": "red"})
     with pytest.raises(ValueError, match="fusion"):
         ModelConfig(fusion="attention")
+
+
+def test_weighted_fusion_is_bifpns_fast_normalized_fusion():
+    from asff_viz import capture
+    from asff_viz.introspection.decomposition import decompose_gradients
+    from asff_viz.introspection.objectives import SumOfScores
+
+    torch.manual_seed(0)
+    model = build_model(width=0.125, depth=0.33, num_classes=3, fusion="weighted").eval()
+    raw = [torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0.0, 0.0, 3.0]), torch.tensor([1.0, 1.0, 1.0])]
+    with torch.no_grad():
+        for level, values in zip(model.fusion.levels, raw, strict=True):
+            level.source_weights.copy_(values)
+    expected = [[2.0 / 2.5001, 0.0, 0.5 / 2.5001], [0.0, 0.0, 3.0 / 3.0001], [1.0 / 3.0001] * 3]  # eps 1e-4
+    images = torch.randn(2, 3, 64, 64)
+    with capture(model) as recorder, torch.no_grad():
+        outputs = model(images)
+    for level, weights in enumerate(recorder.fusion_weights):
+        assert weights.shape == (2, 3, 64 // (32 >> level), 64 // (32 >> level))
+        for source in range(3):
+            torch.testing.assert_close(weights[:, source], torch.full_like(weights[:, source], expected[level][source]))
+    # The fused map is that weighted sum of the resized sources, at every position.
+    with capture(model, resized=True, fused=True) as recorder, torch.no_grad():
+        model(images)
+    for level in range(3):
+        manual = sum(expected[level][k] * recorder.resized[level][k] for k in range(3))
+        torch.testing.assert_close(recorder.fused[level], manual, rtol=1e-5, atol=1e-5)
+    assert len(outputs) == 3 and model.config.variant == "weighted"
+    # Weights that do not depend on the features leave no gradient through a weight branch.
+    decomposition = decompose_gradients(model.double(), torch.randn(3, 64, 64, dtype=torch.float64), SumOfScores())
+    for level in range(3):
+        for source in range(3):
+            assert decomposition.weight_branch[level][source].abs().max() < 1e-12

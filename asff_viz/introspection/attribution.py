@@ -43,7 +43,7 @@ from torch import nn
 from ..inference.postprocess import row_location
 from ..inference.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from ..models.head import SLOTS
-from .capture import LEVEL_NAMES, fusion_levels, gradient_through_offsets, has_fusion_weights
+from .capture import LEVEL_NAMES, fusion_levels, gradient_through_offsets, has_fusion_weights, weights_module
 from .decomposition import input_batch
 from .objectives import row_scores
 
@@ -296,7 +296,7 @@ def fusion_weight_attribution(model: nn.Module, image_tensor: torch.Tensor, leve
         return model(batch)[level].prediction.flatten(1).sum(dim=1)
 
     selector = (int(source), int(row), int(col))
-    with tapped(fusion_levels(model)[level].softmax) as tap:
+    with tapped(weights_module(fusion_levels(model)[level])) as tap:
         if method == "integrated_gradients":
             attributions = NeuronIntegratedGradients(forward, tap).attribute(
                 images, neuron_selector=selector, baselines=resolve_baseline(baseline, images), n_steps=n_steps,

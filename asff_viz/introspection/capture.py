@@ -184,8 +184,15 @@ def fusion_levels(model: nn.Module) -> list[nn.Module]:
 
 
 def has_fusion_weights(model: nn.Module) -> bool:
-    """True when the model fuses with learned ASFF weights (fusion mode 'asff')."""
-    return all(hasattr(level, "softmax") for level in fusion_levels(model))
+    """True when the model fuses with learned weights: ASFF's per-pixel maps ('asff') or BiFPN's per-source
+    scalars ('weighted', recorded broadcast over the map)."""
+    return all(weights_module(level) is not None for level in fusion_levels(model))
+
+
+def weights_module(level: nn.Module) -> nn.Module | None:
+    """The submodule of a fusion level whose output is its weights (B, 3, H, W): ASFF's `softmax` or the
+    weighted fusion's `normalize`; None for sum, concat and the baseline."""
+    return getattr(level, "softmax", None) or getattr(level, "normalize", None)
 
 
 def _is_identity(module: nn.Module) -> bool:
@@ -295,7 +302,7 @@ def capture(model: nn.Module, *, resized: bool = False, fused: bool = False,
             handles.append(model.neck.register_forward_hook(hooks.on_neck))
         for level, module in enumerate(levels):
             if with_weights:
-                handles.append(module.softmax.register_forward_hook(hooks.on_softmax(level)))
+                handles.append(weights_module(module).register_forward_hook(hooks.on_softmax(level)))
             if (resized or keep_graph) and hasattr(module, "resize"):
                 for source, path in enumerate(module.resize):
                     handles.append(path.register_forward_hook(hooks.on_resize(level, source, _is_identity(path))))

@@ -14,7 +14,7 @@ OFFICIAL_ANCHORS: tuple[tuple[int, int], ...] = (
 )
 # The MobileNetV2 checkpoints were trained with the corrected 9th anchor, YOLOv3's (373, 326).
 MOBILENET_ANCHORS: tuple[tuple[int, int], ...] = (*OFFICIAL_ANCHORS[:8], (373, 326))
-FUSION_MODES = ("asff", "sum", "concat", "baseline")
+FUSION_MODES = ("asff", "weighted", "sum", "concat", "baseline")
 BACKBONES = ("darknet53", "mobilenet_v2")
 
 

@@ -46,10 +46,27 @@ def _resize_paths(level: int, in_channels: tuple[int, int, int], act: str) -> nn
     return nn.ModuleList(paths)
 
 
-class LevelFusion(nn.Module):
-    """Fusion into one pyramid level: `mode` 'asff' (learned softmax weights), 'sum' or 'concat'.
+class FastNormalizedWeights(nn.Module):
+    """BiFPN's fast normalized fusion weights (Tan et al., EfficientDet, 2020): w_k = relu(p_k) / (eps + sum_j
+    relu(p_j)) of one learned scalar p_k per source, broadcast to (B, 3, H, W) so that observers see the same
+    shape as ASFF's per-pixel weights (here constant over the map)."""
 
-    Input: [x0, x1, x2] neck features. Output: (B, out_channels, H_l, W_l).
+    def __init__(self, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        weights = torch.relu(raw)
+        weights = weights / (self.eps + weights.sum())
+        return weights.to(like.dtype).view(1, 3, 1, 1).expand(like.shape[0], 3, *like.shape[2:])
+
+
+class LevelFusion(nn.Module):
+    """Fusion into one pyramid level: `mode` 'asff' (learned per-pixel softmax weights), 'weighted' (learned
+    per-source scalars, BiFPN's fast normalized fusion), 'sum' or 'concat'.
+
+    Input: [x0, x1, x2] neck features. Output: (B, out_channels, H_l, W_l). The weights of 'asff' are the output of
+    `softmax`, those of 'weighted' of `normalize` (`weights_module` names whichever there is).
     """
 
     def __init__(self, level: int, in_channels: tuple[int, int, int], out_channels: int, mode: str,
@@ -62,6 +79,9 @@ class LevelFusion(nn.Module):
             self.weight_convs = nn.ModuleList(ConvBNAct(inter, compress_channels, 1, act=act) for _ in range(3))
             self.weight_logits = nn.Conv2d(3 * compress_channels, 3, 1)
             self.softmax = nn.Softmax(dim=1)
+        elif mode == "weighted":
+            self.source_weights = nn.Parameter(torch.ones(3))  # EfficientDet initialises them to 1
+            self.normalize = FastNormalizedWeights()
         elif mode == "concat":
             self.project = ConvBNAct(3 * inter, inter, 1, act=act)
         elif mode != "sum":
@@ -69,12 +89,20 @@ class LevelFusion(nn.Module):
         self.fused = nn.Identity()
         self.expand = ConvBNAct(inter, out_channels, 3, act=act)
 
+    @property
+    def weights_module(self) -> nn.Module | None:
+        """The module whose output is this level's fusion weights (B, 3, H_l, W_l), or None (sum, concat)."""
+        return getattr(self, "softmax", None) or getattr(self, "normalize", None)
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         resized = [path(x) for path, x in zip(self.resize, features, strict=True)]
         if self.mode == "asff":
             logits = self.weight_logits(
                 torch.cat([conv(r) for conv, r in zip(self.weight_convs, resized, strict=True)], 1))
             weights = self.softmax(logits)  # (B, 3, H_l, W_l)
+            fused = resized[0] * weights[:, 0:1] + resized[1] * weights[:, 1:2] + resized[2] * weights[:, 2:3]
+        elif self.mode == "weighted":
+            weights = self.normalize(self.source_weights, resized[0])  # (B, 3, H_l, W_l), constant over the map
             fused = resized[0] * weights[:, 0:1] + resized[1] * weights[:, 1:2] + resized[2] * weights[:, 2:3]
         elif self.mode == "sum":
             fused = resized[0] + resized[1] + resized[2]

@@ -56,9 +56,9 @@ class FusionWeightStatistics:
         self.hooked_levels = []
         fusion = getattr(self.model, "fusion", None)
         for level, module in enumerate(getattr(fusion, "levels", [])):
-            softmax = getattr(module, "softmax", None)
-            if softmax is not None:
-                self.handles.append(softmax.register_forward_hook(self._hook(level)))
+            observed = getattr(module, "weights_module", None)  # ASFF's softmax or the weighted fusion's weights
+            if observed is not None:
+                self.handles.append(observed.register_forward_hook(self._hook(level)))
                 self.hooked_levels.append(level)
         return self
 

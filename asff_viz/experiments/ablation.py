@@ -1,0 +1,449 @@
+"""The paper's ablation in one command: the fusion methods trained alike, then evaluated and analysed side by side.
+
+    python -m asff_viz.experiments.ablation --out runs/ablation [--preset cpu|gpu] [--device cuda] [--jobs 2]
+
+Protocol. The same synthetic data (generated once, seeded), the same recipe (`python -m asff_viz.train` with
+one argument list), the same sizes and seeds for every fusion mode; only `--fusion` differs:
+
+* `baseline`: no fusion, each level's head sees its own level (YOLOv3);
+* `sum` and `concat`: the plain fusions the paper compares against;
+* `weighted`: BiFPN's fast normalized fusion, one learned scalar per source and target level (EfficientDet),
+  which separates "learned per level" from ASFF's "learned per pixel";
+* `asff`: the learned per-pixel softmax.
+
+Then, on the same validation images, every model gets COCO AP/AP50/AP75/APs/APm/APl, parameters, GFLOP and CPU
+latency at 416 (timed interleaved, in one run), and the modes with fusion paths the gradient-flow statistics of
+the training loss (conflict rate at positives and at background, with 95 % image-bootstrap intervals; the
+weights are the constant 1 for sum, the learned scalars for weighted, the maps for asff; baseline and concat have
+no per-source weight and are n/a), and `analyze scale-stats` for the modes with weights. Outputs in --out:
+`ablation.csv`/`.md`, `ablation_ap`, `ablation_conflict` (PDF + PNG + CSV), `run.json`, `models/MODE_sSEED/`
+(each run's folder, `train.log`), `scale-stats/MODE_sSEED/`, `data/` and `cache/`.
+
+Resumable: a finished model is not retrained, an interrupted one resumes from its `last.pt`; evaluations and
+per-image gradient summaries are cached by checkpoint hash, so a re-run (or `--replot`) redraws without running
+any model again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..utils.argtypes import describe_os_error, output_folder, positive_int
+from ..utils.fileio import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+MODES = ("baseline", "sum", "concat", "weighted", "asff")
+FLOW_MODES = ("sum", "weighted", "asff")  # modes whose fusion is a weighted sum of the resized sources
+WEIGHTED_MODES = ("weighted", "asff")  # modes with learned fusion weights (scale-stats)
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LATENCY_SIZE = 416
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Data, model and schedule of one protocol; the recipe is the embedded default's, scaled down."""
+
+    train_images: int
+    val_images: int
+    image_size: int
+    width: float
+    depth: float
+    epochs: int
+    batch_size: int
+    min_size: int
+    max_size: int
+    eval_size: int
+    lr: float
+    seeds: tuple[int, ...]
+    analysis_images: int
+    workers: int
+
+
+PRESETS = {
+    # Sized for the 2-core CPU machine: five modes, one seed, about an hour of training in all with --jobs 2.
+    "cpu": Preset(train_images=2000, val_images=200, image_size=256, width=0.25, depth=0.33, epochs=6,
+                  batch_size=8, min_size=192, max_size=256, eval_size=256, lr=2e-3, seeds=(0,),
+                  analysis_images=40, workers=1),
+    # The same protocol, larger: for a GPU machine (minutes per model).
+    "gpu": Preset(train_images=8000, val_images=500, image_size=320, width=0.5, depth=0.33, epochs=24,
+                  batch_size=32, min_size=256, max_size=320, eval_size=320, lr=2e-3, seeds=(0, 1, 2),
+                  analysis_images=200, workers=6),
+}
+
+
+def train_arguments(preset: Preset, data: Path, out: Path, mode: str, seed: int, device: str | None) -> list[str]:
+    """The one recipe: only --fusion, --seed and --out differ between the runs. The learning rate warms up for an
+    epoch, stays flat to half-way, then decays by a cosine to the last epoch (a shorter schedule for tiny runs)."""
+    final = 1 if preset.epochs >= 3 else 0
+    flat = max(0, min(preset.epochs // 2, preset.epochs - final - 1))
+    args = ["--synthetic", str(data), "--out", str(out), "--fusion", mode, "--seed", str(seed),
+            "--width", str(preset.width), "--depth", str(preset.depth), "--epochs", str(preset.epochs),
+            "--batch-size", str(preset.batch_size), "--size", str(preset.eval_size),
+            "--min-size", str(preset.min_size), "--max-size", str(preset.max_size), "--fixed-size-epochs", "1",
+            "--optimizer", "adamw", "--lr", str(preset.lr), "--burn-in", str(min(1, flat + 1)),
+            "--flat-until", str(flat), "--final-epochs", str(final), "--objectness-prior", "0.01",
+            "--clip-grad-norm", "10", "--no-mixup", "--min-box-size", "4", "--ema", "--ema-decay", "0.999",
+            "--eval-interval", "0", "--checkpoint-interval", "1", "--workers", str(preset.workers),
+            "--channels-last", "--no-progress"]
+    if device:
+        args += ["--device", device]
+    return args
+
+
+def run_name(mode: str, seed: int) -> str:
+    return f"{mode}_s{seed}"
+
+
+def trained_epochs(checkpoint: Path) -> int:
+    """Epochs a run's last.pt holds (0 when there is none or it cannot be read)."""
+    from ..checkpoint import CheckpointError, read_checkpoint
+
+    if not checkpoint.is_file():
+        return 0
+    try:
+        training = read_checkpoint(checkpoint).get("training") or {}
+    except CheckpointError:
+        return 0
+    return int(training.get("epoch", 0))
+
+
+def _train_one(command: list[str], log_path: Path, threads: int) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+
+
+def train_all(preset: Preset, out: Path, modes: Sequence[str], seeds: Sequence[int], data: Path,
+              device: str | None, jobs: int, max_iterations: int | None = None) -> dict[str, Path]:
+    """Train every (mode, seed) that is not finished, `jobs` at a time; returns {run name: last.pt}."""
+    from tqdm import tqdm
+
+    runs, pending = {}, []
+    for mode in modes:
+        for seed in seeds:
+            name = run_name(mode, seed)
+            folder = out / "models" / name
+            checkpoint = folder / "last.pt"
+            runs[name] = checkpoint
+            done = trained_epochs(checkpoint)
+            if done >= preset.epochs:
+                logger.info("%s: finished (%d epochs), not retrained", name, done)
+                continue
+            command = [sys.executable, "-m", "asff_viz.train",
+                       *train_arguments(preset, data, folder, mode, seed, device)]
+            if max_iterations:
+                command += ["--max-iterations", str(max_iterations)]
+            if done > 0:
+                command += ["--resume", str(checkpoint)]
+                logger.info("%s: resuming after epoch %d", name, done - 1)
+            folder.mkdir(parents=True, exist_ok=True)
+            pending.append((name, command, folder / "train.log"))
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    failed = []
+    with tqdm(total=len(pending), desc="training", unit="model", dynamic_ncols=True) as bar, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(_train_one, command, log, threads): (name, log) for name, command, log in pending}
+        for future in concurrent.futures.as_completed(futures):
+            name, log = futures[future]
+            if future.result() != 0 or trained_epochs(runs[name]) < preset.epochs:
+                failed.append(f"{name} (see {log})")
+            bar.update(1)
+            bar.set_postfix_str(name)
+    if failed:
+        raise RuntimeError(f"training did not finish for {', '.join(failed)}")
+    return runs
+
+
+def _cached_json(path: Path, compute) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(value, indent=1) + "\n")
+    return value
+
+
+def evaluate_run(checkpoint: Path, annotations: Path, images: Path, size: int, cache: Path) -> dict:
+    """COCO metrics, parameters and GFLOP at 416 of one checkpoint, cached by its sha256."""
+    from ..bench.models import model_flops
+    from ..checkpoint import file_sha256, load_model
+    from ..data.coco import COCODetection
+    from ..inference.coco_eval import evaluate_coco
+
+    sha = file_sha256(checkpoint)
+
+    def compute() -> dict:
+        model = load_model(checkpoint)
+        dataset = COCODetection(annotations, images)
+        metrics, _ = evaluate_coco(model, dataset, size, conf_threshold=0.001, nms_threshold=0.65,
+                                   batch_size=8, device="cpu")
+        return {"sha256": sha, "metrics": metrics, "parameters": sum(p.numel() for p in model.parameters()),
+                "gflop_416": model_flops(model, LATENCY_SIZE)["gflop"], "size": size,
+                "fusion": model.config.fusion}
+
+    return _cached_json(cache / f"evaluation_{sha[:16]}_{size}.json", compute)
+
+
+def latencies(checkpoints: dict[str, Path], repeats: int = 7) -> dict[str, float]:
+    """Median CPU latency (ms, batch 1, 416 px, float32 as built) of every model, timed interleaved in one run."""
+    from ..checkpoint import load_model
+    from ..utils.timing import median, run_interleaved
+
+    images = torch.randn(1, 3, LATENCY_SIZE, LATENCY_SIZE, generator=torch.Generator().manual_seed(0))
+    models = {name: load_model(path).eval() for name, path in checkpoints.items()}
+
+    def case(model):
+        def run():
+            with torch.no_grad():
+                model(images)
+        return run
+
+    times = run_interleaved({name: case(model) for name, model in models.items()}, repeats=repeats, warmup=1,
+                            device=torch.device("cpu"))
+    return {name: median(parts["total"]) * 1e3 for name, parts in times.items()}
+
+
+def flow_statistics(checkpoints: dict[str, Path], annotations: Path, images: Path, limit: int, size: int,
+                    cache: Path):
+    """Gradient-flow statistics of the training loss of every model with fusion paths, on the same images."""
+    from ..analyze.flow_statistics import GradientFlowStatistics
+    from ..analyze.results_cache import AnalysisCache
+    from ..analyze.sources import AnalysisDataset, load_analysed_model
+
+    dataset = AnalysisDataset(annotations, images, limit)
+    models = {name: load_analysed_model(path, torch.device("cpu"), label=name) for name, path in checkpoints.items()}
+    results = AnalysisCache(cache)
+    statistics = GradientFlowStatistics(list(models))
+    from tqdm import tqdm
+
+    for image in tqdm(dataset, total=len(dataset), desc="gradient flow", dynamic_ncols=True):
+        truth = image.ground_truth
+        keep = ~truth.crowd
+        summaries = {name: results.gradient_summary(model, image.path, truth.boxes[keep], truth.labels[keep],
+                                                    size=size) for name, model in models.items()}
+        if all(all(np.isfinite(value).all() for value in summary.values()) for summary in summaries.values()):
+            for name, summary in summaries.items():
+                statistics.add(name, summary, image.file_name)
+    return statistics
+
+
+def _mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+LEVEL_SHORT = ("s32", "s16", "s8")
+REGIONS_SHOWN = ((0, "positive"), (2, "background"))
+
+
+def table_rows(evaluations: dict[str, dict], latency: dict[str, float], flows, modes: Sequence[str],
+               seeds: Sequence[int], samples: int = 1000) -> list[dict]:
+    """One row per mode: metrics (mean and sample standard deviation over seeds), cost, and the conflict rate of
+    each source level at positives and at background with its 95 % image-bootstrap interval (first seed)."""
+    rows = []
+    for mode in modes:
+        names = [run_name(mode, seed) for seed in seeds]
+        row: dict = {"mode": mode, "seeds": len(names)}
+        for metric in METRICS:
+            mean, spread = _mean_spread([evaluations[n]["metrics"].get(metric) for n in names])
+            row[metric], row[f"{metric}_sd"] = round(mean, 4), round(spread, 4)
+        row["parameters_M"] = round(evaluations[names[0]]["parameters"] / 1e6, 3)
+        row["gflop_416"] = round(evaluations[names[0]]["gflop_416"], 2)
+        row["latency_ms_416"] = round(float(np.mean([latency[n] for n in names])), 1)
+        analysed = flows is not None and names[0] in flows.modes and flows.images.get(names[0])
+        if analysed:
+            rate = flows.conflict_rates(names[0])[0]
+            lower, upper = flows.bootstrap_interval(names[0], samples=samples, seed=0)
+        for region, label in REGIONS_SHOWN:
+            for level, short in enumerate(LEVEL_SHORT):
+                key = f"conflict_{label}_{short}"
+                if analysed:
+                    row[key] = round(float(rate[level, region]), 4)
+                    row[f"{key}_low"] = round(float(lower[level, region]), 4)
+                    row[f"{key}_high"] = round(float(upper[level, region]), 4)
+                else:
+                    row[key] = row[f"{key}_low"] = row[f"{key}_high"] = None
+        row["gradflow_images"] = int(flows.images.get(names[0], 0)) if analysed else 0
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], seeds: Sequence[int]) -> str:
+    def metric(row, name):
+        value, spread = row[name], row[f"{name}_sd"]
+        return f"{value:.3f}" + (f" ± {spread:.3f}" if len(seeds) > 1 and np.isfinite(spread) else "")
+
+    def conflict(row, key):
+        if row[key] is None:
+            return "n/a"
+        return f"{row[key]:.3f} [{row[key + '_low']:.3f}, {row[key + '_high']:.3f}]"
+
+    head = ["mode", *METRICS, "params (M)", "GFLOP 416", "CPU ms 416",
+            *(f"conflict {label} {short}" for _, label in REGIONS_SHOWN for short in LEVEL_SHORT)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["mode"], *(metric(row, name) for name in METRICS), f"{row['parameters_M']:.2f}",
+                 f"{row['gflop_416']:.2f}", f"{row['latency_ms_416']:.1f}",
+                 *(conflict(row, f"conflict_{label}_{short}") for _, label in REGIONS_SHOWN for short in LEVEL_SHORT)]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("one seed: no spread can be given" if len(seeds) == 1 else
+            f"mean ± sample standard deviation over {len(seeds)} seeds")
+    return "\n".join(lines) + f"\n\nAP: COCO metrics on the validation split ({note}). Conflict: share of active " \
+        "locations of each source level where two target levels' value-path gradients of the training loss point " \
+        "apart (cosine < 0), at ground-truth positives and at background, with 95 % image-bootstrap intervals; " \
+        "n/a where the fusion has no per-source weights (baseline: no fusion; concat: a 1x1 projection).\n"
+
+
+def write_figures(out: Path, rows: list[dict], flows, modes: Sequence[str], seeds: Sequence[int]) -> list[Path]:
+    from ..figures import flow_plots, plots
+    from ..figures.style import publication_style, save_figure
+
+    paths = []
+    with publication_style():
+        series = [(name, [row[name] for row in rows]) for name in ("AP", "AP50", "APs", "APl")]
+        figure = plots.grouped_bars([row["mode"] for row in rows], series, ylabel="COCO metric (validation)")
+        paths += save_figure(figure, out, "ablation_ap", [
+            {"mode": row["mode"], **{name: row[name] for name in METRICS},
+             **{f"{name}_sd": row[f"{name}_sd"] for name in METRICS}} for row in rows])
+        analysed = [run_name(mode, seeds[0]) for mode in modes if flows is not None
+                    and run_name(mode, seeds[0]) in flows.modes and flows.images.get(run_name(mode, seeds[0]))]
+        if analysed:
+            rates = np.stack([flows.conflict_rates(name)[0] for name in analysed])
+            intervals = [flows.bootstrap_interval(name, samples=1000, seed=0) for name in analysed]
+            lower, upper = np.stack([i[0] for i in intervals]), np.stack([i[1] for i in intervals])
+            labels = [name.rsplit("_s", 1)[0] for name in analysed]
+            figure = flow_plots.conflict_bars(labels, rates, lower, upper, regions=(0, 2))
+            paths += save_figure(figure, out, "ablation_conflict", [
+                {"mode": label, "source_level": level, "region": region_name,
+                 "conflict_rate": float(rates[m, level, region]), "ci95_low": float(lower[m, level, region]),
+                 "ci95_high": float(upper[m, level, region])}
+                for m, label in enumerate(labels) for level in range(3) for region, region_name in REGIONS_SHOWN])
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m asff_viz.experiments.ablation",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=output_folder, default="runs/ablation", help="output folder")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the preset's")
+    parser.add_argument("--device", default=None, help="training device (cpu, cuda); analyses run on the CPU")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="models trained at once (the cores are split between them)")
+    parser.add_argument("--analysis-images", type=positive_int, default=None,
+                        help="validation images for the gradient-flow and scale statistics (default: the preset's)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="override the preset (quick runs)")
+    parser.add_argument("--train-images", type=positive_int, default=None, help="override the preset (quick runs)")
+    parser.add_argument("--val-images", type=positive_int, default=None, help="override the preset (quick runs)")
+    parser.add_argument("--max-iterations", type=positive_int, default=None,
+                        help="cap the iterations per epoch (quick runs and tests)")
+    return parser
+
+
+def resolve_preset(args: argparse.Namespace) -> Preset:
+    preset = PRESETS[args.preset]
+    changes = {name: getattr(args, name) for name in ("epochs", "train_images", "val_images")
+               if getattr(args, name) is not None}
+    if args.analysis_images is not None:
+        changes["analysis_images"] = args.analysis_images
+    if args.seeds:
+        changes["seeds"] = tuple(args.seeds)
+    return replace(preset, **changes)
+
+
+def ensure_data(preset: Preset, folder: Path) -> Path:
+    """The synthetic set of the protocol (generated once, seed 0); an existing one must match the preset."""
+    from ..data.synthetic import generate
+
+    manifest = folder / "ablation_data.json"
+    wanted = {"train": preset.train_images, "val": preset.val_images, "size": preset.image_size, "seed": 0}
+    if manifest.is_file():
+        found = json.loads(manifest.read_text())
+        if found != wanted:
+            raise ValueError(f"{folder} holds another data set ({found}); this protocol needs {wanted}: give another "
+                             "--out")
+        return folder
+    generate(folder, seed=0, train=preset.train_images, val=preset.val_images, size=preset.image_size)
+    atomic_write_text(manifest, json.dumps(wanted) + "\n")
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
+    preset = resolve_preset(args)
+    out = Path(args.out)
+    started = time.time()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        data = ensure_data(preset, out / "data")
+        runs = train_all(preset, out, args.modes, preset.seeds, data, args.device, args.jobs, args.max_iterations)
+        rows = analyse(preset, out, runs, args.modes, data)
+    except (ValueError, RuntimeError, OSError) as error:
+        message = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        sys.exit(f"error: {message}")
+    record = {"command_line": "python -m asff_viz.experiments.ablation " + " ".join(sys.argv[1:] if argv is None
+                                                                                   else argv),
+              "preset": args.preset, "protocol": asdict(preset), "modes": list(args.modes),
+              "recipe": train_arguments(preset, data, out / "models" / "MODE_sSEED", "MODE", 0, args.device),
+              "checkpoints": {name: str(path) for name, path in runs.items()}, "seconds": round(time.time() - started),
+              "platform": _platform()}
+    atomic_write_text(out / "run.json", json.dumps(record, indent=1) + "\n")
+    logger.info("wrote %s and %s", out / "ablation.md", out / "ablation.csv")
+    return rows
+
+
+def analyse(preset: Preset, out: Path, runs: dict[str, Path], modes: Sequence[str], data: Path) -> list[dict]:
+    """Evaluation, cost, gradient flow and scale statistics of every trained model; writes the table and figures."""
+    from ..analyze.cli import main as analyze_main
+    from ..figures.style import write_csv
+
+    annotations, images = data / "annotations" / "val.json", data / "images" / "val"
+    cache = out / "cache"
+    evaluations = {name: evaluate_run(path, annotations, images, preset.eval_size, cache)
+                   for name, path in runs.items()}
+    shas = "-".join(sorted(e["sha256"][:8] for e in evaluations.values()))
+    latency = _cached_json(cache / f"latency_{shas}.json", lambda: latencies(runs))
+    flow_runs = {name: path for name, path in runs.items() if name.rsplit("_s", 1)[0] in FLOW_MODES}
+    flows = flow_statistics(flow_runs, annotations, images, preset.analysis_images, preset.eval_size, cache) \
+        if flow_runs else None
+    for name, path in runs.items():
+        if name.rsplit("_s", 1)[0] in WEIGHTED_MODES:
+            analyze_main(["scale-stats", "--weights", str(path), "--annotations", str(annotations), "--images",
+                          str(images), "--limit", str(preset.analysis_images), "--size", str(preset.eval_size),
+                          "--out", str(out / "scale-stats" / name), "--cache", str(cache)])
+    rows = table_rows(evaluations, latency, flows, modes, preset.seeds)
+    write_csv(out / "ablation.csv", rows)
+    atomic_write_text(out / "ablation.md", markdown_table(rows, preset.seeds))
+    write_figures(out, rows, flows, modes, preset.seeds)
+    return rows
+
+
+def _platform() -> dict:
+    from ..bench.environment import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    main()
