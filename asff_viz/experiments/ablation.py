@@ -232,14 +232,21 @@ def flow_statistics(checkpoints: dict[str, Path], annotations: Path, images: Pat
     statistics = GradientFlowStatistics(list(models))
     from tqdm import tqdm
 
+    skipped = 0
     for image in tqdm(dataset, total=len(dataset), desc="gradient flow", dynamic_ncols=True):
         truth = image.ground_truth
         keep = ~truth.crowd
         summaries = {name: results.gradient_summary(model, image.path, truth.boxes[keep], truth.labels[keep],
                                                     size=size) for name, model in models.items()}
+        # An image is used for every model or for none, so that all modes describe the same images.
         if all(all(np.isfinite(value).all() for value in summary.values()) for summary in summaries.values()):
             for name, summary in summaries.items():
                 statistics.add(name, summary, image.file_name)
+        else:
+            skipped += 1
+    if skipped:
+        logger.warning("gradient flow: %d of %d images left out (a model gave non-finite loss gradients)", skipped,
+                       len(dataset))
     return statistics
 
 
