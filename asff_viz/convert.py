@@ -2,10 +2,11 @@
 
     python -m asff_viz.convert OFFICIAL.pth OUT.pt [--class-names FILE] [--input-size N]
 
-The variant (ASFF, ASFF* with RFB, or the YOLOv3 baseline), the class count and the width are read from the
-file's keys and shapes. The result loads with `asff_viz.load_model(OUT.pt)` and gives bit-identical outputs.
---class-names is a text file with one name per line (blank lines ignored) or a JSON list; default: the
-80 COCO names for 80-class models, else class_0, class_1, ... --input-size defaults to 608.
+The family and variant (Darknet-53: ASFF, ASFF* with RFB, or the YOLOv3 baseline; MobileNetV2: with or without
+ASFF), the class count and the width are read from the file's keys and shapes. The result loads with
+`asff_viz.load_model(OUT.pt)` and gives bit-identical outputs. --class-names is a text file with one name per line
+(blank lines ignored) or a JSON list; default: the 80 COCO names for 80-class models, else class_0, class_1, ...
+--input-size defaults to the official test size: 608 (Darknet-53), 416 (MobileNetV2).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("destination", type=output_file, help="asff_viz checkpoint to write (.pt)")
     parser.add_argument("--class-names", default=None, help="text file, one class name per line (or a JSON list)")
     parser.add_argument("--input-size", type=input_size, default=None,
-                        help="input size stored as the default (608)")
+                        help="input size stored as the default (the official test size: 608, MobileNetV2 416)")
     return parser.parse_args(argv)
 
 

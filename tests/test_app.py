@@ -43,7 +43,8 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
     paths = {}
-    for name, fusion, classes in (("asff", "asff", 8), ("sum", "sum", 8), ("three_classes", "asff", 3)):
+    for name, fusion, classes in (("asff", "asff", 8), ("sum", "sum", 8), ("three_classes", "asff", 3),
+                                  ("weighted", "weighted", 8)):
         model = build_model(width=0.125, depth=0.33, num_classes=classes, fusion=fusion)
         initialize_weights(model)
         set_objectness_prior(model, 0.001)
@@ -769,3 +770,19 @@ def test_every_view_works_on_a_mobilenet_model(weights, name):
         for mode in ("RGB composite", "Entropy", "Figure 3 grid", "Overlay"):
             explore(open_view(app, "Fusion weights"), mode=mode)
             assert_healthy(app)
+
+
+def test_a_weighted_fusion_model_shows_its_per_level_scalars(weights):
+    app = start(weights["weighted"])
+    assert_healthy(app)
+    assert any("per-level scalars" in info.value for info in app.info)
+    table = app.dataframe[0].value
+    assert list(table.columns) == ["target", "from L0", "from L1", "from L2"]
+    np.testing.assert_allclose(table[["from L0", "from L1", "from L2"]].sum(axis=1), 1.0, atol=1e-3)  # eps 1e-4
+    for view in ("Detections", "Gradient flow", "Counterfactuals", "Across images"):
+        if view == "Gradient flow":
+            app.session_state["gradient_objective"] = "sum"
+        open_view(app, view)
+        if view == "Gradient flow":
+            compute_gradient_flow(app)
+        assert_healthy(app)

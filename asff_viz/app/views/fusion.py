@@ -54,6 +54,8 @@ def fusion_view(analysis: Analysis) -> None:
             st.session_state[PICKED_POINT] = (float(click["x"]), float(click["y"]))
     state = FusionState.from_session()
     state.to_session()
+    if getattr(analysis.model.config, "fusion", "asff") == "weighted":
+        weighted_fusion_table(trace)
 
     image_column, readout_column = st.columns([3, 1.25], gap="medium")
     with readout_column:
@@ -83,6 +85,19 @@ def fusion_view(analysis: Analysis) -> None:
         ("Detections JSON", lambda: cached.detections_json(trace, analysis.image_choice.name), "detections.json",
          "application/json"),
     ], key="fusion_download")
+
+
+def weighted_fusion_table(trace) -> None:
+    """A weighted-fusion model (BiFPN's fast normalized fusion) learns one scalar per target and source level:
+    shown as the 3 x 3 table it is; the maps below are those scalars, constant over the image."""
+    rows = [{"target": level_name(level), **{f"from L{k}": float(np.asarray(trace.fusion_weights[level])[k, 0, 0])
+                                             for k in range(3)}} for level in range(3)]
+    st.info("This model fuses by **learned per-level scalars** (BiFPN's fast normalized fusion), not per-pixel "
+            "weights: each target level takes a fixed share of each source everywhere, so the maps below are flat.",
+            icon=":material/info:")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                 column_config={f"from L{k}": st.column_config.NumberColumn(f"from L{k}", format="%.3f")
+                                for k in range(3)})
 
 
 def _slug(text: str) -> str:
