@@ -76,7 +76,7 @@ class Preset:
 PRESETS = {
     # Sized for the 2-core CPU machine: five modes, one seed, about an hour of training in all with --jobs 2.
     "cpu": Preset(train_images=2000, val_images=200, image_size=256, width=0.25, depth=0.33, epochs=6,
-                  batch_size=8, min_size=192, max_size=256, eval_size=256, lr=2e-3, seeds=(0,),
+                  batch_size=8, min_size=192, max_size=256, eval_size=256, lr=1e-3, seeds=(0,),
                   analysis_images=40, workers=1),
     # The same protocol, larger: for a GPU machine (minutes per model).
     "gpu": Preset(train_images=8000, val_images=500, image_size=320, width=0.5, depth=0.33, epochs=24,
@@ -130,8 +130,11 @@ def _train_one(command: list[str], log_path: Path, threads: int) -> int:
 
 
 def train_all(preset: Preset, out: Path, modes: Sequence[str], seeds: Sequence[int], data: Path,
-              device: str | None, jobs: int, max_iterations: int | None = None) -> dict[str, Path]:
-    """Train every (mode, seed) that is not finished, `jobs` at a time; returns {run name: last.pt}."""
+              device: str | None, jobs: int, max_iterations: int | None = None
+              ) -> tuple[dict[str, Path], dict[str, str]]:
+    """Train every (mode, seed) that is not finished, `jobs` at a time. Returns ({run name: last.pt} of the
+    finished runs, {run name: why it did not finish}): a run that stops (e.g. on non-finite gradients) is a
+    result of the ablation, reported in the table, not a reason to drop the others."""
     from tqdm import tqdm
 
     runs, pending = {}, []
@@ -155,19 +158,26 @@ def train_all(preset: Preset, out: Path, modes: Sequence[str], seeds: Sequence[i
             folder.mkdir(parents=True, exist_ok=True)
             pending.append((name, command, folder / "train.log"))
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    failed = []
+    failed = {}
     with tqdm(total=len(pending), desc="training", unit="model", dynamic_ncols=True) as bar, \
             concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(_train_one, command, log, threads): (name, log) for name, command, log in pending}
         for future in concurrent.futures.as_completed(futures):
             name, log = futures[future]
             if future.result() != 0 or trained_epochs(runs[name]) < preset.epochs:
-                failed.append(f"{name} (see {log})")
+                failed[name] = _failure(log, trained_epochs(runs[name]))
+                logger.warning("%s did not finish: %s (see %s)", name, failed[name], log)
             bar.update(1)
             bar.set_postfix_str(name)
-    if failed:
-        raise RuntimeError(f"training did not finish for {', '.join(failed)}")
-    return runs
+    return {name: path for name, path in runs.items() if name not in failed}, failed
+
+
+def _failure(log: Path, epochs_done: int) -> str:
+    """Why a run stopped, from the last error line of its log."""
+    lines = [line for line in log.read_text(errors="replace").splitlines()
+             if "stopping" in line or line.startswith("error") or "Error" in line]
+    reason = lines[-1].split(" ", 1)[-1] if lines else "the training process failed"
+    return f"stopped after {epochs_done} epoch(s): {reason[:200]}"
 
 
 def _cached_json(path: Path, compute) -> dict:
@@ -404,8 +414,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         data = ensure_data(preset, out / "data")
-        runs = train_all(preset, out, args.modes, preset.seeds, data, args.device, args.jobs, args.max_iterations)
-        rows = analyse(preset, out, runs, args.modes, data)
+        runs, failed = train_all(preset, out, args.modes, preset.seeds, data, args.device, args.jobs,
+                                 args.max_iterations)
+        if not runs:
+            raise RuntimeError(f"no model finished training: {failed}")
+        rows = analyse(preset, out, runs, args.modes, data, failed)
     except (ValueError, RuntimeError, OSError) as error:
         message = describe_os_error(error) if isinstance(error, OSError) else str(error)
         sys.exit(f"error: {message}")
@@ -413,14 +426,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                                                                                    else argv),
               "preset": args.preset, "protocol": asdict(preset), "modes": list(args.modes),
               "recipe": train_arguments(preset, data, out / "models" / "MODE_sSEED", "MODE", 0, args.device),
-              "checkpoints": {name: str(path) for name, path in runs.items()}, "seconds": round(time.time() - started),
+              "checkpoints": {name: str(path) for name, path in runs.items()}, "did_not_finish": failed,
+              "seconds": round(time.time() - started),
               "platform": _platform()}
     atomic_write_text(out / "run.json", json.dumps(record, indent=1) + "\n")
     logger.info("wrote %s and %s", out / "ablation.md", out / "ablation.csv")
     return rows
 
 
-def analyse(preset: Preset, out: Path, runs: dict[str, Path], modes: Sequence[str], data: Path) -> list[dict]:
+def analyse(preset: Preset, out: Path, runs: dict[str, Path], modes: Sequence[str], data: Path,
+            failed: dict[str, str] | None = None) -> list[dict]:
     """Evaluation, cost, gradient flow and scale statistics of every trained model; writes the table and figures."""
     from ..analyze.cli import main as analyze_main
     from ..figures.style import write_csv
@@ -439,10 +454,12 @@ def analyse(preset: Preset, out: Path, runs: dict[str, Path], modes: Sequence[st
             analyze_main(["scale-stats", "--weights", str(path), "--annotations", str(annotations), "--images",
                           str(images), "--limit", str(preset.analysis_images), "--size", str(preset.eval_size),
                           "--out", str(out / "scale-stats" / name), "--cache", str(cache)])
-    rows = table_rows(evaluations, latency, flows, modes, preset.seeds)
+    finished = [mode for mode in modes if all(run_name(mode, seed) in runs for seed in preset.seeds)]
+    rows = table_rows(evaluations, latency, flows, finished, preset.seeds)
     write_csv(out / "ablation.csv", rows)
-    atomic_write_text(out / "ablation.md", markdown_table(rows, preset.seeds))
-    write_figures(out, rows, flows, modes, preset.seeds)
+    failures = "".join(f"\n* `{name}` did not finish training: {reason}\n" for name, reason in (failed or {}).items())
+    atomic_write_text(out / "ablation.md", markdown_table(rows, preset.seeds) + failures)
+    write_figures(out, rows, flows, finished, preset.seeds)
     return rows
 
 
