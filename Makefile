@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 ADDRESS ?= 127.0.0.1
 PORT ?= 8501
 
-.PHONY: app test test-all setup lint clean-venv figures
+.PHONY: app test test-all setup lint clean-venv figures gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,8 @@ clean-venv:
 
 figures: $(STAMP)
 	PYTHON=$(BIN)/python bash docs/make_figures.sh
+
+# On a machine with a CUDA device (and the project's requirements installed next to a CUDA torch): the GPU tests and
+# the GPU benchmark, one JSON and one Markdown table in runs/gpu_check/. Exit status 2 without a CUDA device.
+gpu-check:
+	$(PYTHON) -m asff_viz.bench.gpu_check --out runs/gpu_check

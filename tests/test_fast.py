@@ -390,3 +390,28 @@ def test_targets_and_table_from_results():
     results["targets"] = list(rows.values())
     table = format_table(results)
     assert "| fast_fp32 | 608 | 1 | 1,000.0 |" in table and "**no**" in table and "1x512x38x38 150" in table
+
+
+def test_gpu_check_stops_clearly_without_a_gpu_and_reads_a_bench(tmp_path, capsys):
+    from asff_viz.bench import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run")
+    assert gpu_check.main(["--out", str(tmp_path / "check")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: no CUDA device here") and "\n" not in error
+    assert not (tmp_path / "check").exists()  # nothing was run or written
+    results = {"forward": [
+        {"variant": "fast_fp32", "size": 608, "batch": 1, "latency_ms": 6.2, "images_per_s": 160.0},
+        {"variant": "fast_bf16_compiled", "size": 608, "batch": 1, "latency_ms": 4.1, "images_per_s": 244.0},
+        {"variant": "fast_bf16", "size": 416, "batch": 64, "latency_ms": 30.0, "images_per_s": 2133.3},
+        {"variant": "fast_fp32", "size": 416, "batch": 64, "latency_ms": 50.0, "images_per_s": 2500.0}]}
+    figures = gpu_check.bench_figures(results)
+    assert figures == {"latency_608_batch1_ms": 4.1, "throughput_416_batch64_bf16": 2133.3}  # bf16 rows only
+    rows = gpu_check.target_rows(figures)
+    assert [row["met"] for row in rows] == [True, True]
+    assert [row["met"] for row in gpu_check.target_rows({"latency_608_batch1_ms": 5.0})] == [False, None]
+    text = gpu_check.markdown({"device": "H200", "torch": "x", "cuda": "12", "seconds": 1.0,
+                               "tests": {"exit_status": 0, "tests": 9, "failures": 0, "errors": 0, "skipped": 1},
+                               "targets": rows})
+    assert "| latency_608_batch1_ms | 4.10 | < 5 | yes |" in text
