@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import csv
 import json
 import logging
 import os
@@ -303,6 +304,32 @@ def table_rows(evaluations: dict[str, dict], latency: dict[str, float], flows, m
     return rows
 
 
+def add_paired_ap(rows: list[dict], runs: dict[str, Path], modes: Sequence[str], preset: Preset, annotations: Path,
+                  images: Path, out: Path, cache: Path) -> None:
+    """AP of asff minus each other mode on the same images, with its 95 % paired image-bootstrap interval
+    (`analyze compare --bootstrap`, first seed): the interval a one-seed comparison can have."""
+    from ..analyze.cli import main as analyze_main
+
+    for row in rows:
+        row["asff_minus_AP"] = row["asff_minus_AP_low"] = row["asff_minus_AP_high"] = None
+    others = [mode for mode in modes if mode != "asff"]
+    if "asff" not in modes or not others:
+        return
+    seed = preset.seeds[0]
+    order = ["asff", *others]
+    analyze_main(["compare", "--weights", *(str(runs[run_name(mode, seed)]) for mode in order), "--labels", *order,
+                  "--annotations", str(annotations), "--images", str(images), "--size", str(preset.eval_size),
+                  "--bootstrap", "1000", "--out", str(out / "compare"), "--cache", str(cache), "--no-progress"])
+    with open(out / "compare" / "compare_ap_paired.csv") as handle:
+        paired = {line["minus"]: line for line in csv.DictReader(handle) if line["metric"] == "AP"}
+    for row in rows:
+        if row["mode"] in paired:
+            line = paired[row["mode"]]
+            row["asff_minus_AP"] = round(float(line["difference"]), 4)
+            row["asff_minus_AP_low"] = round(float(line["ci95_low"]), 4)
+            row["asff_minus_AP_high"] = round(float(line["ci95_high"]), 4)
+
+
 def markdown_table(rows: list[dict], seeds: Sequence[int]) -> str:
     def metric(row, name):
         value, spread = row[name], row[f"{name}_sd"]
@@ -313,11 +340,13 @@ def markdown_table(rows: list[dict], seeds: Sequence[int]) -> str:
             return "n/a"
         return f"{row[key]:.3f} [{row[key + '_low']:.3f}, {row[key + '_high']:.3f}]"
 
-    head = ["mode", *METRICS, "params (M)", "GFLOP 416", "CPU ms 416",
+    head = ["mode", *METRICS, "AP: asff minus this [95 % CI]", "params (M)", "GFLOP 416", "CPU ms 416",
             *(f"conflict {label} {short}" for _, label in REGIONS_SHOWN for short in LEVEL_SHORT)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["mode"], *(metric(row, name) for name in METRICS), f"{row['parameters_M']:.2f}",
+        paired = ("n/a" if row.get("asff_minus_AP") is None else
+                  f"{row['asff_minus_AP']:+.3f} [{row['asff_minus_AP_low']:+.3f}, {row['asff_minus_AP_high']:+.3f}]")
+        cells = [row["mode"], *(metric(row, name) for name in METRICS), paired, f"{row['parameters_M']:.2f}",
                  f"{row['gflop_416']:.2f}", f"{row['latency_ms_416']:.1f}",
                  *(conflict(row, f"conflict_{label}_{short}") for _, label in REGIONS_SHOWN for short in LEVEL_SHORT)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -336,7 +365,9 @@ def write_figures(out: Path, rows: list[dict], flows, modes: Sequence[str], seed
     paths = []
     with publication_style():
         series = [(name, [row[name] for row in rows]) for name in ("AP", "AP50", "APs", "APl")]
-        figure = plots.grouped_bars([row["mode"] for row in rows], series, ylabel="COCO metric (validation)")
+        top = max([row[name] for row in rows for name in ("AP", "AP50", "APs", "APl")] + [0.05])
+        figure = plots.grouped_bars([row["mode"] for row in rows], series, ylabel="COCO metric (validation)",
+                                    ylim=(0, min(1.0, 1.15 * top)))
         paths += save_figure(figure, out, "ablation_ap", [
             {"mode": row["mode"], **{name: row[name] for name in METRICS},
              **{f"{name}_sd": row[f"{name}_sd"] for name in METRICS}} for row in rows])
@@ -456,6 +487,7 @@ def analyse(preset: Preset, out: Path, runs: dict[str, Path], modes: Sequence[st
                           "--out", str(out / "scale-stats" / name), "--cache", str(cache)])
     finished = [mode for mode in modes if all(run_name(mode, seed) in runs for seed in preset.seeds)]
     rows = table_rows(evaluations, latency, flows, finished, preset.seeds)
+    add_paired_ap(rows, runs, finished, preset, annotations, images, out, cache)
     write_csv(out / "ablation.csv", rows)
     failures = "".join(f"\n* `{name}` did not finish training: {reason}\n" for name, reason in (failed or {}).items())
     atomic_write_text(out / "ablation.md", markdown_table(rows, preset.seeds) + failures)
