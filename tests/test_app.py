@@ -648,12 +648,15 @@ def test_gradient_flow_waits_to_be_asked_and_opens_on_the_detections_level(weigh
 
 
 def test_compare_does_not_open_on_the_model_against_itself():
+    # checkpoints/ holds the embedded ASFF default and the ablation's sum-fusion model: B opens on the other one.
     app = AppTest.from_file(APP, default_timeout=TIMEOUT)
     app.run()
     open_view(app, "Compare checkpoints")
     assert_healthy(app)
-    assert any("same checkpoint as A" in info.value for info in app.info)
-    assert not any(m.label == "In both" for m in app.metric)
+    assert not any("same checkpoint as A" in info.value for info in app.info)
+    assert any(m.label == "In both" for m in app.metric)
+    assert any("sum_synthetic" in caption.value for caption in app.caption) or any(
+        "sum_synthetic" in str(getattr(widget, "value", "")) for widget in app.selectbox)
 
 
 def test_a_shapes_model_on_a_photo_says_what_its_labels_mean(weights):
