@@ -71,6 +71,28 @@ def _number(value, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _mobilenet_lines(results: dict) -> list[str]:
+    """The MobileNetV2 ASFF rows next to the Darknet-53 ones of the same run."""
+    mobile = results.get("mobilenet")
+    if not mobile:
+        return []
+    lines: list[str] = []
+    darknet = {(row["variant"], row["size"], row["batch"]): row for row in results.get("forward", [])}
+    lines += ["", f"{mobile['variant']} ({mobile['parameters'] / 1e6:.1f}M parameters; GFLOP at batch 1: "
+              + ", ".join(f"{size} px {_number(f['gflop'], 1)}" for size, f in mobile["flops"].items())
+              + "), timed in the same run:", "",
+              "| variant | size | batch | model ms | images/s | GFLOP/s | of ceiling | Darknet-53 ASFF ms | "
+              "speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in mobile["forward"]:
+        other = darknet.get((row["variant"], row["size"], row["batch"]))
+        other_ms = other["latency_ms"] if other else math.nan
+        lines.append(f"| {row['variant']} | {row['size']} | {row['batch']} | {_number(row['latency_ms'], 1)} | "
+                     f"{_number(row['images_per_s'], 2)} | {_number(row['gflops_per_s'], 1)} | "
+                     f"{_number(row['efficiency'], 2)} | {_number(other_ms, 1)} | "
+                     f"{_number(other_ms / row['latency_ms'], 2)} |")
+    return lines
+
+
 def format_table(results: dict) -> str:
     """The results as Markdown tables (what docs/performance.md shows)."""
     env = results["environment"]
@@ -95,21 +117,7 @@ def format_table(results: dict) -> str:
         lines.append(f"| {row['variant']} | {row['size']} | {row['batch']} | {_number(row['latency_ms'], 1)} | "
                      f"{_number(row['end_to_end_ms'], 1)} | {_number(row['images_per_s'], 2)} | "
                      f"{_number(row['gflops_per_s'], 1)} | {_number(row['efficiency'], 2)} |")
-    mobile = results.get("mobilenet")
-    if mobile:
-        darknet = {(row["variant"], row["size"], row["batch"]): row for row in results.get("forward", [])}
-        lines += ["", f"{mobile['variant']} ({mobile['parameters'] / 1e6:.1f}M parameters; GFLOP at batch 1: "
-                  + ", ".join(f"{size} px {_number(f['gflop'], 1)}" for size, f in mobile["flops"].items())
-                  + "), timed in the same run:", "",
-                  "| variant | size | batch | model ms | images/s | GFLOP/s | of ceiling | Darknet-53 ASFF ms | "
-                  "speed-up |", "|---|---|---|---|---|---|---|---|---|"]
-        for row in mobile["forward"]:
-            other = darknet.get((row["variant"], row["size"], row["batch"]))
-            other_ms = other["latency_ms"] if other else math.nan
-            lines.append(f"| {row['variant']} | {row['size']} | {row['batch']} | {_number(row['latency_ms'], 1)} | "
-                         f"{_number(row['images_per_s'], 2)} | {_number(row['gflops_per_s'], 1)} | "
-                         f"{_number(row['efficiency'], 2)} | {_number(other_ms, 1)} | "
-                         f"{_number(other_ms / row['latency_ms'], 2)} |")
+    lines += _mobilenet_lines(results)
     deform = results.get("deform")
     if deform:
         lines += ["", f"Deformable conv at {deform['size']}, batch 1: {deform['flop_share']:.1%} of the FLOPs; "
