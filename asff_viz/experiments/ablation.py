@@ -43,7 +43,7 @@ import torch
 
 from ..utils.argtypes import describe_os_error, output_folder, positive_int
 from ..utils.fileio import atomic_write_text
-from .report import add_paired_ap, markdown_table, run_name, table_rows, write_figures
+from .report import add_paired_ap, conflict_intervals, markdown_table, run_name, table_rows, write_figures
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +153,16 @@ def train_all(preset: Preset, out: Path, modes: Sequence[str], seeds: Sequence[i
                 logger.info("%s: resuming after epoch %d", name, done - 1)
             folder.mkdir(parents=True, exist_ok=True)
             pending.append((name, command, folder / "train.log"))
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    threads = max(1, (os.cpu_count() or 1) // max(1, min(jobs, len(pending))))
     failed = {}
     with tqdm(total=len(pending), desc="training", unit="model", dynamic_ncols=True) as bar, \
             concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(_train_one, command, log, threads): (name, log) for name, command, log in pending}
         for future in concurrent.futures.as_completed(futures):
             name, log = futures[future]
-            if future.result() != 0 or trained_epochs(runs[name]) < preset.epochs:
-                failed[name] = _failure(log, trained_epochs(runs[name]))
+            done = trained_epochs(runs[name])
+            if future.result() != 0 or done < preset.epochs:
+                failed[name] = _failure(log, done)
                 logger.warning("%s did not finish: %s (see %s)", name, failed[name], log)
             bar.update(1)
             bar.set_postfix_str(name)
@@ -346,21 +347,25 @@ def analyse(preset: Preset, out: Path, runs: dict[str, Path], modes: Sequence[st
                    for name, path in runs.items()}
     shas = "-".join(sorted(e["sha256"][:8] for e in evaluations.values()))
     latency = _cached_json(cache / f"latency_{shas}.json", lambda: latencies(runs))
-    flow_runs = {name: path for name, path in runs.items() if name.rsplit("_s", 1)[0] in FLOW_MODES}
+    finished = [mode for mode in modes if all(run_name(mode, seed) in runs for seed in preset.seeds)]
+    flow_runs = {run_name(mode, seed): runs[run_name(mode, seed)] for mode in finished if mode in FLOW_MODES
+                 for seed in preset.seeds}
     flows = flow_statistics(flow_runs, annotations, images, preset.analysis_images, preset.eval_size, cache) \
         if flow_runs else None
-    for name, path in runs.items():
-        if name.rsplit("_s", 1)[0] in WEIGHTED_MODES:
-            analyze_main(["scale-stats", "--weights", str(path), "--annotations", str(annotations), "--images",
-                          str(images), "--limit", str(preset.analysis_images), "--size", str(preset.eval_size),
-                          "--out", str(out / "scale-stats" / name), "--cache", str(cache)])
-    finished = [mode for mode in modes if all(run_name(mode, seed) in runs for seed in preset.seeds)]
-    rows = table_rows(evaluations, latency, flows, finished, preset.seeds)
+    conflicts = conflict_intervals(flows, list(flow_runs))
+    for mode in finished:
+        if mode in WEIGHTED_MODES:
+            for seed in preset.seeds:
+                name = run_name(mode, seed)
+                analyze_main(["scale-stats", "--weights", str(runs[name]), "--annotations", str(annotations),
+                              "--images", str(images), "--limit", str(preset.analysis_images), "--size",
+                              str(preset.eval_size), "--out", str(out / "scale-stats" / name), "--cache", str(cache)])
+    rows = table_rows(evaluations, latency, conflicts, finished, preset.seeds)
     add_paired_ap(rows, runs, finished, preset, annotations, images, out, cache)
     write_csv(out / "ablation.csv", rows)
     failures = "".join(f"\n* `{name}` did not finish training: {reason}\n" for name, reason in (failed or {}).items())
     atomic_write_text(out / "ablation.md", markdown_table(rows, preset.seeds) + failures)
-    write_figures(out, rows, flows, finished, preset.seeds)
+    write_figures(out, rows, conflicts, finished, preset.seeds)
     return rows
 
 

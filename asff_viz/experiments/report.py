@@ -33,10 +33,22 @@ LEVEL_SHORT = ("s32", "s16", "s8")
 REGIONS_SHOWN = ((0, "positive"), (2, "background"))
 
 
-def table_rows(evaluations: dict[str, dict], latency: dict[str, float], flows, modes: Sequence[str],
-               seeds: Sequence[int], samples: int = 1000) -> list[dict]:
+def conflict_intervals(flows, names: Sequence[str], samples: int = 1000) -> dict[str, tuple]:
+    """{run name: (conflict rate, 95 % bootstrap lower, upper, images)} of every run the gradient flow analysed
+    (rates and bounds (3 source levels, regions)); computed once for the table and the figure."""
+    intervals = {}
+    for name in names:
+        if flows is not None and name in flows.modes and flows.images.get(name):
+            lower, upper = flows.bootstrap_interval(name, samples=samples, seed=0)
+            intervals[name] = (flows.conflict_rates(name)[0], lower, upper, int(flows.images[name]))
+    return intervals
+
+
+def table_rows(evaluations: dict[str, dict], latency: dict[str, float], conflicts: dict[str, tuple],
+               modes: Sequence[str], seeds: Sequence[int]) -> list[dict]:
     """One row per mode: metrics (mean and sample standard deviation over seeds), cost, and the conflict rate of
-    each source level at positives and at background with its 95 % image-bootstrap interval (first seed)."""
+    each source level at positives and at background with its 95 % image-bootstrap interval (first seed;
+    `conflict_intervals`)."""
     rows = []
     for mode in modes:
         names = [run_name(mode, seed) for seed in seeds]
@@ -47,20 +59,18 @@ def table_rows(evaluations: dict[str, dict], latency: dict[str, float], flows, m
         row["parameters_M"] = round(evaluations[names[0]]["parameters"] / 1e6, 3)
         row["gflop_416"] = round(evaluations[names[0]]["gflop_416"], 2)
         row["latency_ms_416"] = round(float(np.mean([latency[n] for n in names])), 1)
-        analysed = flows is not None and names[0] in flows.modes and flows.images.get(names[0])
-        if analysed:
-            rate = flows.conflict_rates(names[0])[0]
-            lower, upper = flows.bootstrap_interval(names[0], samples=samples, seed=0)
+        conflict = conflicts.get(names[0])
         for region, label in REGIONS_SHOWN:
             for level, short in enumerate(LEVEL_SHORT):
                 key = f"conflict_{label}_{short}"
-                if analysed:
+                if conflict is not None:
+                    rate, lower, upper, _ = conflict
                     row[key] = round(float(rate[level, region]), 4)
                     row[f"{key}_low"] = round(float(lower[level, region]), 4)
                     row[f"{key}_high"] = round(float(upper[level, region]), 4)
                 else:
                     row[key] = row[f"{key}_low"] = row[f"{key}_high"] = None
-        row["gradflow_images"] = int(flows.images.get(names[0], 0)) if analysed else 0
+        row["gradflow_images"] = conflict[3] if conflict is not None else 0
         rows.append(row)
     return rows
 
@@ -119,7 +129,8 @@ def markdown_table(rows: list[dict], seeds: Sequence[int]) -> str:
         "n/a where the fusion has no per-source weights (baseline: no fusion; concat: a 1x1 projection).\n"
 
 
-def write_figures(out: Path, rows: list[dict], flows, modes: Sequence[str], seeds: Sequence[int]) -> list[Path]:
+def write_figures(out: Path, rows: list[dict], conflicts: dict[str, tuple], modes: Sequence[str],
+                  seeds: Sequence[int]) -> list[Path]:
     from ..figures import flow_plots, plots
     from ..figures.style import publication_style, save_figure
 
@@ -132,13 +143,10 @@ def write_figures(out: Path, rows: list[dict], flows, modes: Sequence[str], seed
         paths += save_figure(figure, out, "ablation_ap", [
             {"mode": row["mode"], **{name: row[name] for name in METRICS},
              **{f"{name}_sd": row[f"{name}_sd"] for name in METRICS}} for row in rows])
-        analysed = [run_name(mode, seeds[0]) for mode in modes if flows is not None
-                    and run_name(mode, seeds[0]) in flows.modes and flows.images.get(run_name(mode, seeds[0]))]
-        if analysed:
-            rates = np.stack([flows.conflict_rates(name)[0] for name in analysed])
-            intervals = [flows.bootstrap_interval(name, samples=1000, seed=0) for name in analysed]
-            lower, upper = np.stack([i[0] for i in intervals]), np.stack([i[1] for i in intervals])
-            labels = [name.rsplit("_s", 1)[0] for name in analysed]
+        labels = [mode for mode in modes if run_name(mode, seeds[0]) in conflicts]
+        if labels:
+            rates, lower, upper = (np.stack([conflicts[run_name(mode, seeds[0])][part] for mode in labels])
+                                   for part in range(3))
             figure = flow_plots.conflict_bars(labels, rates, lower, upper, regions=(0, 2))
             paths += save_figure(figure, out, "ablation_conflict", [
                 {"mode": label, "source_level": level, "region": region_name,
