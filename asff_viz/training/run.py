@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -218,8 +218,9 @@ def _read_init(run_config) -> _Reference | None:
         return None
     try:
         data = read_checkpoint(path)
-        if is_torchvision_mobilenet_v2(strip_prefixes(data)):
-            weights = remap_torchvision_mobilenet_v2(strip_prefixes(data))
+        plain = strip_prefixes(data)
+        if is_torchvision_mobilenet_v2(plain):
+            weights = remap_torchvision_mobilenet_v2(plain)
             check_finite(weights, path)
             return _Reference(path, None, weights, {}, backbone_only=True)
         model_config, weights, metadata = parse_checkpoint(data, path)
@@ -240,8 +241,8 @@ def _build_model(config: TrainConfig, class_names: list[str], resume: _Reference
         if requested.setdefault("backbone", "mobilenet_v2") != "mobilenet_v2":
             raise TrainingError(f"--init {init.source} holds torchvision's MobileNetV2; it initialises "
                                 "--backbone mobilenet_v2, not --backbone darknet53")
-        init = replace(init, config=None)
-    reference = resume or (init if init is None or not init.backbone_only else None)
+    # A backbone-only --init carries no model config: the flags give it.
+    reference = resume or (init if init is not None and not init.backbone_only else None)
     if resume is not None:
         check_class_names(resume.metadata.get("class_names"), class_names, resume.source, config.data.train_annotations)
     model_config = resolve_model_config(requested, len(class_names), reference and reference.config,
