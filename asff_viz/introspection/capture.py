@@ -190,9 +190,9 @@ def has_fusion_weights(model: nn.Module) -> bool:
 
 
 def weights_module(level: nn.Module) -> nn.Module | None:
-    """The submodule of a fusion level whose output is its weights (B, 3, H, W): ASFF's `softmax` or the
-    weighted fusion's `normalize`; None for sum, concat and the baseline."""
-    return getattr(level, "softmax", None) or getattr(level, "normalize", None)
+    """The submodule of a fusion level whose output is its weights (B, 3, H, W): `LevelFusion.weights_module`
+    (ASFF's `softmax` or the weighted fusion's `normalize`); None for sum, concat and the baseline."""
+    return getattr(level, "weights_module", None)
 
 
 def _is_identity(module: nn.Module) -> bool:
