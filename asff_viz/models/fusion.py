@@ -94,15 +94,21 @@ class LevelFusion(nn.Module):
         """The module whose output is this level's fusion weights (B, 3, H_l, W_l), or None (sum, concat)."""
         return getattr(self, "softmax", None) or getattr(self, "normalize", None)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        resized = [path(x) for path, x in zip(self.resize, features, strict=True)]
+    def _weights(self, resized: list[torch.Tensor]) -> torch.Tensor | None:
+        """(B, 3, H_l, W_l) fusion weights: ASFF's per-pixel softmax, the weighted mode's scalars (flat over the
+        map), or None (sum, concat)."""
         if self.mode == "asff":
             logits = self.weight_logits(
                 torch.cat([conv(r) for conv, r in zip(self.weight_convs, resized, strict=True)], 1))
-            weights = self.softmax(logits)  # (B, 3, H_l, W_l)
-            fused = resized[0] * weights[:, 0:1] + resized[1] * weights[:, 1:2] + resized[2] * weights[:, 2:3]
-        elif self.mode == "weighted":
-            weights = self.normalize(self.source_weights, resized[0])  # (B, 3, H_l, W_l), constant over the map
+            return self.softmax(logits)
+        if self.mode == "weighted":
+            return self.normalize(self.source_weights, resized[0])
+        return None
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        resized = [path(x) for path, x in zip(self.resize, features, strict=True)]
+        weights = self._weights(resized)
+        if weights is not None:
             fused = resized[0] * weights[:, 0:1] + resized[1] * weights[:, 1:2] + resized[2] * weights[:, 2:3]
         elif self.mode == "sum":
             fused = resized[0] + resized[1] + resized[2]
