@@ -81,11 +81,7 @@ _NECK_MOBILE = {
     35: "neck.level2.0", 36: "neck.level2.1", 38: "neck.level2.3", 39: "neck.level2.4",
 }
 # `ASFFmobile` (`level_{l}_conv.*`): level 2 compresses source 1 too (`compress_level_1`).
-_MOBILE_FUSION_PARTS = {
-    0: {"stride_level_1": "resize.1", "stride_level_2": "resize.2.1"},
-    1: {"compress_level_0": "resize.0.0", "stride_level_2": "resize.2"},
-    2: {"compress_level_0": "resize.0.0", "compress_level_1": "resize.1.0"},
-}
+_MOBILE_FUSION_PARTS = {**_FUSION_PARTS, 2: {**_FUSION_PARTS[2], "compress_level_1": "resize.1.0"}}
 LAYOUTS = ("asff", "baseline", "mobile_asff", "mobile_baseline")
 
 
