@@ -11,6 +11,7 @@ letterbox) places it exactly on the original image (`trace.weights_on_original(l
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -246,6 +247,7 @@ def cells_covering(x: float, y: float, strides, grid_sizes) -> np.ndarray:
     return np.asarray(cells, dtype=np.int64)
 
 
+@functools.cache
 def library_versions() -> dict:
     """Versions of what computed a trace; captum's from its metadata (importing it would cost a trace its time)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -316,42 +318,73 @@ def trace_image(model: nn.Module, image_rgb, *, size: int | None = None, conf_th
     if isinstance(image_rgb, (str, os.PathLike)):
         image_name = image_name or Path(image_rgb).name
         image_rgb = read_image(image_rgb)
+    image_rgb = np.ascontiguousarray(image_rgb)
+    size = traced_size(model, size)
+    tensor, transform = preprocess(image_rgb, size)
+    [trace] = trace_batch(model, tensor.unsqueeze(0), [transform], image_shapes=[image_rgb.shape],
+                          image_names=[image_name], conf_threshold=conf_threshold, nms_threshold=nms_threshold,
+                          counterfactual=counterfactual, keep_maps=keep_maps, light=False)
+    trace.image = image_rgb
+    return trace
+
+
+def traced_size(model: nn.Module, size: int | None) -> int:
+    """The input size a trace uses: `size`, else the checkpoint's, else 416."""
+    return int(size or (getattr(model, "metadata", None) or {}).get("input_size") or DEFAULT_INPUT_SIZE)
+
+
+def trace_batch(model: nn.Module, batch: torch.Tensor, transforms: list, *, image_shapes: list,
+                image_names: list, conf_threshold: float = 0.01, nms_threshold: float = 0.65,
+                counterfactual: Counterfactual | str | dict | None = None, keep_maps: bool = False,
+                light: bool = True) -> list[Trace]:
+    """Trace a batch of preprocessed images in one captured forward (what dataset statistics run).
+
+    batch: (B, 3, S, S) normalized images (`preprocess`); transforms, image_shapes, image_names: per image.
+    light: leave the decoded rows out of the traces (the statistics need the weights and the detections);
+    the traces hold no image pixels either way (`trace_image` adds them). Each image's trace equals its
+    `trace_image` trace to float round-off (a batch computes the same convolutions, summed in another order).
+    """
     if not has_fusion_weights(model):
         raise ValueError(f"the {model.config.variant!r} model has no ASFF fusion weights to trace; load an ASFF "
                          "checkpoint (fusion 'asff').")
     counterfactual = as_counterfactual(counterfactual)
     metadata_in = dict(getattr(model, "metadata", {}) or {})
-    size = int(size or metadata_in.get("input_size") or DEFAULT_INPUT_SIZE)
-    image_rgb = np.ascontiguousarray(image_rgb)
-    tensor, transform = preprocess(image_rgb, size)
+    size = int(batch.shape[-1])
     device = next(model.parameters()).device
     with torch.no_grad(), capture(model, resized=keep_maps, fused=keep_maps,
                                   counterfactual=counterfactual) as recorder:
-        outputs = model(tensor.unsqueeze(0).to(device))
+        outputs = model(batch.to(device))
     with torch.no_grad():
-        decoded = model.decode(outputs)
-        detections = postprocess(decoded, conf_threshold, nms_threshold)[0].to("cpu")
-    fusion_weights = recorder.weights_numpy(0)
+        decoded = model.decode(outputs).float()
+        detections = postprocess(decoded, conf_threshold, nms_threshold)
     strides = tuple(int(s) for s in model.strides)
     class_names = list(metadata_in.get("class_names") or [f"class_{i}" for i in range(model.num_classes)])
-    metadata = {
-        "checkpoint": metadata_in.get("checkpoint"), "checkpoint_sha256": metadata_in.get("sha256"),
-        "variant": model.config.variant, "size": size, "image_name": image_name,
-        "image_shape": list(image_rgb.shape), "strides": list(strides), "conf_threshold": conf_threshold,
-        "nms_threshold": nms_threshold, "counterfactual": counterfactual.to_dict(),
-        "counterfactual_label": counterfactual.describe(), "versions": library_versions(),
-    }
-    trace = Trace(
-        image=image_rgb, transform=transform, fusion_weights=fusion_weights,
-        decoded=decoded[0].detach().float().cpu().numpy(),
-        detections=detection_records(detections, fusion_weights, strides, transform, class_names),
-        class_names=class_names, metadata=metadata,
-        learned_weights=None if counterfactual.is_learned else [
-            w[0].detach().float().cpu().numpy() for w in recorder.learned_weights],
-    )
-    if keep_maps:
-        trace.resized_maps = [[_channel_rms(recorder.resized[l][k][0]) for k in range(3)] for l in range(3)]
-        trace.fused_maps = [_channel_rms(recorder.fused[l][0]) for l in range(3)]
-        trace.raw_predictions = [out.prediction[0].float().cpu().numpy() for out in outputs]
-        trace.raw_anchor_logwh = [out.anchor_logwh[0].float().cpu().numpy() for out in outputs]
-    return trace
+    shared = {"checkpoint": metadata_in.get("checkpoint"), "checkpoint_sha256": metadata_in.get("sha256"),
+              "variant": model.config.variant, "size": size, "strides": list(strides),
+              "conf_threshold": conf_threshold, "nms_threshold": nms_threshold,
+              "counterfactual": counterfactual.to_dict(), "counterfactual_label": counterfactual.describe(),
+              "versions": dict(library_versions())}
+    all_weights = [w.detach().float().cpu().numpy() for w in recorder.fusion_weights]
+    learned = (None if counterfactual.is_learned else
+               [w.detach().float().cpu().numpy() for w in recorder.learned_weights])
+    traces = []
+    for index, transform in enumerate(transforms):
+        fusion_weights = [w[index] for w in all_weights]
+        metadata = {**shared, "image_name": image_names[index], "image_shape": list(image_shapes[index])}
+        if light:
+            metadata["light"] = True
+        trace = Trace(
+            image=np.zeros((0, 0, 3), dtype=np.uint8), transform=transform, fusion_weights=fusion_weights,
+            decoded=(np.zeros((0, decoded.shape[-1]), dtype=np.float32) if light
+                     else decoded[index].detach().cpu().numpy()),
+            detections=detection_records(detections[index].to("cpu"), fusion_weights, strides, transform,
+                                         class_names),
+            class_names=class_names, metadata=metadata,
+            learned_weights=None if learned is None else [w[index] for w in learned])
+        if keep_maps:
+            trace.resized_maps = [[_channel_rms(recorder.resized[l][k][index]) for k in range(3)] for l in range(3)]
+            trace.fused_maps = [_channel_rms(recorder.fused[l][index]) for l in range(3)]
+            trace.raw_predictions = [out.prediction[index].float().cpu().numpy() for out in outputs]
+            trace.raw_anchor_logwh = [out.anchor_logwh[index].float().cpu().numpy() for out in outputs]
+        traces.append(trace)
+    return traces
