@@ -65,12 +65,12 @@ class GradientDecomposition:
 
 
 def input_batch(model: nn.Module, image_tensor: torch.Tensor) -> torch.Tensor:
-    """One normalized image (3, S, S) or (1, 3, S, S) -> a fresh (1, 3, S, S) leaf on the model's device and dtype,
+    """Normalized images (3, S, S) or (B, 3, S, S) -> a fresh (B, 3, S, S) leaf on the model's device and dtype,
     requiring grad: gradients with respect to the input are what the analyses take."""
     if image_tensor.dim() == 3:
         image_tensor = image_tensor.unsqueeze(0)
-    if image_tensor.dim() != 4 or image_tensor.shape[0] != 1 or image_tensor.shape[1] != 3:
-        raise ValueError(f"expected one normalized image (3, S, S) or (1, 3, S, S), got {tuple(image_tensor.shape)}")
+    if image_tensor.dim() != 4 or image_tensor.shape[0] < 1 or image_tensor.shape[1] != 3:
+        raise ValueError(f"expected normalized images (3, S, S) or (B, 3, S, S), got {tuple(image_tensor.shape)}")
     parameter = next(model.parameters())
     return image_tensor.detach().to(device=parameter.device, dtype=parameter.dtype).clone().requires_grad_(True)
 
@@ -92,12 +92,30 @@ def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
             tensors}; for each, the value-path terms those weights would give under the same upstream gradient
             dO/dy^l, computed in this pass (`GradientDecomposition.controls`). See `control_weight_maps`.
     """
+    if image_tensor.dim() == 4 and image_tensor.shape[0] != 1:
+        raise ValueError(f"expected one normalized image (3, S, S) or (1, 3, S, S), got {tuple(image_tensor.shape)}; "
+                         "decompose_gradient_batch takes a batch")
+    return decompose_gradient_batch(model, image_tensor, [objective], counterfactual, through_offsets=through_offsets,
+                                    control_weights=control_weights)[0]
+
+
+def decompose_gradient_batch(model: nn.Module, images: torch.Tensor, objectives, counterfactual=None, *,
+                             through_offsets: bool = False, control_weights=None) -> list[GradientDecomposition]:
+    """`decompose_gradients` of B images in one forward and one set of backward passes; one decomposition per
+    image, each that image's own (to float round-off).
+
+    images: (B, 3, S, S); objectives: B callables, objective i applied to image i's outputs alone. Every image's
+    objective depends on its own outputs only (the model in eval mode mixes nothing across the batch), so the
+    gradient of their sum at image i's tensors is the gradient of objective i.
+    """
     # A sum-fusion model is y^l = sum_k R_{k->l}(x^k): the same decomposition with every alpha^l_k = 1.
     plain_sum = not has_fusion_weights(model) and getattr(getattr(model, "fusion", None), "mode", None) == "sum"
     if not has_fusion_weights(model) and not plain_sum:
         raise ValueError(f"the {model.config.variant!r} model has no ASFF fusion to analyse.")
     counterfactual = as_counterfactual(counterfactual)
-    images = input_batch(model, image_tensor)
+    images = input_batch(model, images)
+    if len(objectives) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images need as many objectives, got {len(objectives)}")
     with torch.enable_grad():
         with capture(model, keep_graph=True, counterfactual=counterfactual) as recorder:
             if through_offsets:
@@ -105,12 +123,11 @@ def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
                     outputs = model(images)
             else:
                 outputs = model(images)
-        value = objective(model, outputs)
-        if value.dim() != 0:
-            raise ValueError(f"the objective must return a scalar, got shape {tuple(value.shape)}")
+        values = torch.stack([_objective_of_image(objective, model, outputs, index, len(objectives))
+                              for index, objective in enumerate(objectives)])
         resized = [[recorder.resized[l][k] for k in range(3)] for l in range(3)]
         inputs = [*recorder.fused, *(r for row in resized for r in row), *recorder.sources, *recorder.neck_outputs]
-        gradients = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+        gradients = torch.autograd.grad(values.sum(), inputs, retain_graph=True, allow_unused=True)
         gradients = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gradients, strict=True)]
         fused_gradient = gradients[0:3]
         resized_gradient = [gradients[3 + 3 * l: 6 + 3 * l] for l in range(3)]
@@ -132,26 +149,39 @@ def decompose_gradients(model: nn.Module, image_tensor: torch.Tensor, objective,
             for source in range(3):
                 # dO/dR_{k->l} through the value path: the fused sum multiplies R by alpha^l_k.
                 direct = weights[:, source:source + 1] * fused_gradient[level]
-                value_terms[level][source] = back_through_resize(level, source, direct)[0]
+                value_terms[level][source] = back_through_resize(level, source, direct)
                 weight_terms[level][source] = back_through_resize(
-                    level, source, resized_gradient[level][source] - direct)[0]
+                    level, source, resized_gradient[level][source] - direct)
         controls = {}
         if control_weights is not None:
+            # The controls' seeded draws do not depend on the batch (one permutation per level, shared by every
+            # image), so each image gets the controls it gets alone.
             for name, weights in control_weights(used_weights).items():
                 controls[name] = [[back_through_resize(level, source, weights[level][:, source:source + 1]
-                                                       * fused_gradient[level])[0] for source in range(3)]
+                                                       * fused_gradient[level]) for source in range(3)]
                                   for level in range(3)]
-    return GradientDecomposition(
-        objective_value=float(value.detach()),
-        value=value_terms, weight_branch=weight_terms,
-        fusion_total=[g[0].detach() for g in fusion_total],
-        neck_path=[(t - f)[0].detach() for t, f in zip(total, fusion_total, strict=True)],
-        total=[g[0].detach() for g in total],
-        fused_gradient=[g[0].detach() for g in fused_gradient],
-        weights=[w[0].detach() for w in used_weights],
+    return [GradientDecomposition(
+        objective_value=float(values[i].detach()),
+        value=[[term[i] for term in row] for row in value_terms],
+        weight_branch=[[term[i] for term in row] for row in weight_terms],
+        fusion_total=[g[i].detach() for g in fusion_total],
+        neck_path=[(t - f)[i].detach() for t, f in zip(total, fusion_total, strict=True)],
+        total=[g[i].detach() for g in total],
+        fused_gradient=[g[i].detach() for g in fused_gradient],
+        weights=[w[i].detach() for w in used_weights],
         counterfactual=counterfactual,
-        controls=controls,
-    )
+        controls={name: [[term[i] for term in row] for row in terms] for name, terms in controls.items()},
+    ) for i in range(images.shape[0])]
+
+
+def _objective_of_image(objective, model: nn.Module, outputs: list, index: int, batch: int) -> torch.Tensor:
+    """objective(model, outputs of image `index` alone) as a scalar tensor."""
+    if batch > 1:
+        outputs = [type(output)(*(tensor[index:index + 1] for tensor in output)) for output in outputs]
+    value = objective(model, outputs)
+    if value.dim() != 0:
+        raise ValueError(f"the objective must return a scalar, got shape {tuple(value.shape)}")
+    return value
 
 
 @dataclass
@@ -161,18 +191,19 @@ class ConflictStatistics:
     norms: (3, H, W) per-target norms over channels. cancellation: (H, W) 1 - |sum_l g_l| / sum_l |g_l| in
     [0, 1]: 0 when the terms point the same way (or only one is present), near 1 when they cancel.
     cosine, sign_agreement: (3, 3, H, W) pairwise cosine similarity and fraction of channels whose signs
-    agree (NaN where a term is zero). active: (H, W) locations with a non-negligible gradient. conflicting:
-    active locations where two significant terms (each >= `significance` x the largest there) have cosine
-    below `cosine_threshold`. rate: conflicting / active. (Random directions in C channels have cosines of
-    about +-1/sqrt(C), so a threshold of 0 counts near-orthogonal pairs too; `mean_cancellation` weighs
-    each location by its gradient and is the magnitude-aware summary.) mean_cancellation: the cancellation
-    averaged over active locations, weighted by sum_l |g_l|.
+    agree (NaN where a term is zero; sign_agreement None when not asked for). active: (H, W) locations with
+    a non-negligible gradient. conflicting: active locations where two significant terms (each >=
+    `significance` x the largest there) have cosine below `cosine_threshold`. rate: conflicting / active.
+    (Random directions in C channels have cosines of about +-1/sqrt(C), so a threshold of 0 counts
+    near-orthogonal pairs too; `mean_cancellation` weighs each location by its gradient and is the
+    magnitude-aware summary.) mean_cancellation: the cancellation averaged over active locations, weighted
+    by sum_l |g_l|.
     """
 
     norms: np.ndarray
     cancellation: np.ndarray
     cosine: np.ndarray
-    sign_agreement: np.ndarray
+    sign_agreement: np.ndarray | None
     active: np.ndarray
     conflicting: np.ndarray
     rate: float
@@ -180,24 +211,30 @@ class ConflictStatistics:
 
 
 def conflict_statistics(terms: torch.Tensor, significance: float = 0.1, active_fraction: float = 1e-3,
-                        cosine_threshold: float = 0.0) -> ConflictStatistics:
+                        cosine_threshold: float = 0.0, *, sign_agreement: bool = True) -> ConflictStatistics:
     """terms: (L, C, H, W) gradient contributions of L target levels to one source -> ConflictStatistics."""
     terms = terms.detach().double()
     count = terms.shape[0]
-    norms = terms.norm(dim=1)  # (L, H, W)
+    flat = terms.flatten(2)  # (L, C, H * W)
+    # Every pairwise quantity is a sum over channels of a product of two terms: one pass per pair of levels.
+    gram = _channel_products(flat, flat).view(count, count, *terms.shape[2:])
+    norms = gram.diagonal(dim1=0, dim2=1).permute(2, 0, 1).clamp(min=0).sqrt()  # (L, H, W)
     norm_sum = norms.sum(dim=0)
     tiny = torch.finfo(torch.float64).tiny
     cancellation = torch.where(norm_sum > 0, 1 - terms.sum(dim=0).norm(dim=0) / norm_sum.clamp(min=tiny),
                                torch.zeros_like(norm_sum)).clamp(0, 1)
-    unit = terms / norms.unsqueeze(1).clamp(min=tiny)
-    cosine = torch.einsum("achw,bchw->abhw", unit, unit)
     present = norms > 0
     both = present.unsqueeze(0) & present.unsqueeze(1)
-    cosine = torch.where(both, cosine.clamp(-1, 1), torch.full_like(cosine, math.nan))
-    signs = torch.sign(terms)
-    nonzero = (signs.unsqueeze(0) != 0) & (signs.unsqueeze(1) != 0)  # (L, L, C, H, W)
-    agree = ((signs.unsqueeze(0) == signs.unsqueeze(1)) & nonzero).sum(dim=2).double()
-    sign_agreement = torch.where(both, agree / nonzero.sum(dim=2).clamp(min=1), torch.full_like(agree, math.nan))
+    scale = (norms.unsqueeze(0) * norms.unsqueeze(1)).clamp(min=tiny)
+    cosine = torch.where(both, (gram / scale).clamp(-1, 1), torch.full_like(gram, math.nan))
+    # Signs s in {-1, 0, 1}: s_a * s_b is 1 where two channels agree, -1 where they disagree, 0 where either is
+    # zero, so (|s_a||s_b| + s_a s_b) / 2 counts agreeing channels among those where both are non-zero (exact).
+    agreement = None
+    if sign_agreement:
+        signs = torch.sign(flat)
+        nonzero = _channel_products(signs.abs(), signs.abs())
+        agree = (nonzero + _channel_products(signs, signs)) / 2
+        agreement = torch.where(both, (agree / nonzero.clamp(min=1)).view_as(gram), torch.full_like(gram, math.nan))
     maximum = norm_sum.max()
     active = norm_sum > active_fraction * maximum if maximum > 0 else torch.zeros_like(norm_sum, dtype=torch.bool)
     significant = norms >= significance * norms.max(dim=0).values.unsqueeze(0)
@@ -209,8 +246,21 @@ def conflict_statistics(terms: torch.Tensor, significance: float = 0.1, active_f
     weight = torch.where(active, norm_sum, torch.zeros_like(norm_sum))
     mean_cancellation = float((cancellation * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
     return ConflictStatistics(norms.float().numpy(), cancellation.float().numpy(), cosine.float().numpy(),
-                              sign_agreement.float().numpy(), active.numpy(), conflicting.numpy(), rate,
-                              mean_cancellation)
+                              None if agreement is None else agreement.float().numpy(), active.numpy(),
+                              conflicting.numpy(), rate, mean_cancellation)
+
+
+def _channel_products(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """(L, C, N), (L, C, N) -> (L, L, N): sum over channels of first[a] * second[b] (symmetric inputs: each pair
+    computed once)."""
+    count = first.shape[0]
+    result = first.new_empty(count, count, first.shape[2])
+    for a in range(count):
+        for b in range(a, count):
+            result[a, b] = (first[a] * second[b]).sum(dim=0)
+            if b != a:
+                result[b, a] = result[a, b] if first is second else (first[b] * second[a]).sum(dim=0)
+    return result
 
 
 @dataclass
@@ -298,15 +348,47 @@ def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
         sweep: (significance, cosine threshold) pairs at which the learned weights and the weight controls
             (`SWEPT`) are measured again, from the same terms (`GradientFlow.sweep`); needs `controls`.
     """
-    decomposition = decompose_gradients(
-        model, image_tensor, objective, counterfactual, through_offsets=through_offsets,
+    if image_tensor.dim() == 4 and image_tensor.shape[0] != 1:
+        raise ValueError(f"expected one normalized image (3, S, S) or (1, 3, S, S), got {tuple(image_tensor.shape)}; "
+                         "gradient_flows takes a batch")
+    return gradient_flows(model, image_tensor, [objective], counterfactual, ground_truths=[ground_truth],
+                          significance=significance, active_fraction=active_fraction,
+                          cosine_threshold=cosine_threshold, through_offsets=through_offsets, controls=controls,
+                          control_seed=control_seed, sweep=sweep)[0]
+
+
+def gradient_flows(model: nn.Module, images: torch.Tensor, objectives, counterfactual=None, *, ground_truths=None,
+                   significance: float = 0.1, active_fraction: float = 1e-3, cosine_threshold: float = 0.0,
+                   through_offsets: bool = False, controls: bool = False, control_seed: int = 0,
+                   sweep: tuple = (), sign_agreement: bool = True) -> list[GradientFlow]:
+    """`gradient_flow` of B images (B, 3, S, S), objective i and ground truth i for image i, in one forward and
+    one set of backward passes (`decompose_gradient_batch`); each flow equals the image's own to round-off.
+    sign_agreement=False leaves `ConflictStatistics.sign_agreement` None (dataset statistics do not use it)."""
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    ground_truths = list(ground_truths) if ground_truths is not None else [None] * images.shape[0]
+    decompositions = decompose_gradient_batch(
+        model, images, objectives, counterfactual, through_offsets=through_offsets,
         control_weights=(lambda weights: control_weight_maps(weights, control_seed)) if controls else None)
-    size = int(image_tensor.shape[-1])
+    thresholds = {"significance": significance, "active_fraction": active_fraction,
+                  "cosine_threshold": cosine_threshold, "sign_agreement": sign_agreement}
+    return [_flow_of(model, decomposition, objective, truth, int(images.shape[-1]), thresholds, controls=controls,
+                     control_seed=control_seed, sweep=sweep)
+            for decomposition, objective, truth in zip(decompositions, objectives, ground_truths, strict=True)]
+
+
+def _flow_of(model: nn.Module, decomposition: GradientDecomposition, objective, ground_truth, size: int,
+             thresholds: dict, *, controls: bool, control_seed: int, sweep: tuple) -> GradientFlow:
+    """The statistics of one image's decomposition (`gradient_flow`)."""
+    significance, active_fraction = thresholds["significance"], thresholds["active_fraction"]
+    cosine_threshold = thresholds["cosine_threshold"]
     value_norm = np.array([[float(decomposition.value[l][k].double().norm()) for k in range(3)] for l in range(3)])
     weight_norm = np.array([[float(decomposition.weight_branch[l][k].double().norm()) for k in range(3)]
                             for l in range(3)])
+    agreement = thresholds["sign_agreement"]
     conflict = [conflict_statistics(torch.stack([decomposition.value[l][k].cpu() for l in range(3)]),
-                                    significance, active_fraction, cosine_threshold) for k in range(3)]
+                                    significance, active_fraction, cosine_threshold, sign_agreement=agreement)
+                for k in range(3)]
     active_total = sum(int(c.active.sum()) for c in conflict)
     overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else 0.0
     flow = GradientFlow(
@@ -314,7 +396,7 @@ def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
         objective_value=decomposition.objective_value,
         counterfactual=decomposition.counterfactual.to_dict(),
         matrix=value_norm, weight_branch_matrix=weight_norm,
-        maps=[[_norm_map(decomposition.value[l][k]) for k in range(3)] for l in range(3)],
+        maps=[[conflict[k].norms[l] for k in range(3)] for l in range(3)],  # = _norm_map of each value term
         weight_branch_maps=[[_norm_map(decomposition.weight_branch[l][k]) for k in range(3)] for l in range(3)],
         fusion_total_maps=[_norm_map(g) for g in decomposition.fusion_total],
         neck_path_maps=[_norm_map(g) for g in decomposition.neck_path],
@@ -339,12 +421,12 @@ def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
         flow.conflict_rate_at_objects = _rates_at_objects(conflict, flow.positives_at_source)
     if controls:
         flow.controls = _control_flows(flow, decomposition, significance, active_fraction, cosine_threshold,
-                                       control_seed)
+                                       control_seed, sign_agreement=agreement)
         terms_of = {"learned": decomposition.value, **decomposition.controls}
         for swept_significance, swept_cosine in sweep:
             for name in SWEPT:
                 flow.sweep[(name, float(swept_significance), float(swept_cosine))] = _flow_with_terms(
-                    flow, terms_of[name], swept_significance, active_fraction, swept_cosine)
+                    flow, terms_of[name], swept_significance, active_fraction, swept_cosine, sign_agreement=agreement)
     return flow
 
 
@@ -352,15 +434,16 @@ SWEPT = ("learned", *CONTROLS)  # the weights a threshold sweep measures
 
 
 def _flow_with_terms(flow: GradientFlow, terms: list, significance: float, active_fraction: float,
-                     cosine_threshold: float) -> GradientFlow:
+                     cosine_threshold: float, *, sign_agreement: bool = True) -> GradientFlow:
     """`flow` with the conflict statistics of other value-path terms [l][k] at other thresholds."""
     conflict = [conflict_statistics(torch.stack([terms[l][k].cpu() for l in range(3)]), significance,
-                                    active_fraction, cosine_threshold) for k in range(3)]
+                                    active_fraction, cosine_threshold, sign_agreement=sign_agreement)
+                for k in range(3)]
     active_total = sum(int(c.active.sum()) for c in conflict)
     overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else 0.0
     result = replace(flow, conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]),
                      overall_conflict_rate=overall, controls={}, sweep={},
-                     maps=[[_norm_map(terms[l][k]) for k in range(3)] for l in range(3)])
+                     maps=[[conflict[k].norms[l] for k in range(3)] for l in range(3)])
     if flow.positives_at_source is not None:
         result.conflict_rate_at_objects = _rates_at_objects(conflict, flow.positives_at_source)
     return result
@@ -376,7 +459,8 @@ def _rates_at_objects(conflict: list, positives_at_source: list) -> np.ndarray:
 
 
 def _control_flows(flow: GradientFlow, decomposition: GradientDecomposition, significance: float,
-                   active_fraction: float, cosine_threshold: float, seed: int) -> dict:
+                   active_fraction: float, cosine_threshold: float, seed: int, *, sign_agreement: bool = True
+                   ) -> dict:
     """name -> GradientFlow of each control: the learned flow with the control's value terms, maps and conflict
     statistics (the thresholds are the learned ones, so each difference is the weights' alone)."""
     generator = torch.Generator().manual_seed(seed)
@@ -387,7 +471,8 @@ def _control_flows(flow: GradientFlow, decomposition: GradientDecomposition, sig
                 "random": [[random_by_source[k][l] for k in range(3)] for l in range(3)],
                 "with_weight_branch": [[learned[l][k] + decomposition.weight_branch[l][k] for k in range(3)]
                                        for l in range(3)]}
-    return {name: _flow_with_terms(flow, terms_of[name], significance, active_fraction, cosine_threshold)
+    return {name: _flow_with_terms(flow, terms_of[name], significance, active_fraction, cosine_threshold,
+                                   sign_agreement=sign_agreement)
             for name in ALL_CONTROLS}
 
 
