@@ -441,6 +441,7 @@ def test_scale_stats_end_to_end_and_replot_from_cache(fixture_dir, tmp_path, mon
         raise AssertionError("re-plotting ran the model")
 
     monkeypatch.setattr(results_cache, "trace_image", no_model)
+    monkeypatch.setattr(results_cache.batches, "read_batches", no_model)
     second = run_command(*argv)
     assert second.cache.hits == 3 and second.cache.misses == 0
     assert (out / "scale_stats.csv").read_text() == before

@@ -252,15 +252,16 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
     sweep_modes = [SWEEP_PREFIX + sweep_key(name, sig, cos) for sig, cos in sweep for name in SWEPT]
     statistics = GradientFlowStatistics([label for _, _, label in variants] + control_modes + sweep_modes)
     skipped = []
-    for image in context.iterate(dataset, total=len(dataset), description="gradflow"):
-        truth = image.ground_truth
-        keep = ~truth.crowd
-        summaries = [context.cache.gradient_summary(
-            variant_model, image.path, truth.boxes[keep], truth.labels[keep], size=size,
-            counterfactual=counterfactual, significance=args.significance, active_fraction=args.active_fraction,
-            cosine_threshold=args.cosine_threshold, controls=with_controls and index == 0, control_seed=context.seed,
-            sweep=sweep if index == 0 else ())
-            for index, (variant_model, counterfactual, _) in enumerate(variants)]
+    images = list(dataset)
+    truths = [(image.path, image.ground_truth.boxes[~image.ground_truth.crowd],
+               image.ground_truth.labels[~image.ground_truth.crowd]) for image in images]
+    streams = [context.cache.gradient_summaries(
+        variant_model, truths, size=size, counterfactual=counterfactual, significance=args.significance,
+        active_fraction=args.active_fraction, cosine_threshold=args.cosine_threshold,
+        controls=with_controls and index == 0, control_seed=context.seed, sweep=sweep if index == 0 else (),
+        **context.batching) for index, (variant_model, counterfactual, _) in enumerate(variants)]
+    for image, *summaries in context.iterate(zip(images, *streams, strict=True), total=len(images),
+                                             description="gradflow"):
         finite = [all(np.isfinite(value).all() for key, value in summary.items() if key not in ("controls", "sweep"))
                   for summary in summaries]
         if not all(finite):

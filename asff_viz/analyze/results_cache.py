@@ -19,20 +19,18 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..inference.postprocess import postprocess, row_location
-from ..inference.transforms import ImageError, ImageTransform, preprocess, read_image
+from ..inference.transforms import ImageError, ImageTransform, read_image
 from ..introspection.capture import Counterfactual, as_counterfactual
-from ..introspection.decomposition import gradient_flow
-from ..introspection.objectives import TrainingLoss, ground_truth_labels
 from ..introspection.trace import Trace, TraceError, trace_image
 from ..utils.codeversion import source_sha256
 from ..utils.fileio import atomic_write
+from . import batches
 from .flow_statistics import summarize_flow
 from .sources import AnalysedModel, AnalysisError, file_sha256
 
@@ -117,9 +115,8 @@ class AnalysisCache:
               nms_threshold: float = 0.65, light: bool = False) -> Trace:
         """The (cached) trace of one image; `light` drops the image pixels and the decoded rows."""
         counterfactual = as_counterfactual(counterfactual)
-        key = self.key(kind="trace", checkpoint=model.sha256, image=self.image_sha256(image_path), size=size,
-                       counterfactual=counterfactual.to_dict(), conf=conf_threshold, nms=nms_threshold, light=light)
-        path = self.path("trace", key)
+        path = self.path("trace", self._trace_key(model, image_path, size, counterfactual, conf_threshold,
+                                                  nms_threshold, light))
         cached = self._load(path, Trace.load)
         if cached is not None:
             return cached
@@ -140,27 +137,71 @@ class AnalysisCache:
                      counterfactual: Counterfactual | str | None = None, conf_threshold: float = 0.01,
                      nms_threshold: float = 0.65) -> ImageResult:
         """Detections (and fusion weights, for ASFF models) of one image, cached."""
+        return next(iter(self.image_results(model, [image_path], size=size, counterfactual=counterfactual,
+                                            conf_threshold=conf_threshold, nms_threshold=nms_threshold)))
+
+    def image_results(self, model: AnalysedModel, image_paths: Sequence, *, size: int,
+                      counterfactual: Counterfactual | str | None = None, conf_threshold: float = 0.01,
+                      nms_threshold: float = 0.65, batch_size: int = batches.DEFAULT_BATCH_SIZE,
+                      workers: int = 0) -> Iterator[ImageResult]:
+        """`image_result` of each path, in order: cached entries are read; the others run through the model in
+        batches of `batch_size` while `workers` processes read the next images (`asff_viz.analyze.batches`)."""
+        counterfactual = as_counterfactual(counterfactual)
+        options = {"size": size, "conf_threshold": conf_threshold, "nms_threshold": nms_threshold,
+                   "batch_size": batch_size, "workers": workers}
         if model.has_fusion_weights:
-            return ImageResult.from_trace(self.trace(model, image_path, size=size, counterfactual=counterfactual,
-                                                     conf_threshold=conf_threshold, nms_threshold=nms_threshold,
-                                                     light=True))
-        if not as_counterfactual(counterfactual).is_learned:
+            keys = [self._trace_key(model, path, size, counterfactual, conf_threshold, nms_threshold, True)
+                    for path in image_paths]
+
+            def compute(indices: list) -> Iterator[ImageResult]:
+                paths = [image_paths[index] for index in indices]
+                traces = batches.light_traces(model, paths, counterfactual=counterfactual, **options)
+                for index, trace in zip(indices, traces, strict=True):
+                    trace.metadata["image_sha256"] = self.image_sha256(image_paths[index])
+                    self._store(self.path("trace", keys[index]), trace.save)
+                    yield ImageResult.from_trace(trace)
+
+            yield from self._merged("trace", keys, compute, lambda path: ImageResult.from_trace(Trace.load(path)))
+            return
+        if not counterfactual.is_learned:
             raise AnalysisError(f"{model.path}: a {model.fusion_mode!r}-fusion model has no fusion weights to "
                                 "replace; counterfactuals need an ASFF checkpoint.")
-        key = self.key(kind="detections", checkpoint=model.sha256, image=self.image_sha256(image_path), size=size,
-                       conf=conf_threshold, nms=nms_threshold)
-        path = self.path("detections", key)
-        data = self._load(path, _read_npz)
-        if data is not None:
-            return ImageResult(None, data["boxes"], data["scores"], data["labels"], data["levels"],
-                               ImageTransform(*(int(v) for v in data["transform"])),
-                               tuple(int(s) for s in data["strides"]))
-        result = detect(model, _read(image_path), size, conf_threshold, nms_threshold)
+        keys = [self.key(kind="detections", checkpoint=model.sha256, image=self.image_sha256(path), size=size,
+                         conf=conf_threshold, nms=nms_threshold) for path in image_paths]
+
+        def compute_detections(indices: list) -> Iterator[ImageResult]:
+            found_all = batches.detections(model, [image_paths[index] for index in indices], **options)
+            for index, found in zip(indices, found_all, strict=True):
+                transform = found["transform"]
+                arrays = {name: found[name] for name in ("boxes", "scores", "labels", "levels")}
+                arrays["transform"] = np.array([transform.original_height, transform.original_width, transform.size])
+                arrays["strides"] = np.array(found["strides"])
+                self._store(self.path("detections", keys[index]),
+                            lambda target, arrays=arrays: _save_npz(target, **arrays))
+                yield ImageResult(None, found["boxes"], found["scores"], found["labels"], found["levels"],
+                                  transform, found["strides"])
+
+        yield from self._merged("detections", keys, compute_detections, _read_detections)
+
+    def _merged(self, kind: str, keys: list, compute, read) -> Iterator:
+        """Each image's cached entry (read), or its computed one: the images without an entry run through
+        `compute(indices)` (a generator, in order) only when the iteration reaches them."""
+        paths = [self.path(kind, key) for key in keys]
+        missing = [index for index, path in enumerate(paths) if path is None or not path.is_file()]
+        computed = compute(missing)
+        pending = set(missing)
+        for index, path in enumerate(paths):
+            if index in pending:
+                self.misses += 1
+                yield next(computed)
+                continue
+            value = self._load(path, read)
+            yield value if value is not None else next(compute([index]))
+
+    @staticmethod
+    def _store(path: Path | None, write) -> None:
         if path is not None:
-            _save_npz(path, boxes=result.boxes, scores=result.scores, labels=result.labels, levels=result.levels,
-                      transform=np.array([result.transform.original_height, result.transform.original_width,
-                                          result.transform.size]), strides=np.array(result.strides))
-        return result
+            write(path)
 
     # ------------------------------------------------------------------------------------ gradient flow
 
@@ -174,56 +215,75 @@ class AnalysisCache:
         boxes_xyxy: (M, 4) ground truth in original pixels; labels: (M,) class indices. With `controls`, the
         summary also holds "controls": {name: summary} of each control of the conflict metric (`ALL_CONTROLS`).
         """
+        return next(iter(self.gradient_summaries(
+            model, [(image_path, boxes_xyxy, labels)], size=size, counterfactual=counterfactual,
+            significance=significance, active_fraction=active_fraction, cosine_threshold=cosine_threshold,
+            controls=controls, control_seed=control_seed, sweep=sweep)))
+
+    def gradient_summaries(self, model: AnalysedModel, images: Sequence[tuple], *, size: int,
+                           counterfactual: Counterfactual | str | None = None, significance: float = 0.1,
+                           active_fraction: float = 1e-3, cosine_threshold: float = 0.0, controls: bool = False,
+                           control_seed: int = 0, sweep: tuple = (), batch_size: int = batches.DEFAULT_BATCH_SIZE,
+                           workers: int = 0) -> Iterator[dict]:
+        """`gradient_summary` of each (image path, boxes_xyxy, labels), in order, computed in batches."""
         counterfactual = as_counterfactual(counterfactual)
-        boxes_xyxy = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        truth_digest = hashlib.sha256(np.ascontiguousarray(boxes_xyxy).tobytes() + labels.tobytes()).hexdigest()
-        key = self.key(kind="gradflow", checkpoint=model.sha256, image=self.image_sha256(image_path), size=size,
-                       counterfactual=counterfactual.to_dict(), truth=truth_digest, significance=significance,
-                       active_fraction=active_fraction, cosine_threshold=cosine_threshold,
-                       objective="training loss (total), all levels", controls=controls,
-                       control_seed=control_seed if controls else None, sweep=[list(pair) for pair in sweep])
-        path = self.path("gradflow", key)
-        cached = self._load(path, _read_npz)
-        if cached is not None:
-            return _unflatten_controls(cached)
-        tensor, transform = preprocess(_read(image_path), size)
-        truth = ground_truth_labels(boxes_xyxy, labels, transform)
-        flow = gradient_flow(model.model, tensor, TrainingLoss(truth), None if counterfactual.is_learned
-                             else counterfactual, ground_truth=truth, significance=significance,
-                             active_fraction=active_fraction, cosine_threshold=cosine_threshold,
-                             controls=controls, control_seed=control_seed, sweep=tuple(sweep) if controls else ())
-        summary = summarize_flow(flow)
-        flat = dict(summary)
-        if controls:
-            summary["controls"] = {name: summarize_flow(control) for name, control in flow.controls.items()}
-            flat.update({f"control:{name}:{field}": value for name, control in summary["controls"].items()
-                         for field, value in control.items()})
-        if flow.sweep:
-            summary["sweep"] = {sweep_key(*key): summarize_flow(swept) for key, swept in flow.sweep.items()}
-            flat.update({f"sweep:{name}:{field}": value for name, swept in summary["sweep"].items()
-                         for field, value in swept.items()})
-        if path is not None:
-            _save_npz(path, **flat)
-        return summary
+        settings = {"significance": significance, "active_fraction": active_fraction,
+                    "cosine_threshold": cosine_threshold, "controls": controls, "control_seed": control_seed,
+                    "sweep": tuple(sweep)}
+        paths = [path for path, _, _ in images]
+        truths = [(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(labels, dtype=np.int64).reshape(-1))
+                  for _, boxes, labels in images]
+        keys = [self._flow_key(model, path, size, counterfactual, *truth, settings)
+                for path, truth in zip(paths, truths, strict=True)]
+
+        def compute(indices: list) -> Iterator[dict]:
+            flows = batches.flows(model, [paths[index] for index in indices], [truths[index] for index in indices],
+                                  size=size, counterfactual=counterfactual, batch_size=batch_size, workers=workers,
+                                  **settings)
+            for index, flow in zip(indices, flows, strict=True):
+                summary, flat = flow_entries(flow, controls)
+                self._store(self.path("gradflow", keys[index]), lambda target, flat=flat: _save_npz(target, **flat))
+                yield summary
+
+        yield from self._merged("gradflow", keys, compute, lambda path: _unflatten_controls(_read_npz(path)))
+
+    def _trace_key(self, model: AnalysedModel, image_path, size: int, counterfactual: Counterfactual,
+                   conf_threshold: float, nms_threshold: float, light: bool) -> str:
+        return self.key(kind="trace", checkpoint=model.sha256, image=self.image_sha256(image_path), size=size,
+                        counterfactual=counterfactual.to_dict(), conf=conf_threshold, nms=nms_threshold, light=light)
+
+    def _flow_key(self, model: AnalysedModel, image_path, size: int, counterfactual: Counterfactual, boxes, labels,
+                  settings: dict) -> str:
+        truth_digest = hashlib.sha256(np.ascontiguousarray(boxes).tobytes() + labels.tobytes()).hexdigest()
+        return self.key(kind="gradflow", checkpoint=model.sha256, image=self.image_sha256(image_path), size=size,
+                        counterfactual=counterfactual.to_dict(), truth=truth_digest,
+                        significance=settings["significance"], active_fraction=settings["active_fraction"],
+                        cosine_threshold=settings["cosine_threshold"],
+                        objective="training loss (total), all levels", controls=settings["controls"],
+                        control_seed=settings["control_seed"] if settings["controls"] else None,
+                        sweep=[list(pair) for pair in settings["sweep"]])
 
 
-def detect(model: AnalysedModel, image_rgb: np.ndarray, size: int, conf_threshold: float,
-           nms_threshold: float) -> ImageResult:
-    """Detections of a model of any fusion mode (no weights captured): the official evaluation pipeline."""
-    network = model.model
-    tensor, transform = preprocess(image_rgb, size)
-    device = next(network.parameters()).device
-    with torch.no_grad():
-        outputs = network(tensor[None].to(device))
-        decoded = network.decode(outputs).float()
-        found = postprocess(decoded, conf_threshold, nms_threshold)[0].to("cpu")
-    grid_sizes = [tuple(int(v) for v in output.prediction.shape[-2:]) for output in outputs]
-    levels = np.asarray([row_location(int(i), grid_sizes).level for i in found.indices], dtype=np.int64)
-    boxes = transform.boxes_to_original(found.boxes.detach().double().numpy())
-    return ImageResult(None, np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-                       found.scores.double().numpy(), found.labels.numpy().astype(np.int64), levels, transform,
-                       tuple(int(s) for s in network.strides))
+def flow_entries(flow, controls: bool) -> tuple[dict, dict]:
+    """(summary, flat arrays for the cache file) of a `GradientFlow`: `summarize_flow`, with the controls' and the
+    sweep's summaries nested in the summary and stored as `control:<name>:<field>` / `sweep:<name>:<field>`."""
+    summary = summarize_flow(flow)
+    flat = dict(summary)
+    if controls:
+        summary["controls"] = {name: summarize_flow(control) for name, control in flow.controls.items()}
+        flat.update({f"control:{name}:{field}": value for name, control in summary["controls"].items()
+                     for field, value in control.items()})
+    if flow.sweep:
+        summary["sweep"] = {sweep_key(*key): summarize_flow(swept) for key, swept in flow.sweep.items()}
+        flat.update({f"sweep:{name}:{field}": value for name, swept in summary["sweep"].items()
+                     for field, value in swept.items()})
+    return summary, flat
+
+
+def _read_detections(path: Path) -> ImageResult:
+    data = _read_npz(path)
+    return ImageResult(None, data["boxes"], data["scores"], data["labels"], data["levels"],
+                       ImageTransform(*(int(v) for v in data["transform"])), tuple(int(s) for s in data["strides"]))
 
 
 def _read(path) -> np.ndarray:
@@ -263,4 +323,4 @@ def _save_npz(path: Path, **arrays) -> None:
     atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
 
 
-__all__ = ["AnalysisCache", "CACHE_FORMAT_VERSION", "ImageResult", "detect"]
+__all__ = ["AnalysisCache", "CACHE_FORMAT_VERSION", "ImageResult", "flow_entries"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,17 @@ class AnalysedModel:
     path: str
     sha256: str
     label: str
+    _fast: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def fast(self, *, grad: bool = False) -> nn.Module:
+        """The model's float32 fast path for dataset passes (`optimize_for_inference`: BatchNorm folded,
+        channels-last; with oneDNN's fused conv + activation when no gradient is needed, since that op has no
+        backward). Same outputs and gradients as the model as built, to float round-off; made once."""
+        if grad not in self._fast:
+            from ..inference.fast import optimize_for_inference
+
+            self._fast[grad] = optimize_for_inference(self.model, fuse_activation=None if not grad else False)
+        return self._fast[grad]
 
     @property
     def metadata(self) -> dict:

@@ -1,0 +1,223 @@
+"""Dataset passes in batches: every image's result is the one it gets alone (traces, detections, gradient flows),
+cached and computed entries come back in order, and a bad image in a batch is named."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from asff_viz.analyze import batches, results_cache
+from asff_viz.analyze.results_cache import AnalysisCache
+from asff_viz.analyze.sources import AnalysedModel, AnalysisDataset, AnalysisError
+from asff_viz.checkpoint import load_model
+from asff_viz.inference.transforms import preprocess
+from asff_viz.introspection.decomposition import conflict_statistics, gradient_flow, gradient_flows
+from asff_viz.introspection.objectives import TrainingLoss
+from asff_viz.introspection.trace import trace_batch, trace_image
+from tests.test_analyze import calibrated_model, fixture_dir  # noqa: F401  (fixture_dir is a fixture)
+from tests.test_capture import SIZE, tiny_model
+
+LABELS = [np.array([[0, 20.0, 24.0, 16.0, 30.0]], dtype=np.float32),
+          np.array([[1, 40.0, 30.0, 40.0, 28.0], [2, 10.0, 50.0, 8.0, 8.0]], dtype=np.float32)]
+
+
+def random_images(count: int, seed: int = 3) -> list[np.ndarray]:
+    """RGB uint8 images of different sizes (so each has its own transform)."""
+    generator = np.random.default_rng(seed)
+    return [generator.integers(0, 256, (SIZE + 16 * i, SIZE + 8 * i, 3), dtype=np.uint8) for i in range(count)]
+
+
+def analysed(model, name: str = "tiny") -> AnalysedModel:
+    return AnalysedModel(model, name, "0" * 64, name)
+
+
+# ------------------------------------------------------------------------------------------------- traces
+
+
+def test_each_trace_of_a_batch_is_the_images_own():
+    model = tiny_model()
+    images = random_images(3)
+    singles = [trace_image(model, image, size=SIZE, conf_threshold=0.0) for image in images]
+    prepared = [preprocess(image, SIZE) for image in images]
+    traced = trace_batch(model, torch.stack([tensor for tensor, _ in prepared]), [t for _, t in prepared],
+                         image_shapes=[image.shape for image in images], image_names=["a", "b", "c"],
+                         conf_threshold=0.0, light=False)
+    # float32 round-off only: a batch runs other conv kernels, summing in another order (1e-5 here).
+    for single, batched in zip(singles, traced, strict=True):
+        for level in range(3):
+            np.testing.assert_allclose(batched.fusion_weights[level], single.fusion_weights[level], atol=2e-4)
+        np.testing.assert_allclose(batched.decoded, single.decoded, rtol=1e-3, atol=1e-3)
+        assert len(batched.detections) > 0
+        np.testing.assert_allclose([d.box_xyxy for d in batched.detections[:5]],
+                                   [d.box_xyxy for d in single.detections[:5]], rtol=1e-3, atol=1e-2)
+        assert batched.metadata["image_shape"] == single.metadata["image_shape"]
+    # The batch mixes images that differ: their weights differ, so a copy of one image's result cannot pass.
+    assert not np.allclose(traced[0].fusion_weights[2], traced[1].fusion_weights[2], atol=1e-3)
+
+
+def test_fast_path_of_an_analysed_model_traces_as_the_model_as_built():
+    model = analysed(tiny_model())
+    fast = model.fast(grad=False)
+    assert fast is model.fast(grad=False) and fast is not model.model  # made once, a copy
+    assert fast.inference_settings["folded_batchnorms"] > 0
+    prepared = [preprocess(image, SIZE) for image in random_images(2)]
+    batch = torch.stack([tensor for tensor, _ in prepared])
+    common = {"image_shapes": [(SIZE, SIZE, 3)] * 2, "image_names": ["a", "b"], "conf_threshold": 0.0}
+    reference = trace_batch(model.model, batch, [t for _, t in prepared], **common)
+    optimized = trace_batch(fast, batch, [t for _, t in prepared], **common)
+    for expected, actual in zip(reference, optimized, strict=True):
+        for level in range(3):
+            np.testing.assert_allclose(actual.fusion_weights[level], expected.fusion_weights[level], atol=2e-4)
+        assert actual.decoded.shape[0] == 0  # light: no decoded rows kept
+        np.testing.assert_allclose([d.box_xyxy for d in actual.detections[:5]],
+                                   [d.box_xyxy for d in expected.detections[:5]], rtol=1e-3, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------- gradient flow
+
+
+def test_gradient_flows_of_a_batch_are_each_images_own():
+    model = tiny_model().double()
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    objectives = [TrainingLoss(labels) for labels in LABELS]
+    batched = gradient_flows(model, images, objectives, controls=True, control_seed=3, sweep=((0.05, 0.0),))
+    for index, flow in enumerate(batched):
+        single = gradient_flow(model, images[index], objectives[index], controls=True, control_seed=3,
+                               sweep=((0.05, 0.0),))
+        assert flow.objective_value == pytest.approx(single.objective_value, rel=1e-9)
+        np.testing.assert_allclose(flow.matrix, single.matrix, rtol=1e-9)
+        np.testing.assert_allclose(flow.weight_branch_matrix, single.weight_branch_matrix, rtol=1e-9)
+        np.testing.assert_allclose(flow.total_norms, single.total_norms, rtol=1e-9)
+        np.testing.assert_array_equal(flow.conflict_rate, single.conflict_rate)
+        np.testing.assert_array_equal(flow.conflict_rate_at_objects, single.conflict_rate_at_objects)
+        for name, control in single.controls.items():
+            np.testing.assert_array_equal(flow.controls[name].conflict_rate, control.conflict_rate)
+        assert flow.sweep.keys() == single.sweep.keys()
+    # Two images with different ground truth: different objectives, different flows.
+    assert batched[0].objective_value != pytest.approx(batched[1].objective_value)
+    assert not np.allclose(batched[0].matrix, batched[1].matrix)
+
+
+def reference_conflict(terms: torch.Tensor, significance: float = 0.1, active_fraction: float = 1e-3):
+    """The conflict definition written out location by location (slow): cosines of unit vectors."""
+    terms = terms.double()
+    count, _, height, width = terms.shape
+    norms = terms.norm(dim=1)
+    norm_sum = norms.sum(0)
+    active = norm_sum > active_fraction * norm_sum.max()
+    cosine = np.full((count, count, height, width), math.nan)
+    conflicting = np.zeros((height, width), dtype=bool)
+    for y in range(height):
+        for x in range(width):
+            largest = norms[:, y, x].max()
+            for a in range(count):
+                for b in range(count):
+                    if norms[a, y, x] > 0 and norms[b, y, x] > 0:
+                        cosine[a, b, y, x] = float(terms[a, :, y, x] @ terms[b, :, y, x]
+                                                   / (norms[a, y, x] * norms[b, y, x]))
+                        significant = (norms[a, y, x] >= significance * largest
+                                       and norms[b, y, x] >= significance * largest)
+                        if a != b and significant and cosine[a, b, y, x] < 0 and active[y, x]:
+                            conflicting[y, x] = True
+    return norms.numpy(), cosine, active.numpy(), conflicting
+
+
+def test_conflict_statistics_follow_the_definition():
+    generator = torch.Generator().manual_seed(11)
+    terms = torch.randn(3, 5, 4, 6, generator=generator, dtype=torch.float64)
+    terms[1, :, 0] = 0  # a target that sends nothing to a row of locations
+    terms[2, :, :, 0] = 0.01 * terms[2, :, :, 0]  # one too small to count there
+    norms, cosine, active, conflicting = reference_conflict(terms)
+    statistics = conflict_statistics(terms)
+    np.testing.assert_allclose(statistics.norms, norms, rtol=1e-6)
+    np.testing.assert_allclose(statistics.cosine, cosine, atol=1e-6)
+    np.testing.assert_array_equal(statistics.active, active)
+    np.testing.assert_array_equal(statistics.conflicting, conflicting)
+    assert 0 < statistics.conflicting.sum() < statistics.active.sum()
+    # Sign agreement: the fraction of channels, among those where both are non-zero, whose signs agree.
+    signs = torch.sign(terms)
+    both = (signs[0] != 0) & (signs[1] != 0)
+    agree = ((signs[0] == signs[1]) & both).sum(0).double() / both.sum(0).clamp(min=1)
+    np.testing.assert_allclose(statistics.sign_agreement[0, 1][1:], agree[1:].numpy(), atol=1e-7)
+    assert conflict_statistics(terms, sign_agreement=False).sign_agreement is None
+
+
+def test_exactly_orthogonal_terms_are_not_a_conflict():
+    terms = torch.zeros(3, 4, 1, 1, dtype=torch.float64)
+    terms[0, :, 0, 0] = torch.tensor([3.0, 0.0, 1.0, 0.0])
+    terms[1, :, 0, 0] = torch.tensor([0.0, 7.0, 0.0, 2.0])  # cosine exactly 0 with the first
+    statistics = conflict_statistics(terms)
+    assert statistics.cosine[0, 1, 0, 0] == 0.0 and not statistics.conflicting[0, 0]
+    terms[1, 0, 0, 0] = -1e-3  # a hair of opposite direction is a conflict
+    assert conflict_statistics(terms).conflicting[0, 0]
+
+
+# ------------------------------------------------------------------------------------ cache and batches
+
+
+def test_cached_and_computed_results_come_back_in_order(fixture_dir, tmp_path, monkeypatch):  # noqa: F811
+    dataset = AnalysisDataset(fixture_dir / "val.json", fixture_dir / "data" / "images" / "val")
+    model = analysed(load_model(fixture_dir / "asff.pt"), "asff")
+    paths = [image.path for image in dataset]
+    alone = [AnalysisCache(None).image_result(model, path, size=SIZE) for path in paths]
+    cache = AnalysisCache(tmp_path)
+    cache.image_result(model, paths[1], size=SIZE)  # the middle image is cached
+    computed = []
+    real = batches.light_traces
+
+    def recording(model, paths, **kwargs):
+        computed.append(list(paths))
+        return real(model, paths, **kwargs)
+
+    monkeypatch.setattr(batches, "light_traces", recording)
+    results = list(cache.image_results(model, paths, size=SIZE, batch_size=2, workers=1))
+    assert computed == [[paths[0], paths[2]]]  # one pass over the images without an entry, in order
+    assert (cache.hits, cache.misses) == (1, 3)
+    for expected, actual in zip(alone, results, strict=True):
+        assert actual.transform == expected.transform
+        np.testing.assert_allclose(actual.fusion_weights[0], expected.fusion_weights[0], atol=2e-4)
+        np.testing.assert_allclose(actual.scores[:5], expected.scores[:5], rtol=1e-3)
+    again = list(cache.image_results(model, paths, size=SIZE))
+    assert cache.hits == 4 and len(computed) == 1 and len(again) == 3
+
+
+def test_gradient_summaries_in_batches_equal_one_by_one(fixture_dir):  # noqa: F811
+    dataset = AnalysisDataset(fixture_dir / "val.json", fixture_dir / "data" / "images" / "val")
+    model = analysed(load_model(fixture_dir / "asff.pt"), "asff")
+    items = [(image.path, image.ground_truth.boxes, image.ground_truth.labels) for image in dataset]
+    options = {"size": SIZE, "controls": True, "control_seed": 2}
+    together = list(AnalysisCache(None).gradient_summaries(model, items, batch_size=3, **options))
+    for item, summary in zip(items, together, strict=True):
+        alone = AnalysisCache(None).gradient_summary(model, *item, **options)
+        # float32 round-off: the norms to 1e-3, and the counts of thresholded locations to a location or two.
+        np.testing.assert_allclose(summary["value_norms"], alone["value_norms"], rtol=1e-3, atol=1e-12)
+        assert np.abs(summary["active"] - alone["active"]).sum() <= 2
+        assert np.abs(summary["conflicting"] - alone["conflicting"]).sum() <= 2
+        assert summary["controls"].keys() == alone["controls"].keys()
+
+
+def test_a_bad_image_in_a_batch_is_named(fixture_dir, tmp_path):  # noqa: F811
+    dataset = AnalysisDataset(fixture_dir / "val.json", fixture_dir / "data" / "images" / "val")
+    model = analysed(calibrated_model(), "asff")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths = [image.path for image in dataset] + [broken]
+    with pytest.raises(AnalysisError, match="broken.jpg"):
+        list(AnalysisCache(None).image_results(model, paths, size=SIZE, batch_size=4, workers=1))
+
+
+def test_results_cache_runs_nothing_when_every_entry_is_cached(fixture_dir, tmp_path, monkeypatch):  # noqa: F811
+    dataset = AnalysisDataset(fixture_dir / "val.json", fixture_dir / "data" / "images" / "val")
+    model = analysed(load_model(fixture_dir / "asff.pt"), "asff")
+    paths = [image.path for image in dataset]
+    cache = AnalysisCache(tmp_path)
+    list(cache.image_results(model, paths, size=SIZE))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a cached pass ran the model")
+
+    monkeypatch.setattr(results_cache.batches, "read_batches", no_model)
+    assert len(list(cache.image_results(model, paths, size=SIZE))) == 3
