@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.loading import default_workers
 from ..inference.postprocess import postprocess, row_location
 from ..inference.transforms import ImageError, preprocess, read_image
 from ..introspection.capture import Counterfactual
@@ -29,13 +30,6 @@ from ..introspection.trace import Trace, trace_batch
 from .sources import AnalysedModel, AnalysisError
 
 DEFAULT_BATCH_SIZE = 8
-
-
-def default_workers() -> int:
-    """Decoding processes next to the model: one on a small machine (decoding is cheap next to a forward), two
-    from eight cores up; none where there is a single core."""
-    cores = os.cpu_count() or 1
-    return 0 if cores < 2 else (1 if cores < 8 else 2)
 
 
 class ImageReader(Dataset):
@@ -57,21 +51,15 @@ class ImageReader(Dataset):
         return index, tensor, transform, image.shape, None
 
 
-def _one_thread(_worker: int) -> None:
-    """Workers decode one image at a time: no thread pools competing with the model's threads."""
-    import cv2
-
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-
-
 def read_batches(paths: Sequence, size: int, batch_size: int, workers: int) -> Iterator[tuple]:
     """(tensor (B, 3, S, S), transforms, shapes, paths) per batch, in order; AnalysisError for an unreadable
     image (its message names the file)."""
     if not paths:
         return
+    # (DataLoader workers run torch on one thread; OpenCV's thread pool is left alone: reconfiguring it in a
+    # forked worker waits forever on the parent's pool threads, which the fork did not copy.)
     loader = DataLoader(ImageReader(paths, size), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=list, worker_init_fn=_one_thread if workers else None)
+                        collate_fn=list)
     for items in loader:
         for _, _, _, _, error in items:
             if error is not None:

@@ -4,6 +4,7 @@ multi-scale batch sampling and collation."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -13,6 +14,13 @@ from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from asff_viz.data.augment import TrainTransform, ValTransform, random_generator
 from asff_viz.data.errors import DatasetError
+
+
+def default_workers() -> int:
+    """Image-reading processes next to a model that only runs inference: one on a small machine (decoding is
+    cheap next to a forward), two from eight cores up, none where there is a single core."""
+    cores = os.cpu_count() or 1
+    return 0 if cores < 2 else (1 if cores < 8 else 2)
 
 
 class MixupDataset(Dataset):
