@@ -232,6 +232,7 @@ def flow_statistics(checkpoints: dict[str, Path], annotations: Path, images: Pat
     from ..analyze.flow_statistics import GradientFlowStatistics
     from ..analyze.results_cache import AnalysisCache
     from ..analyze.sources import AnalysisDataset, load_analysed_model
+    from ..data.loading import default_workers
 
     dataset = AnalysisDataset(annotations, images, limit)
     models = {name: load_analysed_model(path, torch.device("cpu"), label=name) for name, path in checkpoints.items()}
@@ -240,11 +241,14 @@ def flow_statistics(checkpoints: dict[str, Path], annotations: Path, images: Pat
     from tqdm import tqdm
 
     skipped = 0
-    for image in tqdm(dataset, total=len(dataset), desc="gradient flow", dynamic_ncols=True):
-        truth = image.ground_truth
-        keep = ~truth.crowd
-        summaries = {name: results.gradient_summary(model, image.path, truth.boxes[keep], truth.labels[keep],
-                                                    size=size) for name, model in models.items()}
+    images = list(dataset)
+    truths = [(image.path, image.ground_truth.boxes[~image.ground_truth.crowd],
+               image.ground_truth.labels[~image.ground_truth.crowd]) for image in images]
+    streams = [results.gradient_summaries(model, truths, size=size, workers=default_workers())
+               for model in models.values()]
+    for image, *per_model in tqdm(zip(images, *streams, strict=True), total=len(images), desc="gradient flow",
+                                  dynamic_ncols=True):
+        summaries = dict(zip(models, per_model, strict=True))
         # An image is used for every model or for none, so that all modes describe the same images.
         if all(all(np.isfinite(value).all() for value in summary.values()) for summary in summaries.values()):
             for name, summary in summaries.items():
