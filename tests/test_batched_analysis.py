@@ -17,6 +17,7 @@ from asff_viz.inference.transforms import preprocess
 from asff_viz.introspection.decomposition import conflict_statistics, gradient_flow, gradient_flows
 from asff_viz.introspection.objectives import TrainingLoss
 from asff_viz.introspection.trace import trace_batch, trace_image
+from tests.test_analyze import SIZE as SIZE_ANALYZE
 from tests.test_analyze import calibrated_model, fixture_dir  # noqa: F401  (fixture_dir is a fixture)
 from tests.test_capture import SIZE, tiny_model
 
@@ -221,3 +222,33 @@ def test_results_cache_runs_nothing_when_every_entry_is_cached(fixture_dir, tmp_
 
     monkeypatch.setattr(results_cache.batches, "read_batches", no_model)
     assert len(list(cache.image_results(model, paths, size=SIZE))) == 3
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+def test_bench_dataset_section_times_the_real_commands_and_reports_them(fixture_dir, tmp_path):  # noqa: F811
+    from asff_viz.bench.dataset import measure_model
+    from asff_viz.bench.report import format_table, targets
+
+    lines = []
+    result = measure_model("checkpoint", str(fixture_dir / "asff.pt"), fixture_dir / "val.json",
+                           fixture_dir / "data" / "images" / "val", 2, SIZE_ANALYZE, tmp_path, lines.append,
+                           commands=("scale-stats", "gradflow (learned)", "evaluate"))
+    assert result["images"] == 2  # the subset: the first two of the three images
+    rows = {row["command"]: row for row in result["rows"]}
+    assert list(rows) == ["scale-stats", "gradflow (learned)", "evaluate"]
+    for name, row in rows.items():
+        assert row["plain_s"] > 0 and row["cold_s"] > 0 and row["pass_s"] > 0
+        # The cached re-run ran no model (measure_model raises otherwise), so it is the fixed cost of the command.
+        assert (row["cached_s"] is None) == (name == "evaluate")
+        assert math.isclose(row["pass_ratio"], row["plain_s"] / row["pass_s"])
+    # Each command wrote its real outputs.
+    assert (tmp_path / "checkpoint_0" / "run.json").is_file()
+    assert (tmp_path / "checkpoint_2" / "metrics.json").is_file()
+    results = {"dataset": [result], "ceilings": {}, "flops": {}, "settings": {"mode": "quick", "repeats": 1},
+               "environment": {"cpu": "test", "torch_threads": 1, "torch": "x", "device": "cpu", "cpu_flags": []}}
+    checked = {row["target"]: row for row in targets(results)}
+    assert {"scale-stats", "gradflow (learned)", "evaluate"} == {name.split(" / ")[0] for name in checked}
+    table = format_table(results)
+    assert "| gradflow (learned) | 1 |" in table and "pass / plain" in table

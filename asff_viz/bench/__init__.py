@@ -18,6 +18,9 @@ Everything is measured in one run, so the ratios hold across machines:
 * fusion capture on vs off, gradient-flow analysis vs a forward, and one attribution (time);
 * training steps (SGD, random labels, `asff_viz.training.loss`) of a full-size and a width-0.25 model, and the data
   loader's throughput when a synthetic dataset is given;
+* dataset-scale analyses (`analyze scale-stats`, `gradflow`, `compare`, `evolution`, `evaluate`, each its real
+  command) against plain batched inference over the same synthetic validation images, on the checkpoint and on
+  the full-size model, when a synthetic dataset is given (`bench.dataset`);
 * bf16 accuracy against float32: AP on a synthetic validation split when a checkpoint is given (`--weights`),
   else agreement of the decoded outputs of the calibrated random model;
 * peak memory (max RSS on CPU, `torch.cuda.max_memory_allocated` on GPU).
@@ -84,8 +87,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "train split for the data-loader measurement)")
     parser.add_argument("--integrated-steps", type=non_negative_int, default=None,
                         help="integrated-gradients steps to time (default 16; 0 in --quick)")
+    parser.add_argument("--dataset-images", type=positive_int, default=None,
+                        help="validation images of the dataset analyses with --synthetic (default 500; 32 in --quick)")
+    parser.add_argument("--full-size-images", type=non_negative_int, default=None,
+                        help="validation images of the full-size model's dataset analyses (default 48; 0 in --quick: "
+                        "left out)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=("forward", "mobilenet", "deform", "capture", "analysis", "training", "accuracy"),
+                        choices=("forward", "mobilenet", "deform", "capture", "analysis", "dataset", "training",
+                                 "accuracy"),
                         help="sections to leave out")
     parser.add_argument("--out", type=output_file, default="bench.json",
                         help="JSON results (the table goes next to it as .md)")
@@ -246,6 +255,16 @@ def measure(args: argparse.Namespace, settings: Settings, log) -> dict:
         results["bf16_accuracy"] = bf16_accuracy(variants, deform_size, device, weights=args.weights,
                                                  synthetic=args.synthetic, log=log)
     del variants, model
+    if "dataset" not in args.skip and args.synthetic and device.type == "cpu":
+        from .dataset import dataset_cost
+
+        log("dataset analyses against plain inference over the same images")
+        results["dataset"] = dataset_cost(
+            args.synthetic, args.weights, size=deform_size,
+            images=args.dataset_images or (32 if quick else 500),
+            full_size_images=args.full_size_images if args.full_size_images is not None else (0 if quick else 48),
+            log=log)
+        results["memory"]["after_dataset_rss"] = peak_rss_mb()
     if "training" not in args.skip:
         log("training steps")
         train_size = 320

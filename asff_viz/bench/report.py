@@ -51,6 +51,13 @@ def targets(results: dict) -> list[dict]:
     accuracy = results.get("bf16_accuracy", {})
     if "AP_difference_points" in accuracy:
         add("bf16 AP minus fp32 AP (points, absolute)", abs(accuracy["AP_difference_points"]), 0.5, "max")
+    dataset_limits = {"scale-stats": 0.8, "gradflow (learned)": 0.3, "evaluate": 0.8}
+    for model in results.get("dataset", []):
+        for row in model["rows"]:
+            if row["command"] in dataset_limits:
+                add(f"{row['command']} / plain inference, images/s over a dataset ({model['model']} model)",
+                    row["pass_ratio"], dataset_limits[row["command"]], "min",
+                    f"end to end, figures included: {row['end_to_end_ratio']:.2f}")
     if results.get("environment", {}).get("device", "").startswith("cuda"):
         for variant in ("fast_bf16_compiled", "fast_bf16", "fast_fp32"):
             row = forward(variant, 608, 1)
@@ -90,6 +97,23 @@ def _mobilenet_lines(results: dict) -> list[str]:
                      f"{_number(row['images_per_s'], 2)} | {_number(row['gflops_per_s'], 1)} | "
                      f"{_number(row['efficiency'], 2)} | {_number(other_ms, 1)} | "
                      f"{_number(other_ms / row['latency_ms'], 2)} |")
+    return lines
+
+
+def _dataset_lines(results: dict) -> list[str]:
+    """Each dataset analysis's images/s next to plain batched inference over the same images."""
+    lines: list[str] = []
+    for model in results.get("dataset", []):
+        lines += ["", f"Dataset analyses, {model['model']} model ({model['weights'].rsplit('/', 1)[-1]}), first "
+                  f"{model['images']} synthetic validation images at {model['size']}, batch {model['batch_size']}, "
+                  f"{model['workers']} reader process(es), {model['threads']} torch threads; plain = fast fp32 "
+                  "forward + decode + NMS over the same reader, timed right before each command:", "",
+                  "| command | model passes per image | plain images/s | pass images/s | pass / plain | "
+                  "end to end / plain | cached re-run s |", "|---|---|---|---|---|---|---|"]
+        for row in model["rows"]:
+            lines.append(f"| {row['command']} | {row['passes']} | {_number(row['plain_images_per_s'], 1)} | "
+                         f"{_number(row['pass_images_per_s'], 1)} | {_number(row['pass_ratio'], 2)} | "
+                         f"{_number(row['end_to_end_ratio'], 2)} | {_number(row['cached_s'], 1)} |")
     return lines
 
 
@@ -146,6 +170,7 @@ def format_table(results: dict) -> str:
         loader = results["loader"]
         lines += ["", f"Data loader at {loader['size']} px, batch {loader['batch']}, {loader['workers']} workers: "
                   f"{_number(loader['images_per_s'], 1)} images/s."]
+    lines += _dataset_lines(results)
     accuracy = results.get("bf16_accuracy")
     if accuracy and "AP_difference_points" in accuracy:
         lines += ["", f"bf16 accuracy ({accuracy['images']} synthetic validation images at {accuracy['size']}): "

@@ -1,0 +1,170 @@
+"""Dataset-scale analyses against plain inference over the same images (the bench's `dataset` section).
+
+Each analysis is its real command, run in this process over the first N images of a synthetic validation split
+at one size: `analyze scale-stats`, `gradflow` (the learned weights alone, and the default learned + uniform),
+`compare` (learned vs uniform weights), `evolution` (two checkpoints) and `evaluate`. Plain inference is the
+float32 fast path (BatchNorm folded, channels-last, fused conv + activation), batched, with the same image
+reader and the same workers, plus decoding and NMS: what a user's detection pass over the images costs. It is
+timed right before each command, so the ratio of the two is measured under the same load.
+
+An analysis command is timed twice: cold (an empty cache: every image goes through the model) and again on the
+filled cache (nothing runs the model: loading, statistics, figures and files only). `pass` = cold - cached is
+the dataset pass; its images/s is what grows with the dataset, `end_to_end` is the whole cold command. A command
+that runs the model more than once per image (two weight modes, two checkpoints) says so in `passes`.
+Wall-clock times: the image readers are other processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..analyze.batches import DEFAULT_BATCH_SIZE, read_batches
+from ..checkpoint import load_model, save_checkpoint
+from ..data.loading import default_workers
+from ..inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD, postprocess
+from ..models.config import ModelConfig
+from .models import calibrated_model
+
+# name -> (command line after the common options, model passes per image, has a cache to re-plot from)
+COMMANDS: dict[str, tuple[list[str], int, bool]] = {
+    "scale-stats": (["scale-stats"], 1, True),
+    "gradflow (learned)": (["gradflow", "--modes", "learned"], 1, True),
+    "gradflow (learned + uniform)": (["gradflow"], 2, True),
+    "compare (learned vs uniform)": (["compare", "--counterfactual", "uniform"], 2, True),
+    "evolution (2 checkpoints)": (["evolution"], 2, True),
+    "evaluate": (["evaluate"], 1, False),
+}
+
+
+def subset_annotations(annotations: Path, count: int, out: Path) -> tuple[Path, int]:
+    """The first `count` images of a COCO file and their annotations, written to `out`; (path, images)."""
+    document = json.loads(annotations.read_text())
+    images = document["images"][:count]
+    kept = {image["id"] for image in images}
+    document["images"] = images
+    document["annotations"] = [a for a in document["annotations"] if a["image_id"] in kept]
+    out.write_text(json.dumps(document))
+    return out, len(images)
+
+
+def plain_inference(weights: str, images: list[Path], size: int, workers: int) -> float:
+    """Seconds of a plain batched detection pass (fast float32 path, decode, NMS) over `images`."""
+    from ..analyze.sources import load_analysed_model
+
+    network = load_analysed_model(weights, torch.device("cpu")).fast(grad=False)
+    start = time.perf_counter()
+    for batch, _, _, _ in read_batches(images, size, DEFAULT_BATCH_SIZE, workers):
+        with torch.no_grad():
+            postprocess(network.decode(network(batch)).float(), DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD)
+    return time.perf_counter() - start
+
+
+def _run_quietly(function: Callable, argv: list[str]):
+    """A command's main(argv) with its printed output swallowed (the bench prints its own lines)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return function(argv)
+
+
+def command_line(name: str, weights: list[str], annotations: Path, images: Path, out: Path, size: int,
+                 workers: int) -> tuple[Callable, list[str]]:
+    """(main function, argv) of one analysis over the subset."""
+    words, _, _ = COMMANDS[name]
+    data = ["--annotations", str(annotations), "--images", str(images), "--out", str(out), "--size", str(size)]
+    if words[0] == "evaluate":
+        from ..evaluate import main as evaluate_main
+
+        return evaluate_main, ["--weights", weights[0], *data, "--workers", str(workers)]
+    from ..analyze.cli import main as analyze_main
+
+    models = ["--checkpoints", *weights] if words[0] == "evolution" else ["--weights", weights[0]]
+    return analyze_main, [*words, *models, *data, "--workers", str(workers), "--no-progress", "--png-dpi", "72"]
+
+
+def evolution_partner(weights: str, out: Path) -> str:
+    """A second checkpoint for `evolution`: the same weights saved as another epoch (a different file, so the
+    cache does not take it for the first)."""
+    model = load_model(weights)
+    save_checkpoint(out, model, {**model.metadata, "epoch": int(model.metadata.get("epoch") or 0) + 1})
+    return str(out)
+
+
+def full_size_checkpoint(class_names: list[str], size: int, out: Path) -> str:
+    """The full-size model (width 1, BatchNorm calibrated on noise, random weights) for the split's classes."""
+    model = calibrated_model(ModelConfig(num_classes=len(class_names)))
+    save_checkpoint(out, model, {"class_names": list(class_names), "input_size": size})
+    return str(out)
+
+
+def measure_model(label: str, weights: str, annotations: Path, image_dir: Path, count: int, size: int,
+                  workdir: Path, log: Callable[[str], None], commands=tuple(COMMANDS)) -> dict:
+    """Images/s of plain inference and of each analysis command over the first `count` images."""
+    workers = default_workers()
+    subset, count = subset_annotations(annotations, count, workdir / f"{label}_subset.json")
+    names = [image["file_name"] for image in json.loads(subset.read_text())["images"]]
+    paths = [image_dir / name for name in names]
+    partner = evolution_partner(weights, workdir / f"{label}_partner.pt")
+    plain_inference(weights, paths[:DEFAULT_BATCH_SIZE], size, workers)  # warm-up: allocator, oneDNN kernels
+    rows = []
+    for name in commands:
+        plain = plain_inference(weights, paths, size, workers)
+        _, passes, cached = COMMANDS[name]
+        out = workdir / f"{label}_{len(rows)}"
+        main, argv = command_line(name, [weights, partner], subset, image_dir, out, size, workers)
+        start = time.perf_counter()
+        _run_quietly(main, argv)
+        cold = time.perf_counter() - start
+        replot = None
+        if cached:
+            start = time.perf_counter()
+            context = _run_quietly(main, argv)
+            replot = time.perf_counter() - start
+            if context.cache.misses:
+                raise RuntimeError(f"{name}: the second run missed its cache {context.cache.misses} times; the pass "
+                                   "time would be wrong")
+        dataset_pass = cold - replot if replot is not None else cold
+        row = {"model": label, "command": name, "images": count, "passes": passes, "plain_s": plain,
+               "cold_s": cold, "cached_s": replot, "pass_s": dataset_pass,
+               "plain_images_per_s": count / plain, "pass_images_per_s": count / dataset_pass,
+               "end_to_end_images_per_s": count / cold,
+               "pass_ratio": plain / dataset_pass, "end_to_end_ratio": plain / cold}
+        rows.append(row)
+        log(f"  {label} {name}: plain {row['plain_images_per_s']:.1f} img/s, pass {row['pass_images_per_s']:.1f} "
+            f"img/s ({row['pass_ratio']:.2f}x), end to end {row['end_to_end_ratio']:.2f}x")
+    return {"model": label, "weights": weights, "images": count, "size": size, "workers": workers,
+            "batch_size": DEFAULT_BATCH_SIZE, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def dataset_cost(synthetic: str, weights: str | None, *, size: int, images: int, full_size_images: int,
+                 log: Callable[[str], None], commands=tuple(COMMANDS)) -> list[dict]:
+    """The `dataset` section: the checkpoint (default: the embedded model) over `images` validation images, and
+    the full-size model over `full_size_images` (0: left out)."""
+    from ..checkpoint import default_checkpoint_path
+
+    root = Path(synthetic)
+    annotations, image_dir = root / "annotations" / "val.json", root / "images" / "val"
+    class_names = [c["name"] for c in sorted(json.loads(annotations.read_text())["categories"],
+                                             key=lambda c: c["id"])]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="asff_viz_bench_") as folder:
+        workdir = Path(folder)
+        weights = str(weights or default_checkpoint_path())
+        log(f"dataset analyses at {size}: {Path(weights).name}, {images} images")
+        results.append(measure_model("checkpoint", weights, annotations, image_dir, images, size, workdir, log,
+                                     commands))
+        if full_size_images:
+            log(f"dataset analyses at {size}: the full-size model, {full_size_images} images")
+            full = full_size_checkpoint(class_names, size, workdir / "full_size.pt")
+            results.append(measure_model("full-size", full, annotations, image_dir, full_size_images, size, workdir,
+                                         log, commands))
+    return results
+
+
+__all__ = ["COMMANDS", "dataset_cost", "measure_model", "plain_inference", "subset_annotations"]
