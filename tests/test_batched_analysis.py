@@ -239,10 +239,14 @@ def test_bench_dataset_section_times_the_real_commands_and_reports_them(fixture_
     rows = {row["command"]: row for row in result["rows"]}
     assert list(rows) == ["scale-stats", "gradflow (learned)", "evaluate"]
     for name, row in rows.items():
-        assert row["plain_s"] > 0 and row["cold_s"] > 0 and row["pass_s"] > 0
-        # The cached re-run ran no model (measure_model raises otherwise), so it is the fixed cost of the command.
+        assert row["plain_s"] > 0 and row["cold_s"] > 0
+        # The cached re-run ran no model (measure_model raises otherwise), so it is the fixed cost of the command;
+        # with two tiny images it may take as long as the cold run, and then no pass rate is claimed.
         assert (row["cached_s"] is None) == (name == "evaluate")
-        assert math.isclose(row["pass_ratio"], row["plain_s"] / row["pass_s"])
+        assert (row["pass_s"] is None) == (row["pass_ratio"] is None)
+        if row["pass_s"] is not None:
+            assert math.isclose(row["pass_ratio"], row["plain_s"] / row["pass_s"])
+    assert rows["evaluate"]["pass_s"] == rows["evaluate"]["cold_s"]  # no cache: the whole command is its pass
     # Each command wrote its real outputs.
     assert (tmp_path / "checkpoint_0" / "run.json").is_file()
     assert (tmp_path / "checkpoint_2" / "metrics.json").is_file()

@@ -130,16 +130,26 @@ def measure_model(label: str, weights: str, annotations: Path, image_dir: Path, 
                 raise RuntimeError(f"{name}: the second run missed its cache {context.cache.misses} times; the pass "
                                    "time would be wrong")
         dataset_pass = cold - replot if replot is not None else cold
+        if dataset_pass <= 0.05 * cold:
+            # Too few images to tell the pass from the fixed cost (noise can make the cached run the slower one).
+            log(f"  {label} {name}: the cached re-run took {replot:.2f} s of the cold {cold:.2f} s; too few images "
+                "to separate the dataset pass (use more)")
+            dataset_pass = None
         row = {"model": label, "command": name, "images": count, "passes": passes, "plain_s": plain,
-               "cold_s": cold, "cached_s": replot, "pass_s": dataset_pass,
-               "plain_images_per_s": count / plain, "pass_images_per_s": count / dataset_pass,
+               "cold_s": cold, "cached_s": replot, "pass_s": dataset_pass, "plain_images_per_s": count / plain,
+               "pass_images_per_s": None if dataset_pass is None else count / dataset_pass,
                "end_to_end_images_per_s": count / cold,
-               "pass_ratio": plain / dataset_pass, "end_to_end_ratio": plain / cold}
+               "pass_ratio": None if dataset_pass is None else plain / dataset_pass, "end_to_end_ratio": plain / cold}
         rows.append(row)
-        log(f"  {label} {name}: plain {row['plain_images_per_s']:.1f} img/s, pass {row['pass_images_per_s']:.1f} "
-            f"img/s ({row['pass_ratio']:.2f}x), end to end {row['end_to_end_ratio']:.2f}x")
+        log(f"  {label} {name}: plain {row['plain_images_per_s']:.1f} img/s, pass "
+            f"{_rate(row['pass_images_per_s'])} img/s ({_rate(row['pass_ratio'], 2)}x), end to end "
+            f"{row['end_to_end_ratio']:.2f}x")
     return {"model": label, "weights": weights, "images": count, "size": size, "workers": workers,
             "batch_size": DEFAULT_BATCH_SIZE, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def _rate(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def dataset_cost(synthetic: str, weights: str | None, *, size: int, images: int, full_size_images: int,

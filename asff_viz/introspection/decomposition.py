@@ -160,12 +160,13 @@ def decompose_gradient_batch(model: nn.Module, images: torch.Tensor, objectives,
                 controls[name] = [[back_through_resize(level, source, weights[level][:, source:source + 1]
                                                        * fused_gradient[level]) for source in range(3)]
                                   for level in range(3)]
+    neck_path = [t - f for t, f in zip(total, fusion_total, strict=True)]
     return [GradientDecomposition(
         objective_value=float(values[i].detach()),
         value=[[term[i] for term in row] for row in value_terms],
         weight_branch=[[term[i] for term in row] for row in weight_terms],
         fusion_total=[g[i].detach() for g in fusion_total],
-        neck_path=[(t - f)[i].detach() for t, f in zip(total, fusion_total, strict=True)],
+        neck_path=[g[i].detach() for g in neck_path],
         total=[g[i].detach() for g in total],
         fused_gradient=[g[i].detach() for g in fused_gradient],
         weights=[w[i].detach() for w in used_weights],

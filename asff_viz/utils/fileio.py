@@ -37,8 +37,12 @@ class _RecordingStream:
         return getattr(self.stream, name)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, durable: bool = True) -> Path:
     """Call `write(stream)` on a temporary file in `path`'s folder, fsync it, then rename it over `path`.
+
+    durable=False skips the fsync, for files that are checked when read and rebuilt when damaged (cache entries):
+    a killed process still leaves the old file or the whole new one; only a machine crash could leave the new
+    name with incomplete contents.
 
     A failure at any point (a full disk included) leaves `path` as it was and removes the temporary file; a
     failed write raises the OSError that caused it, whatever the writer made of it. The file gets the
@@ -55,7 +59,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             recording = _RecordingStream(stream)
             write(recording)
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
