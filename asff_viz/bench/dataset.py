@@ -1,8 +1,9 @@
 """Dataset-scale analyses against plain inference over the same images (the bench's `dataset` section).
 
 Each analysis is its real command, run in this process over the first N images of a synthetic validation split
-at one size: `analyze scale-stats`, `gradflow` (the learned weights alone, and the default learned + uniform),
-`compare` (learned vs uniform weights), `evolution` (two checkpoints) and `evaluate`. Plain inference is the
+at one size: `analyze scale-stats`, `gradflow` (the learned weights alone, with and without the conflict
+metric's controls, and the default learned + uniform), `compare` (learned vs uniform weights), `evolution`
+(two checkpoints) and `evaluate`. Plain inference is the
 float32 fast path (BatchNorm folded, channels-last, fused conv + activation), batched, with the same image
 reader and the same workers, plus decoding and NMS: what a user's detection pass over the images costs. It is
 timed right before each command, so the ratio of the two is measured under the same load.
@@ -37,6 +38,7 @@ from .models import calibrated_model
 COMMANDS: dict[str, tuple[list[str], int, bool]] = {
     "scale-stats": (["scale-stats"], 1, True),
     "gradflow (learned)": (["gradflow", "--modes", "learned"], 1, True),
+    "gradflow (learned, no controls)": (["gradflow", "--modes", "learned", "--no-controls"], 1, True),
     "gradflow (learned + uniform)": (["gradflow"], 2, True),
     "compare (learned vs uniform)": (["compare", "--counterfactual", "uniform"], 2, True),
     "evolution (2 checkpoints)": (["evolution"], 2, True),
