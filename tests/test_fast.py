@@ -415,3 +415,33 @@ def test_gpu_check_stops_clearly_without_a_gpu_and_reads_a_bench(tmp_path, capsy
                                "tests": {"exit_status": 0, "tests": 9, "failures": 0, "errors": 0, "skipped": 1},
                                "targets": rows})
     assert "| latency_608_batch1_ms | 4.10 | < 5 | yes |" in text
+
+
+def test_profile_parts_cover_the_model_once_and_operators_are_named():
+    from asff_viz.bench.profile import model_parts, operator_kind, part_flops, profile_forward
+
+    model = tiny_model()
+    size = 64
+    parts = model_parts(model)
+    # Every module of the model belongs to exactly one part (the nested SPP and deformable convs are taken out of
+    # the neck and the head), so the parts' FLOPs are the model's FLOPs.
+    assert len(parts["neck: SPP"]) == 1 and len(parts["head: deformable convs"]) == 3
+    flops = part_flops(model, size)
+    assert math.isclose(sum(flops.values()), model_flops(model, size)["gflop"], rel_tol=1e-9)
+    assert flops["head: deformable convs"] > 0 and flops["neck: SPP"] == 0  # pools count no FLOPs
+    lines = []
+    profile = profile_forward(model, optimize_for_inference(model), size, 2, 100.0, lines.append)
+    rows = {row["part"]: row for row in profile["parts"]}
+    assert set(parts) < set(rows)
+    assert all(row["ms"] >= 0 for row in rows.values())
+    assert math.isclose(sum(row["ms"] for row in rows.values()), profile["total_ms"], rel_tol=0.25)
+    assert math.isclose(sum(profile["operators"].values()), 1.0)
+    assert operator_kind("mkldnn::_convolution_pointwise") == "convolution"
+    assert operator_kind("aten::addmm") == "deformable conv: matmul"
+    assert operator_kind("aten::add") != operator_kind("aten::addmm")
+    assert operator_kind("aten::_embedding_bag_forward_only") == "deformable conv: sampling and grids"
+    assert operator_kind("aten::to") == "allocation and views"
+    table = format_table({"profile": profile, "ceilings": {}, "flops": {}, "settings": {"mode": "quick", "repeats": 1},
+                          "environment": {"cpu": "test", "torch_threads": 1, "torch": "x", "device": "cpu",
+                                          "cpu_flags": []}})
+    assert "| head: deformable convs |" in table and "operator kind" in table

@@ -13,6 +13,9 @@ Everything is measured in one run, so the ratios hold across machines:
 * achieved GFLOP/s (FLOPs counted analytically: conv and matmul MACs x 2, plus the deformable conv's bilinear
   sampling) against the GFLOP/s of a single large convolution timed in the same run with the same threads, the
   practical ceiling of the machine: efficiency = model GFLOP/s / ceiling GFLOP/s;
+* where the fast fp32 forward's time goes at 416, batch 1: per part of the model (backbone stages, SPP, neck,
+  fusion, deformable convs, head) with each part's GFLOP/s against the ceiling, and per kind of operator
+  (`bench.profile`);
 * the deformable convolution: its share of a forward, and the whole model against the same network with the
   deformable conv replaced by a plain 3x3 conv of the same weights;
 * fusion capture on vs off, gradient-flow analysis vs a forward, and one attribution (time);
@@ -93,8 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="validation images of the full-size model's dataset analyses (default 48; 0 in --quick: "
                         "left out)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=("forward", "mobilenet", "deform", "capture", "analysis", "dataset", "training",
-                                 "accuracy"),
+                        choices=("forward", "profile", "mobilenet", "deform", "capture", "analysis", "dataset",
+                                 "training", "accuracy"),
                         help="sections to leave out")
     parser.add_argument("--out", type=output_file, default="bench.json",
                         help="JSON results (the table goes next to it as .md)")
@@ -234,6 +237,12 @@ def measure(args: argparse.Namespace, settings: Settings, log) -> dict:
         results["forward"] = forward_grid(variants, results["flops"], results["ceilings"], sizes, batches, repeats,
                                           warmup, device, log, clock=clock)
         results["memory"]["after_forward_rss"] = peak_rss_mb()
+    if "profile" not in args.skip:
+        from .profile import profile_forward
+
+        log(f"where the fast fp32 forward's time goes at {deform_size}, batch 1")
+        results["profile"] = profile_forward(model, variants["fast_fp32"], deform_size, repeats,
+                                             results["ceilings"]["float32"]["gflops_per_s"], log)
     if "mobilenet" not in args.skip:
         results["mobilenet"] = mobilenet_forward(settings, results["ceilings"], with_bf16, log)
     if "deform" not in args.skip:

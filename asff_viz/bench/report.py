@@ -100,6 +100,22 @@ def _mobilenet_lines(results: dict) -> list[str]:
     return lines
 
 
+def _profile_lines(results: dict) -> list[str]:
+    """Per-part time and efficiency of the fast fp32 forward, and the operator kinds' shares."""
+    profile = results.get("profile")
+    if not profile:
+        return []
+    lines = ["", f"Where the time goes: {profile['variant']} at {profile['size']}, batch {profile['batch']}, "
+             f"{_number(profile['total_ms'], 1)} ms per forward (module hooks, medians):", "",
+             "| part | ms | share of the forward | GFLOP | GFLOP/s | of ceiling |", "|---|---|---|---|---|---|"]
+    for row in profile["parts"]:
+        lines.append(f"| {row['part']} | {_number(row['ms'], 1)} | {row['share']:.1%} | {_number(row['gflop'], 2)} | "
+                     f"{_number(row['gflops_per_s'], 1)} | {_number(row['efficiency'], 2)} |")
+    lines += ["", "Self CPU time by operator kind (torch.profiler): " + ", ".join(
+        f"{kind} {share:.1%}" for kind, share in profile["operators"].items()) + "."]
+    return lines
+
+
 def _dataset_lines(results: dict) -> list[str]:
     """Each dataset analysis's images/s next to plain batched inference over the same images."""
     lines: list[str] = []
@@ -141,6 +157,7 @@ def format_table(results: dict) -> str:
         lines.append(f"| {row['variant']} | {row['size']} | {row['batch']} | {_number(row['latency_ms'], 1)} | "
                      f"{_number(row['end_to_end_ms'], 1)} | {_number(row['images_per_s'], 2)} | "
                      f"{_number(row['gflops_per_s'], 1)} | {_number(row['efficiency'], 2)} |")
+    lines += _profile_lines(results)
     lines += _mobilenet_lines(results)
     deform = results.get("deform")
     if deform:
