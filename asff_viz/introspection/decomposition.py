@@ -64,11 +64,14 @@ class GradientDecomposition:
     controls: dict = field(default_factory=dict)  # control name -> value terms [l][k] (see `CONTROLS`)
 
 
-def input_batch(model: nn.Module, image_tensor: torch.Tensor) -> torch.Tensor:
-    """Normalized images (3, S, S) or (B, 3, S, S) -> a fresh (B, 3, S, S) leaf on the model's device and dtype,
-    requiring grad: gradients with respect to the input are what the analyses take."""
+def input_batch(model: nn.Module, image_tensor: torch.Tensor, *, single: bool = True) -> torch.Tensor:
+    """One normalized image (3, S, S) or (1, 3, S, S) -> a fresh (1, 3, S, S) leaf on the model's device and dtype,
+    requiring grad: gradients with respect to the input are what the analyses take. single=False also takes a
+    batch (B, 3, S, S)."""
     if image_tensor.dim() == 3:
         image_tensor = image_tensor.unsqueeze(0)
+    if single and (image_tensor.dim() != 4 or image_tensor.shape[0] != 1 or image_tensor.shape[1] != 3):
+        raise ValueError(f"expected one normalized image (3, S, S) or (1, 3, S, S), got {tuple(image_tensor.shape)}")
     if image_tensor.dim() != 4 or image_tensor.shape[0] < 1 or image_tensor.shape[1] != 3:
         raise ValueError(f"expected normalized images (3, S, S) or (B, 3, S, S), got {tuple(image_tensor.shape)}")
     parameter = next(model.parameters())
@@ -113,7 +116,7 @@ def decompose_gradient_batch(model: nn.Module, images: torch.Tensor, objectives,
     if not has_fusion_weights(model) and not plain_sum:
         raise ValueError(f"the {model.config.variant!r} model has no ASFF fusion to analyse.")
     counterfactual = as_counterfactual(counterfactual)
-    images = input_batch(model, images)
+    images = input_batch(model, images, single=False)
     if len(objectives) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images need as many objectives, got {len(objectives)}")
     with torch.enable_grad():
