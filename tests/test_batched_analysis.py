@@ -256,3 +256,23 @@ def test_bench_dataset_section_times_the_real_commands_and_reports_them(fixture_
     assert {"scale-stats", "gradflow (learned)", "evaluate"} == {name.split(" / ")[0] for name in checked}
     table = format_table(results)
     assert "| gradflow (learned) | 1 |" in table and "pass / plain" in table
+
+
+def test_objectness_shift_is_the_bias_shift_and_thins_detections_monotonically(fixture_dir):  # noqa: F811
+    from asff_viz.bench.dataset import detections_per_image, with_objectness_shift
+    from asff_viz.training.params import set_objectness_prior
+
+    model = calibrated_model()
+    images = torch.randn(2, 3, SIZE_ANALYZE, SIZE_ANALYZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        set_objectness_prior(model, 0.05)
+        outputs = model(images)
+        # Moving the objectness bias by `shift` in the model gives the rows with_objectness_shift computes.
+        shift = -1.5
+        set_objectness_prior(model, float(torch.sigmoid(torch.logit(torch.tensor(0.05, dtype=torch.float64))
+                                                        + shift)))
+        moved = model.decode(model(images)).float()
+        torch.testing.assert_close(with_objectness_shift(model, outputs, shift), moved, rtol=1e-5, atol=1e-6)
+        counts = [detections_per_image(with_objectness_shift(model, outputs, s), 0.01)
+                  for s in (-8.0, -2.0, 0.0, 3.0)]
+    assert counts == sorted(counts) and counts[0] < counts[-1]

@@ -384,6 +384,8 @@ def test_targets_and_table_from_results():
     rows = {row["target"]: row for row in targets(results)}
     assert rows["fusion capture on/off at 416 (model as built)"]["met"] is True
     assert rows["fast fp32 at 608, batch 1: share of the conv ceiling"]["met"] is True
+    assert rows["fast bf16 at 416, batch 1: share of the conv ceiling"]["met"] is False  # 0.5 < 0.6
+    assert "fast fp32 at 416, batch 8: share of the conv ceiling" not in rows  # not measured, not claimed
     assert rows["model / plain-conv model at 416 (eager_fp32)"]["met"] is False
     assert rows["bf16 speed-up over fast fp32 at 416, batch 1"]["value"] == pytest.approx(1.25)
     assert rows["bf16 speed-up over fast fp32 at 416, batch 1"]["met"] is False

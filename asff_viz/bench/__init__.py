@@ -90,8 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "train split for the data-loader measurement)")
     parser.add_argument("--integrated-steps", type=non_negative_int, default=None,
                         help="integrated-gradients steps to time (default 16; 0 in --quick)")
-    parser.add_argument("--dataset-images", type=positive_int, default=None,
-                        help="validation images of the dataset analyses with --synthetic (default 500; 32 in --quick)")
+    parser.add_argument("--dataset-images", type=non_negative_int, default=None,
+                        help="validation images of the checkpoint's dataset analyses with --synthetic (default 500; "
+                        "32 in --quick; 0: only the full-size model's)")
     parser.add_argument("--full-size-images", type=non_negative_int, default=None,
                         help="validation images of the full-size model's dataset analyses (default 48; 0 in --quick: "
                         "left out)")
@@ -270,7 +271,7 @@ def measure(args: argparse.Namespace, settings: Settings, log) -> dict:
         log("dataset analyses against plain inference over the same images")
         results["dataset"] = dataset_cost(
             args.synthetic, args.weights, size=deform_size,
-            images=args.dataset_images or (32 if quick else 500),
+            images=args.dataset_images if args.dataset_images is not None else (32 if quick else 500),
             full_size_images=args.full_size_images if args.full_size_images is not None else (0 if quick else 48),
             log=log)
         results["memory"]["after_dataset_rss"] = peak_rss_mb()

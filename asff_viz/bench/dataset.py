@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -98,10 +99,51 @@ def evolution_partner(weights: str, out: Path) -> str:
     return str(out)
 
 
-def full_size_checkpoint(class_names: list[str], size: int, out: Path) -> str:
-    """The full-size model (width 1, BatchNorm calibrated on noise, random weights) for the split's classes."""
-    model = calibrated_model(ModelConfig(num_classes=len(class_names)))
-    save_checkpoint(out, model, {"class_names": list(class_names), "input_size": size})
+def detections_per_image(decoded: torch.Tensor, conf_threshold: float) -> float:
+    """Mean number of detections per image that `postprocess` keeps from decoded rows (B, N, 5 + C)."""
+    return sum(len(kept.scores) for kept in postprocess(decoded, conf_threshold, NMS_THRESHOLD)) / len(decoded)
+
+
+def with_objectness_shift(model: torch.nn.Module, outputs: list, shift: float) -> torch.Tensor:
+    """Decoded rows as they would be with every objectness logit moved by `shift` (the bias of its conv), from
+    the raw outputs (decoded probabilities saturate at 1 in float32 and lose the logit)."""
+    shifted = []
+    for output in outputs:
+        prediction = output.prediction.clone()
+        prediction[:, :, 4] += shift
+        shifted.append(type(output)(prediction, output.anchor_logwh))
+    return model.decode(shifted).float()
+
+
+def full_size_checkpoint(class_names: list[str], size: int, out: Path, images: list[Path], checkpoint: str) -> str:
+    """The full-size model (width 1, BatchNorm calibrated on noise, random weights) for the split's classes, its
+    objectness prior set so that it keeps as many detections per image at the evaluation threshold as the trained
+    `checkpoint` on the same images. (A random model scores every row alike: at the default prior of 0.01 all of
+    its 14,196 rows per 416-px image pass `evaluate`'s threshold of 0.001, and NMS over them, not the analysis,
+    would be what the bench measured.)"""
+    from ..inference.postprocess import EVAL_CONF_THRESHOLD
+    from ..inference.transforms import preprocess, read_image
+    batch = torch.stack([preprocess(read_image(path), size)[0] for path in images])
+    with torch.no_grad():
+        trained = load_model(checkpoint)
+        target = detections_per_image(trained.decode(trained(batch)).float(), EVAL_CONF_THRESHOLD)
+        model = calibrated_model(ModelConfig(num_classes=len(class_names)))
+        outputs = model(batch)
+        low, high = -200.0, 50.0  # objectness logit shifts: from nothing to every row (random logits spread wide)
+        for _ in range(30):
+            middle = (low + high) / 2
+            if detections_per_image(with_objectness_shift(model, outputs, middle), EVAL_CONF_THRESHOLD) > target:
+                high = middle
+            else:
+                low = middle
+        base = math.log(0.01 / 0.99)  # calibrated_model's prior
+        # The objectness bias itself: set_objectness_prior's probability would underflow for shifts this large.
+        for level in model.head.levels:
+            level.predict.bias.view(4, -1)[:, 4] = base + (low + high) / 2
+        kept = detections_per_image(model.decode(model(batch)).float(), EVAL_CONF_THRESHOLD)
+    save_checkpoint(out, model, {"class_names": list(class_names), "input_size": size,
+                                 "objectness_bias": base + (low + high) / 2, "detections_per_image": kept,
+                                 "checkpoint_detections_per_image": target})
     return str(out)
 
 
@@ -168,14 +210,23 @@ def dataset_cost(synthetic: str, weights: str | None, *, size: int, images: int,
     with tempfile.TemporaryDirectory(prefix="asff_viz_bench_") as folder:
         workdir = Path(folder)
         weights = str(weights or default_checkpoint_path())
-        log(f"dataset analyses at {size}: {Path(weights).name}, {images} images")
-        results.append(measure_model("checkpoint", weights, annotations, image_dir, images, size, workdir, log,
-                                     commands))
+        if images:
+            log(f"dataset analyses at {size}: {Path(weights).name}, {images} images")
+            results.append(measure_model("checkpoint", weights, annotations, image_dir, images, size, workdir, log,
+                                         commands))
         if full_size_images:
             log(f"dataset analyses at {size}: the full-size model, {full_size_images} images")
-            full = full_size_checkpoint(class_names, size, workdir / "full_size.pt")
-            results.append(measure_model("full-size", full, annotations, image_dir, full_size_images, size, workdir,
-                                         log, commands))
+            images_for_prior = [image_dir / image["file_name"]
+                                for image in json.loads(annotations.read_text())["images"][:4]]
+            full = full_size_checkpoint(class_names, size, workdir / "full_size.pt", images_for_prior, weights)
+            measured = measure_model("full-size", full, annotations, image_dir, full_size_images, size, workdir,
+                                     log, commands)
+            metadata = load_model(full).metadata
+            kept, target = metadata["detections_per_image"], metadata["checkpoint_detections_per_image"]
+            measured["note"] = (f"random weights, objectness bias {metadata['objectness_bias']:.1f} so that it "
+                                f"keeps {kept:.0f} detections per image at the evaluation threshold, the checkpoint "
+                                f"{target:.0f} (the first 4 images)")
+            results.append(measured)
     return results
 
 
