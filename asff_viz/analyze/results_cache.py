@@ -130,7 +130,8 @@ class AnalysisCache:
             trace.decoded = np.zeros((0, trace.decoded.shape[1]), dtype=np.float32)
             trace.metadata["light"] = True
         if path is not None:
-            trace.save(path)
+            # Full traces hold the image pixels, which compress well; light ones hold float maps, which do not.
+            trace.save(path, compressed=not light, durable=False)
         return trace
 
     def image_result(self, model: AnalysedModel, image_path: str | os.PathLike, *, size: int,
@@ -158,7 +159,8 @@ class AnalysisCache:
                 traces = batches.light_traces(model, paths, counterfactual=counterfactual, **options)
                 for index, trace in zip(indices, traces, strict=True):
                     trace.metadata["image_sha256"] = self.image_sha256(image_paths[index])
-                    self._store(self.path("trace", keys[index]), trace.save)
+                    self._store(self.path("trace", keys[index]),
+                                lambda target, trace=trace: trace.save(target, compressed=False, durable=False))
                     yield ImageResult.from_trace(trace)
 
             yield from self._merged("trace", keys, compute, lambda path: ImageResult.from_trace(Trace.load(path)))
@@ -241,7 +243,7 @@ class AnalysisCache:
                                   size=size, counterfactual=counterfactual, batch_size=batch_size, workers=workers,
                                   **settings)
             for index, flow in zip(indices, flows, strict=True):
-                summary, flat = flow_entries(flow, controls)
+                summary, flat = _flow_entries(flow, controls)
                 self._store(self.path("gradflow", keys[index]), lambda target, flat=flat: _save_npz(target, **flat))
                 yield summary
 
@@ -264,7 +266,7 @@ class AnalysisCache:
                         sweep=[list(pair) for pair in settings["sweep"]])
 
 
-def flow_entries(flow, controls: bool) -> tuple[dict, dict]:
+def _flow_entries(flow, controls: bool) -> tuple[dict, dict]:
     """(summary, flat arrays for the cache file) of a `GradientFlow`: `summarize_flow`, with the controls' and the
     sweep's summaries nested in the summary and stored as `control:<name>:<field>` / `sweep:<name>:<field>`."""
     summary = summarize_flow(flow)
@@ -325,4 +327,4 @@ def _save_npz(path: Path, **arrays) -> None:
     atomic_write(path, lambda stream: np.savez(stream, **arrays), durable=False)
 
 
-__all__ = ["AnalysisCache", "CACHE_FORMAT_VERSION", "ImageResult", "flow_entries"]
+__all__ = ["AnalysisCache", "CACHE_FORMAT_VERSION", "ImageResult"]

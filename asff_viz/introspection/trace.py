@@ -164,8 +164,11 @@ class Trace:
             "metadata": self.metadata, "detections": [record.to_dict() for record in self.detections],
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the trace to one `.npz` file (atomically). Returns the path."""
+    def save(self, path: str | os.PathLike, *, compressed: bool = True, durable: bool = True) -> Path:
+        """Write the trace to one `.npz` file (atomically). Returns the path.
+
+        compressed=False and durable=False (no fsync, `atomic_write`) are for cache entries, which are checked
+        when read and rebuilt when damaged."""
         path = Path(path)
         arrays = {"header": np.frombuffer(json.dumps(self.header()).encode("utf-8"), dtype=np.uint8),
                   "image": self.image, "decoded": self.decoded}
@@ -181,7 +184,8 @@ class Trace:
             if self.raw_predictions is not None:
                 arrays[f"raw_prediction_{level}"] = self.raw_predictions[level]
                 arrays[f"raw_anchor_logwh_{level}"] = self.raw_anchor_logwh[level]
-        return atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
+        write = np.savez_compressed if compressed else np.savez
+        return atomic_write(path, lambda stream: write(stream, **arrays), durable=durable)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trace:
