@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.loading import default_workers
 from ..inference.postprocess import postprocess, row_location
 from ..inference.transforms import ImageError, preprocess, read_image
 from ..introspection.capture import Counterfactual
@@ -120,5 +119,5 @@ def flows(model: AnalysedModel, paths: Sequence, truths: Sequence[tuple], *, siz
                                   sweep=tuple(sweep) if controls else (), sign_agreement=False)
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "ImageReader", "default_workers", "detections", "flows", "light_traces",
+__all__ = ["DEFAULT_BATCH_SIZE", "ImageReader", "detections", "flows", "light_traces",
            "read_batches"]

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.loading import default_workers
 from ..figures.style import publication_style, save_figure
 from ..inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
 from ..introspection.capture import COUNTERFACTUAL_KINDS, Counterfactual
 from ..ops.matching import FALSE_POSITIVE, MISSED, TRUE_POSITIVE, match_to_ground_truth
 from ..utils.argtypes import device, input_size, non_negative_int, output_folder, positive_int, unit_interval
-from .batches import DEFAULT_BATCH_SIZE, default_workers
+from .batches import DEFAULT_BATCH_SIZE
 from .cells import background_weights, mean_weights_in_box, size_bins
 from .fusion_statistics import FusionStatistics
 from .provenance import RunRecord

@@ -57,7 +57,7 @@ class AnalysedModel:
         if grad not in self._fast:
             from ..inference.fast import optimize_for_inference
 
-            self._fast[grad] = optimize_for_inference(self.model, fuse_activation=None if not grad else False)
+            self._fast[grad] = optimize_for_inference(self.model, fuse_activation=False if grad else None)
         return self._fast[grad]
 
     @property

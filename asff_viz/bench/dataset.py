@@ -33,7 +33,7 @@ from ..checkpoint import load_model, save_checkpoint
 from ..data.loading import default_workers
 from ..inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD, postprocess
 from ..models.config import ModelConfig
-from .models import calibrated_model
+from .models import OBJECTNESS_PRIOR, calibrated_model
 
 # name -> (command line after the common options, model passes per image, has a cache to re-plot from)
 COMMANDS: dict[str, tuple[list[str], int, bool]] = {
@@ -58,11 +58,8 @@ def subset_annotations(annotations: Path, count: int, out: Path) -> tuple[Path, 
     return out, len(images)
 
 
-def plain_inference(weights: str, images: list[Path], size: int, workers: int) -> float:
-    """Seconds of a plain batched detection pass (fast float32 path, decode, NMS) over `images`."""
-    from ..analyze.sources import load_analysed_model
-
-    network = load_analysed_model(weights, torch.device("cpu")).fast(grad=False)
+def plain_inference(network: torch.nn.Module, images: list[Path], size: int, workers: int) -> float:
+    """Seconds of a plain batched detection pass of `network` (decode and NMS included) over `images`."""
     start = time.perf_counter()
     for batch, _, _, _ in read_batches(images, size, DEFAULT_BATCH_SIZE, workers):
         with torch.no_grad():
@@ -115,14 +112,17 @@ def with_objectness_shift(model: torch.nn.Module, outputs: list, shift: float) -
     return model.decode(shifted).float()
 
 
-def full_size_checkpoint(class_names: list[str], size: int, out: Path, images: list[Path], checkpoint: str) -> str:
+def full_size_checkpoint(class_names: list[str], size: int, out: Path, images: list[Path], checkpoint: str
+                         ) -> tuple[str, dict]:
     """The full-size model (width 1, BatchNorm calibrated on noise, random weights) for the split's classes, its
-    objectness prior set so that it keeps as many detections per image at the evaluation threshold as the trained
-    `checkpoint` on the same images. (A random model scores every row alike: at the default prior of 0.01 all of
-    its 14,196 rows per 416-px image pass `evaluate`'s threshold of 0.001, and NMS over them, not the analysis,
-    would be what the bench measured.)"""
+    objectness bias set so that it keeps as many detections per image at the evaluation threshold as the trained
+    `checkpoint` on the same images; returns (path, metadata written). (At the calibrated prior of 0.01 the random
+    model keeps about 11,700 of the 14,196 rows of a 416-px image at `evaluate`'s threshold of 0.001, and NMS over
+    them, not the analysis, would be what the bench measured.)"""
     from ..inference.postprocess import EVAL_CONF_THRESHOLD
     from ..inference.transforms import preprocess, read_image
+    from ..training.params import set_objectness_bias
+
     batch = torch.stack([preprocess(read_image(path), size)[0] for path in images])
     with torch.no_grad():
         trained = load_model(checkpoint)
@@ -136,29 +136,30 @@ def full_size_checkpoint(class_names: list[str], size: int, out: Path, images: l
                 high = middle
             else:
                 low = middle
-        base = math.log(0.01 / 0.99)  # calibrated_model's prior
-        # The objectness bias itself: set_objectness_prior's probability would underflow for shifts this large.
-        for level in model.head.levels:
-            level.predict.bias.view(4, -1)[:, 4] = base + (low + high) / 2
+        bias = math.log(OBJECTNESS_PRIOR / (1 - OBJECTNESS_PRIOR)) + (low + high) / 2
+        set_objectness_bias(model, bias)
         kept = detections_per_image(model.decode(model(batch)).float(), EVAL_CONF_THRESHOLD)
-    save_checkpoint(out, model, {"class_names": list(class_names), "input_size": size,
-                                 "objectness_bias": base + (low + high) / 2, "detections_per_image": kept,
-                                 "checkpoint_detections_per_image": target})
-    return str(out)
+    metadata = {"class_names": list(class_names), "input_size": size, "objectness_bias": bias,
+                "detections_per_image": kept, "checkpoint_detections_per_image": target}
+    save_checkpoint(out, model, metadata)
+    return str(out), metadata
 
 
 def measure_model(label: str, weights: str, annotations: Path, image_dir: Path, count: int, size: int,
                   workdir: Path, log: Callable[[str], None], commands=tuple(COMMANDS)) -> dict:
     """Images/s of plain inference and of each analysis command over the first `count` images."""
+    from ..analyze.sources import load_analysed_model
+
     workers = default_workers()
     subset, count = subset_annotations(annotations, count, workdir / f"{label}_subset.json")
     names = [image["file_name"] for image in json.loads(subset.read_text())["images"]]
     paths = [image_dir / name for name in names]
     partner = evolution_partner(weights, workdir / f"{label}_partner.pt")
-    plain_inference(weights, paths[:DEFAULT_BATCH_SIZE], size, workers)  # warm-up: allocator, oneDNN kernels
+    network = load_analysed_model(weights, torch.device("cpu")).fast(grad=False)
+    plain_inference(network, paths[:DEFAULT_BATCH_SIZE], size, workers)  # warm-up: allocator, oneDNN kernels
     rows = []
     for name in commands:
-        plain = plain_inference(weights, paths, size, workers)
+        plain = plain_inference(network, paths, size, workers)
         _, passes, cached = COMMANDS[name]
         out = workdir / f"{label}_{len(rows)}"
         main, argv = command_line(name, [weights, partner], subset, image_dir, out, size, workers)
@@ -218,10 +219,10 @@ def dataset_cost(synthetic: str, weights: str | None, *, size: int, images: int,
             log(f"dataset analyses at {size}: the full-size model, {full_size_images} images")
             images_for_prior = [image_dir / image["file_name"]
                                 for image in json.loads(annotations.read_text())["images"][:4]]
-            full = full_size_checkpoint(class_names, size, workdir / "full_size.pt", images_for_prior, weights)
+            full, metadata = full_size_checkpoint(class_names, size, workdir / "full_size.pt", images_for_prior,
+                                                  weights)
             measured = measure_model("full-size", full, annotations, image_dir, full_size_images, size, workdir,
                                      log, commands)
-            metadata = load_model(full).metadata
             kept, target = metadata["detections_per_image"], metadata["checkpoint_detections_per_image"]
             measured["note"] = (f"random weights, objectness bias {metadata['objectness_bias']:.1f} so that it "
                                 f"keeps {kept:.0f} detections per image at the evaluation threshold, the checkpoint "

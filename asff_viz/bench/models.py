@@ -27,6 +27,9 @@ def sample_image(size: int, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+OBJECTNESS_PRIOR = 0.01  # the calibrated random model's objectness (as a trained model, few rows pass 0.01)
+
+
 @torch.no_grad()
 def calibrated_model(config: ModelConfig | None = None, *, size: int = 256, seed: int = 0) -> nn.Module:
     """The model of `config` (full-size ASFF by default) with random weights, made to behave like a trained one
@@ -45,7 +48,7 @@ def calibrated_model(config: ModelConfig | None = None, *, size: int = 256, seed
             module.reset_running_stats()
     model.train()
     model(torch.stack([sample_image(size, torch.device("cpu")), torch.randn(3, size, size)]))
-    set_objectness_prior(model, 0.01)
+    set_objectness_prior(model, OBJECTNESS_PRIOR)
     return model.eval()
 
 

@@ -36,11 +36,17 @@ def set_objectness_prior(model: nn.Module, probability: float) -> None:
     """
     if not 0.0 < probability < 1.0:
         raise ValueError(f"objectness prior must be in (0, 1), got {probability}")
+    set_objectness_bias(model, -math.log((1.0 - probability) / probability))
+
+
+def set_objectness_bias(model: nn.Module, logit: float) -> None:
+    """Set the objectness logit bias of every slot (`set_objectness_prior` in logit space, where priors too
+    small for a float, e.g. 1e-12, stay exact)."""
     raw = unwrap_model(model)
     with torch.no_grad():
         for level in raw.head.levels:
             bias = level.predict.bias.view(SLOTS, -1)  # (slot, 5 + C) rows of the prediction conv
-            bias[:, 4] = -math.log((1.0 - probability) / probability)
+            bias[:, 4] = logit
 
 
 def grouped_parameters(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = True) -> list[dict]:
