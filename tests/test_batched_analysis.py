@@ -14,7 +14,13 @@ from asff_viz.analyze.results_cache import AnalysisCache
 from asff_viz.analyze.sources import AnalysedModel, AnalysisDataset, AnalysisError
 from asff_viz.checkpoint import load_model
 from asff_viz.inference.transforms import preprocess
-from asff_viz.introspection.decomposition import conflict_statistics, gradient_flow, gradient_flows
+from asff_viz.introspection.controls import random_direction_gram
+from asff_viz.introspection.decomposition import (
+    conflict_statistics,
+    conflict_statistics_from_gram,
+    gradient_flow,
+    gradient_flows,
+)
 from asff_viz.introspection.objectives import TrainingLoss
 from asff_viz.introspection.trace import trace_batch, trace_image
 from tests.test_analyze import SIZE as SIZE_ANALYZE
@@ -276,3 +282,41 @@ def test_objectness_shift_is_the_bias_shift_and_thins_detections_monotonically(f
         counts = [detections_per_image(with_objectness_shift(model, outputs, s), 0.01)
                   for s in (-8.0, -2.0, 0.0, 3.0)]
     assert counts == sorted(counts) and counts[0] < counts[-1]
+
+
+def test_conflict_statistics_from_a_gram_matrix_equal_those_from_the_terms():
+    terms = torch.randn(3, 16, 5, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    terms[0, :, 1] = 0
+    direct = conflict_statistics(terms, sign_agreement=False)
+    gram = torch.einsum("acij,bcij->abij", terms, terms)
+    from_gram = conflict_statistics_from_gram(gram, terms.sum(0).norm(dim=0))
+    for name in ("norms", "cancellation", "cosine"):
+        np.testing.assert_allclose(getattr(from_gram, name), getattr(direct, name), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(from_gram.conflicting, direct.conflicting)
+    assert from_gram.rate == direct.rate and from_gram.sign_agreement is None
+
+
+@pytest.mark.parametrize("channels", [64, 2])
+def test_random_directions_sampled_through_their_gram_matrix_match_random_vectors(channels):
+    """The random control draws the Gram matrix of random directions (Bartlett's decomposition of a Wishart
+    matrix) instead of the vectors: the same distribution of cosines and of conflict, and the given norms."""
+    shape = (3, 200, 100)  # 20,000 locations
+    norms = torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    gram = random_direction_gram(norms, channels, np.random.default_rng(0))
+    torch.testing.assert_close(gram.diagonal(dim1=0, dim2=1).movedim(-1, 0), norms ** 2)
+    vectors = torch.randn(3, channels, *shape[1:], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    terms = vectors / vectors.norm(dim=1, keepdim=True) * norms[:, None]
+    explicit = torch.einsum("acij,bcij->abij", terms, terms)
+    cosines = [(g[0, 1] / (norms[0] * norms[1])).flatten().numpy() for g in (gram, explicit)]
+    # Two samples of 20,000 from one distribution: means within 5 standard errors, a two-sample
+    # Kolmogorov-Smirnov statistic well under its 1 % critical value (1.63 * sqrt(2 / 20000) = 0.016).
+    spread = cosines[1].std()
+    assert abs(cosines[0].mean() - cosines[1].mean()) < 5 * spread * np.sqrt(2 / cosines[0].size)
+    grid = np.sort(np.concatenate(cosines))
+    ks = np.abs(np.searchsorted(np.sort(cosines[0]), grid, side="right")
+                - np.searchsorted(np.sort(cosines[1]), grid, side="right")).max() / cosines[0].size
+    assert ks < 0.016
+    if channels > 3:
+        assert spread == pytest.approx(1 / np.sqrt(channels), rel=0.05)
+    rates = [conflict_statistics_from_gram(g, g.sum(dim=(0, 1)).clamp(min=0).sqrt()).rate for g in (gram, explicit)]
+    assert rates[0] == pytest.approx(rates[1], abs=0.02)

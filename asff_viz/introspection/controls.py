@@ -4,6 +4,7 @@ something only next to what these give."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Controls of the conflict metric, each computed from the same backward pass as the learned weights (the same
@@ -12,7 +13,8 @@ import torch
 #             targeting); rolled: the sources permuted, alpha_k <- alpha_{k+1} (same peakedness at every
 #             location, other sources); uniform: 1/3 everywhere (the plain sum's directions).
 # Two more are computed from the learned terms: random: each term's direction replaced by a random one of the
-# same norm (the null of cosines); with_weight_branch: value + weight-branch terms (the whole fusion gradient).
+# same norm (the null of cosines; sampled through its Gram matrix, `random_direction_gram`); with_weight_branch:
+# value + weight-branch terms (the whole fusion gradient).
 CONTROLS = ("shuffled", "rolled", "uniform")
 
 
@@ -32,8 +34,26 @@ def control_weight_maps(weights: list, seed: int = 0) -> dict[str, list]:
     return {"shuffled": shuffled, "rolled": rolled, "uniform": uniform}
 
 
-def random_direction_terms(terms: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(L, C, H, W) terms -> terms of the same per-location norms in random (isotropic) directions."""
-    noise = torch.randn(terms.shape, generator=generator, dtype=torch.float64).to(terms.device)
-    noise = noise / noise.norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
-    return noise * terms.double().norm(dim=1, keepdim=True)
+def random_direction_gram(norms: torch.Tensor, channels: int, generator: np.random.Generator) -> torch.Tensor:
+    """(L, H, W) per-location norms of L terms in `channels` dimensions -> the (L, L, H, W) float64 Gram matrix of
+    terms with these norms in independent, uniformly random directions: sampled exactly, without the vectors.
+
+    The Gram matrix of L independent standard normal vectors in C dimensions is Wishart(C, I_L); by Bartlett's
+    decomposition it is B B^T with B lower triangular, B_ii^2 ~ chi^2(C - i) and B_ij ~ N(0, 1) below the
+    diagonal. Scaled to a unit diagonal it holds the cosines of L uniformly random directions. This costs L(L+1)/2
+    draws per location instead of L * C (and the channel products of the vectors).
+    """
+    count, shape = norms.shape[0], tuple(norms.shape[1:])
+    if channels >= count:
+        lower = np.zeros((count, count, *shape))
+        for row in range(count):
+            lower[row, row] = np.sqrt(generator.chisquare(channels - row, size=shape))
+            lower[row, :row] = generator.standard_normal((row, *shape))
+        gram = np.einsum("ai...,bi...->ab...", lower, lower)
+    else:  # fewer channels than terms (a Wishart matrix of rank C): the vectors themselves are as cheap
+        vectors = generator.standard_normal((count, channels, *shape))
+        gram = np.einsum("ac...,bc...->ab...", vectors, vectors)
+    gram = torch.from_numpy(gram)
+    lengths = gram.diagonal(dim1=0, dim2=1).movedim(-1, 0).sqrt()  # (L, H, W), > 0 almost surely
+    scale = norms.double() / lengths.clamp(min=torch.finfo(torch.float64).tiny)
+    return gram * scale.unsqueeze(0) * scale.unsqueeze(1)

@@ -40,7 +40,7 @@ from .capture import (
     gradient_through_offsets,
     has_fusion_weights,
 )
-from .controls import ALL_CONTROLS, CONTROLS, control_weight_maps, random_direction_terms
+from .controls import ALL_CONTROLS, CONTROLS, control_weight_maps, random_direction_gram
 from .objectives import TrainingLoss, ground_truth_cells, resample_mask
 
 
@@ -195,12 +195,13 @@ class ConflictStatistics:
     norms: (3, H, W) per-target norms over channels. cancellation: (H, W) 1 - |sum_l g_l| / sum_l |g_l| in
     [0, 1]: 0 when the terms point the same way (or only one is present), near 1 when they cancel.
     cosine, sign_agreement: (3, 3, H, W) pairwise cosine similarity and fraction of channels whose signs
-    agree (NaN where a term is zero; sign_agreement None when not asked for). active: (H, W) locations with
-    a non-negligible gradient. conflicting: active locations where two significant terms (each >=
-    `significance` x the largest there) have cosine below `cosine_threshold`. rate: conflicting / active.
-    (Random directions in C channels have cosines of about +-1/sqrt(C), so a threshold of 0 counts
-    near-orthogonal pairs too; `mean_cancellation` weighs each location by its gradient and is the
-    magnitude-aware summary.) mean_cancellation: the cancellation averaged over active locations, weighted
+    agree (NaN where a term is zero; sign_agreement None when not asked for, or when the terms are known only by
+    their Gram matrix). active: (H, W) locations with a non-negligible gradient. conflicting: active locations
+    where two significant terms (each >= `significance` x the largest there) have cosine below
+    `cosine_threshold`. rate: conflicting / active. (Random directions in C channels have cosines of about
+    +-1/sqrt(C), so a threshold of 0 counts near-orthogonal pairs too; `mean_cancellation` weighs each location
+    by its gradient and is the magnitude-aware summary.) mean_cancellation: the cancellation averaged over
+    active locations, weighted
     by sum_l |g_l|.
     """
 
@@ -217,28 +218,43 @@ class ConflictStatistics:
 def conflict_statistics(terms: torch.Tensor, significance: float = 0.1, active_fraction: float = 1e-3,
                         cosine_threshold: float = 0.0, *, sign_agreement: bool = True) -> ConflictStatistics:
     """terms: (L, C, H, W) gradient contributions of L target levels to one source -> ConflictStatistics."""
-    terms = terms.detach().double()
+    terms = terms.detach()
+    terms = terms if terms.dtype == torch.float64 else terms.float()
     count = terms.shape[0]
     flat = terms.flatten(2)  # (L, C, H * W)
-    # Every pairwise quantity is a sum over channels of a product of two terms: one pass per pair of levels.
+    # Every pairwise quantity is a sum over channels of a product of two terms: one pass per pair of levels, the
+    # sums in float64 (a product of float32 terms is rounded like the terms themselves are).
     gram = _channel_products(flat, flat).view(count, count, *terms.shape[2:])
-    norms = gram.diagonal(dim1=0, dim2=1).permute(2, 0, 1).clamp(min=0).sqrt()  # (L, H, W)
+    summed = flat.sum(dim=0)  # exact to the terms' own rounding; |sum| taken from the gram would lose digits
+    sum_norm = (summed * summed).sum(dim=0, dtype=torch.float64).sqrt().view(terms.shape[2:])  # where they cancel
+    statistics = conflict_statistics_from_gram(gram, sum_norm, significance, active_fraction, cosine_threshold)
+    if sign_agreement:
+        # Signs s in {-1, 0, 1}: s_a * s_b is 1 where two channels agree, -1 where they disagree, 0 where either is
+        # zero, so (|s_a||s_b| + s_a s_b) / 2 counts agreeing channels among those where both are non-zero (exact).
+        signs = torch.sign(flat)
+        nonzero = _channel_products(signs.abs(), signs.abs())
+        agree = (nonzero + _channel_products(signs, signs)) / 2
+        present = torch.from_numpy(statistics.norms) > 0
+        both = present.unsqueeze(0) & present.unsqueeze(1)
+        statistics.sign_agreement = torch.where(both, (agree / nonzero.clamp(min=1)).view_as(gram),
+                                                torch.full_like(gram, math.nan)).float().numpy()
+    return statistics
+
+
+def conflict_statistics_from_gram(gram: torch.Tensor, sum_norm: torch.Tensor, significance: float = 0.1,
+                                  active_fraction: float = 1e-3, cosine_threshold: float = 0.0) -> ConflictStatistics:
+    """`conflict_statistics` of terms known by their (L, L, H, W) Gram matrix (float64, the channel sums of their
+    pairwise products) and (H, W) the norm of their sum; sign_agreement is None (it needs the terms)."""
+    count = gram.shape[0]
+    norms = gram.diagonal(dim1=0, dim2=1).movedim(-1, 0).clamp(min=0).sqrt()  # (L, H, W)
     norm_sum = norms.sum(dim=0)
     tiny = torch.finfo(torch.float64).tiny
-    cancellation = torch.where(norm_sum > 0, 1 - terms.sum(dim=0).norm(dim=0) / norm_sum.clamp(min=tiny),
+    cancellation = torch.where(norm_sum > 0, 1 - sum_norm / norm_sum.clamp(min=tiny),
                                torch.zeros_like(norm_sum)).clamp(0, 1)
     present = norms > 0
     both = present.unsqueeze(0) & present.unsqueeze(1)
     scale = (norms.unsqueeze(0) * norms.unsqueeze(1)).clamp(min=tiny)
     cosine = torch.where(both, (gram / scale).clamp(-1, 1), torch.full_like(gram, math.nan))
-    # Signs s in {-1, 0, 1}: s_a * s_b is 1 where two channels agree, -1 where they disagree, 0 where either is
-    # zero, so (|s_a||s_b| + s_a s_b) / 2 counts agreeing channels among those where both are non-zero (exact).
-    agreement = None
-    if sign_agreement:
-        signs = torch.sign(flat)
-        nonzero = _channel_products(signs.abs(), signs.abs())
-        agree = (nonzero + _channel_products(signs, signs)) / 2
-        agreement = torch.where(both, (agree / nonzero.clamp(min=1)).view_as(gram), torch.full_like(gram, math.nan))
     maximum = norm_sum.max()
     active = norm_sum > active_fraction * maximum if maximum > 0 else torch.zeros_like(norm_sum, dtype=torch.bool)
     significant = norms >= significance * norms.max(dim=0).values.unsqueeze(0)
@@ -250,20 +266,20 @@ def conflict_statistics(terms: torch.Tensor, significance: float = 0.1, active_f
     weight = torch.where(active, norm_sum, torch.zeros_like(norm_sum))
     mean_cancellation = float((cancellation * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
     return ConflictStatistics(norms.float().numpy(), cancellation.float().numpy(), cosine.float().numpy(),
-                              None if agreement is None else agreement.float().numpy(), active.numpy(),
-                              conflicting.numpy(), rate, mean_cancellation)
+                              None, active.numpy(), conflicting.numpy(), rate, mean_cancellation)
 
 
 def _channel_products(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """(L, C, N), (L, C, N) -> (L, L, N): sum over channels of first[a] * second[b] (symmetric inputs: each pair
-    computed once)."""
+    """(L, C, N), (L, C, N) -> (L, L, N) float64: sum over channels of first[a] * second[b] (symmetric inputs: each
+    pair computed once)."""
     count = first.shape[0]
-    result = first.new_empty(count, count, first.shape[2])
+    result = first.new_empty(count, count, first.shape[2], dtype=torch.float64)
     for a in range(count):
         for b in range(a, count):
-            result[a, b] = (first[a] * second[b]).sum(dim=0)
+            result[a, b] = (first[a] * second[b]).sum(dim=0, dtype=torch.float64)
             if b != a:
-                result[b, a] = result[a, b] if first is second else (first[b] * second[a]).sum(dim=0)
+                result[b, a] = (result[a, b] if first is second
+                                else (first[b] * second[a]).sum(dim=0, dtype=torch.float64))
     return result
 
 
@@ -440,9 +456,13 @@ SWEPT = ("learned", *CONTROLS)  # the weights a threshold sweep measures
 def _flow_with_terms(flow: GradientFlow, terms: list, significance: float, active_fraction: float,
                      cosine_threshold: float, *, sign_agreement: bool = True) -> GradientFlow:
     """`flow` with the conflict statistics of other value-path terms [l][k] at other thresholds."""
-    conflict = [conflict_statistics(torch.stack([terms[l][k].cpu() for l in range(3)]), significance,
-                                    active_fraction, cosine_threshold, sign_agreement=sign_agreement)
-                for k in range(3)]
+    return _flow_with_conflict(flow, [conflict_statistics(torch.stack([terms[l][k].cpu() for l in range(3)]),
+                                                          significance, active_fraction, cosine_threshold,
+                                                          sign_agreement=sign_agreement) for k in range(3)])
+
+
+def _flow_with_conflict(flow: GradientFlow, conflict: list) -> GradientFlow:
+    """`flow` with other conflict statistics (one per source), and the maps and rates that follow from them."""
     active_total = sum(int(c.active.sum()) for c in conflict)
     overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else 0.0
     result = replace(flow, conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]),
@@ -467,17 +487,21 @@ def _control_flows(flow: GradientFlow, decomposition: GradientDecomposition, sig
                    ) -> dict:
     """name -> GradientFlow of each control: the learned flow with the control's value terms, maps and conflict
     statistics (the thresholds are the learned ones, so each difference is the weights' alone)."""
-    generator = torch.Generator().manual_seed(seed)
     learned = decomposition.value
-    random_by_source = [random_direction_terms(torch.stack([learned[l][k].cpu() for l in range(3)]), generator)
-                        for k in range(3)]
     terms_of = {**decomposition.controls,
-                "random": [[random_by_source[k][l] for k in range(3)] for l in range(3)],
                 "with_weight_branch": [[learned[l][k] + decomposition.weight_branch[l][k] for k in range(3)]
                                        for l in range(3)]}
-    return {name: _flow_with_terms(flow, terms_of[name], significance, active_fraction, cosine_threshold,
-                                   sign_agreement=sign_agreement)
-            for name in ALL_CONTROLS}
+    flows = {name: _flow_with_terms(flow, terms, significance, active_fraction, cosine_threshold,
+                                    sign_agreement=sign_agreement) for name, terms in terms_of.items()}
+    generator = np.random.default_rng(seed)  # per image: an image gets the same draws in any batch
+    random = []
+    for source in range(3):
+        gram = random_direction_gram(torch.from_numpy(flow.conflict[source].norms), learned[0][source].shape[0],
+                                     generator)
+        sum_norm = gram.sum(dim=(0, 1)).clamp(min=0).sqrt()
+        random.append(conflict_statistics_from_gram(gram, sum_norm, significance, active_fraction, cosine_threshold))
+    flows["random"] = _flow_with_conflict(flow, random)
+    return {name: flows[name] for name in ALL_CONTROLS}
 
 
 def compare_with_uniform(model: nn.Module, image_tensor: torch.Tensor, objective, **kwargs
