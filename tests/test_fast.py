@@ -447,3 +447,29 @@ def test_profile_parts_cover_the_model_once_and_operators_are_named():
                           "environment": {"cpu": "test", "torch_threads": 1, "torch": "x", "device": "cpu",
                                           "cpu_flags": []}})
     assert "| head: deformable convs |" in table and "operator kind" in table
+
+
+def test_profile_times_every_part_of_the_mobilenet_model():
+    """MobileNetV2's inverted residual blocks live in a ModuleList, which is never called: its blocks are timed
+    one by one, in runs at one resolution, and together the parts still hold the model's FLOPs."""
+    from asff_viz.bench.profile import model_parts, part_flops, profile_forward
+
+    torch.manual_seed(0)
+    model = calibrate_batchnorm(build_model(backbone="mobilenet_v2", width=0.25, depth=0.33, num_classes=3),
+                                [torch.randn(2, 3, 64, 64)])
+    parts = model_parts(model)
+    blocks = [name for name in parts if name.startswith("backbone.blocks")]
+    strides = [max(max(m.stride) for m in parts[name][0].modules() if isinstance(m, nn.Conv2d)) for name in blocks]
+    assert len(blocks) >= 4 and all(stride == 2 for stride in strides[1:])  # a run starts where the map halves
+    assert sum(len(parts[name]) for name in blocks) == len(model.backbone.blocks)
+    flops = part_flops(model, 64)
+    assert math.isclose(sum(flops.values()), model_flops(model, 64)["gflop"], rel_tol=1e-9)
+    profile = profile_forward(model, optimize_for_inference(model), 64, 2, 100.0, lambda line: None)
+    rows = {row["part"]: row for row in profile["parts"]}
+    assert all(rows[name]["ms"] > 0 and rows[name]["gflop"] > 0 for name in blocks)
+    table = format_table({"mobilenet": {"variant": model.config.variant, "parameters": 1e6, "flops": {}, "forward": [],
+                                        "profile": profile}, "ceilings": {}, "flops": {},
+                          "settings": {"mode": "quick", "repeats": 1},
+                          "environment": {"cpu": "test", "torch_threads": 1, "torch": "x", "device": "cpu",
+                                          "cpu_flags": []}})
+    assert "Where the time goes, MobileNetV2 model" in table and f"| {blocks[1]} |" in table

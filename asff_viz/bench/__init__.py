@@ -195,16 +195,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return results
 
 
-def mobilenet_forward(settings: Settings, ceilings: dict, with_bf16: bool, log) -> dict:
-    """The official light model (MobileNetV2 + ASFF) timed like the Darknet one, at the same sizes and batches."""
+def mobilenet_forward(settings: Settings, ceilings: dict, with_bf16: bool, log, *, profile: bool = False) -> dict:
+    """The official light model (MobileNetV2 + ASFF) timed like the Darknet one, at the same sizes and batches;
+    profile: also where its fast fp32 forward's time goes (the `profile` section's table)."""
     log("MobileNetV2 ASFF forward latency and throughput (BatchNorm calibrated on noise)")
     model = calibrated_model(ModelConfig(backbone="mobilenet_v2"))
     flops = {size: model_flops(model, size) for size in sorted(set(settings.sizes) | {DEFORM_SIZE})}
     variants = inference_variants(model, settings.device, with_bf16=with_bf16, compile=settings.compile_mode)
     rows = forward_grid(variants, flops, ceilings, settings.sizes, settings.batches, settings.repeats,
                         settings.warmup, settings.device, log, clock=settings.clock)
-    return {"variant": model.config.variant, "parameters": sum(p.numel() for p in model.parameters()),
-            "flops": flops, "forward": rows}
+    result = {"variant": model.config.variant, "parameters": sum(p.numel() for p in model.parameters()),
+              "flops": flops, "forward": rows}
+    if profile:
+        from .profile import profile_forward
+
+        log(f"where the MobileNetV2 model's fast fp32 forward's time goes at {DEFORM_SIZE}, batch 1")
+        result["profile"] = profile_forward(model, variants["fast_fp32"], DEFORM_SIZE, settings.repeats,
+                                            ceilings["float32"]["gflops_per_s"], log)
+    return result
 
 
 def measure(args: argparse.Namespace, settings: Settings, log) -> dict:
@@ -245,7 +253,8 @@ def measure(args: argparse.Namespace, settings: Settings, log) -> dict:
         results["profile"] = profile_forward(model, variants["fast_fp32"], deform_size, repeats,
                                              results["ceilings"]["float32"]["gflops_per_s"], log)
     if "mobilenet" not in args.skip:
-        results["mobilenet"] = mobilenet_forward(settings, results["ceilings"], with_bf16, log)
+        results["mobilenet"] = mobilenet_forward(settings, results["ceilings"], with_bf16, log,
+                                                 profile="profile" not in args.skip)
     if "deform" not in args.skip:
         log(f"deformable conv cost at {deform_size}")
         compared = ("eager_fp32", "fast_bf16") if quick else None

@@ -47,18 +47,34 @@ def operator_kind(name: str) -> str:
 
 
 def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """name -> the modules a part is made of, in forward order; the parts do not overlap."""
-    backbone = model.backbone
-    stages = [name for name, _ in backbone.named_children()]
-    parts: dict[str, list[nn.Module]] = {f"backbone.{name}": [getattr(backbone, name)] for name in stages}
-    spp = [module for module in model.neck.modules() if isinstance(module, SPP)]
-    parts["neck: SPP"] = spp
+    """name -> the modules a part is made of, in forward order; the parts do not overlap, none is empty.
+
+    A backbone stage held in a ModuleList (MobileNetV2's inverted residual blocks, never called as a whole) is
+    split into its runs of blocks at one resolution, each run starting at a block that downsamples.
+    """
+    parts: dict[str, list[nn.Module]] = {}
+    for name, stage in model.backbone.named_children():
+        if not isinstance(stage, nn.ModuleList):
+            parts[f"backbone.{name}"] = [stage]
+            continue
+        runs: list[list[int]] = []
+        for index, block in enumerate(stage):
+            if not runs or _downsamples(block):
+                runs.append([])
+            runs[-1].append(index)
+        for run in runs:
+            parts[f"backbone.{name} {run[0]}-{run[-1]}"] = [stage[index] for index in run]
+    parts["neck: SPP"] = [module for module in model.neck.modules() if isinstance(module, SPP)]
     parts["neck: other"] = [model.neck]  # the SPP time is taken out below
     parts["fusion"] = [model.fusion]
-    deform = [level.adaption.dconv for level in model.head.levels if getattr(level, "adaption", None) is not None]
-    parts["head: deformable convs"] = deform
+    parts["head: deformable convs"] = [level.adaption.dconv for level in model.head.levels
+                                       if getattr(level, "adaption", None) is not None]
     parts["head: other"] = [model.head]
-    return parts
+    return {part: modules for part, modules in parts.items() if modules}
+
+
+def _downsamples(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 for m in module.modules())
 
 
 NESTED = {"neck: other": "neck: SPP", "head: other": "head: deformable convs"}  # outer part -> inner part
@@ -79,7 +95,8 @@ def part_flops(model: nn.Module, size: int) -> dict[str, float]:
     for part, modules in model_parts(model).items():
         flops[part] = sum(by_module.get(f"{prefix}.{names[module]}", 0) for module in modules)
     for outer, inner in NESTED.items():
-        flops[outer] -= flops[inner]
+        if inner in flops:
+            flops[outer] -= flops[inner]
     for dconv, stride in [(level.adaption.dconv, stride) for level, stride in zip(model.head.levels, model.strides,
                                                                                      strict=True)
                           if getattr(level, "adaption", None) is not None]:

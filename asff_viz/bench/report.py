@@ -105,18 +105,22 @@ def _mobilenet_lines(results: dict) -> list[str]:
 
 
 def _profile_lines(results: dict) -> list[str]:
-    """Per-part time and efficiency of the fast fp32 forward, and the operator kinds' shares."""
-    profile = results.get("profile")
-    if not profile:
-        return []
-    lines = ["", f"Where the time goes: {profile['variant']} at {profile['size']}, batch {profile['batch']}, "
-             f"{_number(profile['total_ms'], 1)} ms per forward (module hooks, medians):", "",
-             "| part | ms | share of the forward | GFLOP | GFLOP/s | of ceiling |", "|---|---|---|---|---|---|"]
-    for row in profile["parts"]:
-        lines.append(f"| {row['part']} | {_number(row['ms'], 1)} | {row['share']:.1%} | {_number(row['gflop'], 2)} | "
-                     f"{_number(row['gflops_per_s'], 1)} | {_number(row['efficiency'], 2)} |")
-    lines += ["", "Self CPU time by operator kind (torch.profiler): " + ", ".join(
-        f"{kind} {share:.1%}" for kind, share in profile["operators"].items()) + "."]
+    """Per-part time and efficiency of the fast fp32 forward, and the operator kinds' shares, of the full-size
+    model and (when measured) the MobileNetV2 one."""
+    lines: list[str] = []
+    for model, profile in (("full-size Darknet-53 model", results.get("profile")),
+                           ("MobileNetV2 model", (results.get("mobilenet") or {}).get("profile"))):
+        if not profile:
+            continue
+        lines += ["", f"Where the time goes, {model}: {profile['variant']} at {profile['size']}, batch "
+                  f"{profile['batch']}, {_number(profile['total_ms'], 1)} ms per forward (module hooks, medians):", "",
+                  "| part | ms | share of the forward | GFLOP | GFLOP/s | of ceiling |", "|---|---|---|---|---|---|"]
+        for row in profile["parts"]:
+            lines.append(f"| {row['part']} | {_number(row['ms'], 1)} | {row['share']:.1%} | "
+                         f"{_number(row['gflop'], 2)} | {_number(row['gflops_per_s'], 1)} | "
+                         f"{_number(row['efficiency'], 2)} |")
+        lines += ["", "Self CPU time by operator kind (torch.profiler): " + ", ".join(
+            f"{kind} {share:.1%}" for kind, share in profile["operators"].items()) + "."]
     return lines
 
 
