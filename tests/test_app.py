@@ -648,7 +648,7 @@ def test_gradient_flow_waits_to_be_asked_and_opens_on_the_detections_level(weigh
 
 
 def test_compare_does_not_open_on_the_model_against_itself():
-    # checkpoints/ holds the embedded ASFF default and the ablation's sum-fusion model: B opens on the other one.
+    # checkpoints/ holds the embedded ASFF default and the sum-fusion model trained like it: B opens on the other one.
     app = AppTest.from_file(APP, default_timeout=TIMEOUT)
     app.run()
     open_view(app, "Compare checkpoints")
