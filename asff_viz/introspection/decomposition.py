@@ -201,8 +201,7 @@ class ConflictStatistics:
     `cosine_threshold`. rate: conflicting / active. (Random directions in C channels have cosines of about
     +-1/sqrt(C), so a threshold of 0 counts near-orthogonal pairs too; `mean_cancellation` weighs each location
     by its gradient and is the magnitude-aware summary.) mean_cancellation: the cancellation averaged over
-    active locations, weighted
-    by sum_l |g_l|.
+    active locations, weighted by sum_l |g_l|.
     """
 
     norms: np.ndarray
@@ -234,7 +233,7 @@ def conflict_statistics(terms: torch.Tensor, significance: float = 0.1, active_f
         signs = torch.sign(flat)
         nonzero = _channel_products(signs.abs(), signs.abs())
         agree = (nonzero + _channel_products(signs, signs)) / 2
-        present = torch.from_numpy(statistics.norms) > 0
+        present = gram.diagonal(dim1=0, dim2=1).movedim(-1, 0) > 0  # as exact as the gram, unlike float32 norms
         both = present.unsqueeze(0) & present.unsqueeze(1)
         statistics.sign_agreement = torch.where(both, (agree / nonzero.clamp(min=1)).view_as(gram),
                                                 torch.full_like(gram, math.nan)).float().numpy()
