@@ -611,6 +611,19 @@ def test_cache_entries_are_keyed_on_the_statistic_version_and_the_code(monkeypat
     assert results_cache.AnalysisCache.key(kind="gradflow", image="x") != key
 
 
+def test_the_code_identity_covers_every_source_of_the_package():
+    # It once hashed asff_viz/utils/ only: a change to an analysis left its cached numbers in use.
+    from pathlib import Path
+
+    import asff_viz
+    from asff_viz.utils import codeversion
+
+    package = Path(asff_viz.__file__).resolve().parent
+    hashed = {path.relative_to(package).as_posix() for path in codeversion.source_files()}
+    assert hashed == {path.relative_to(package).as_posix() for path in package.rglob("*.py")}
+    assert {"analyze/gradflow.py", "introspection/decomposition.py", "models/fusion.py"} <= hashed
+
+
 def test_scale_stats_contrasts_are_paired_over_images(tmp_path):
     statistics = FusionStatistics(["a"])
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # asff_viz/, not asff_viz/utils/
 
 
 def _git(*arguments: str) -> str | None:
@@ -22,6 +22,11 @@ def _git(*arguments: str) -> str | None:
     return completed.stdout if completed.returncode == 0 else None
 
 
+def source_files() -> list[Path]:
+    """Every Python source of the package, sorted: what `source_sha256` hashes."""
+    return sorted(PACKAGE_ROOT.rglob("*.py"))
+
+
 @lru_cache(maxsize=1)
 def source_sha256() -> str:
     """sha256 over the package's Python sources (path and content of each): what computed a cached result.
@@ -30,7 +35,7 @@ def source_sha256() -> str:
     exists outside a checkout too.
     """
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+    for path in source_files():
         digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
