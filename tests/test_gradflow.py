@@ -182,7 +182,7 @@ def test_each_control_is_what_it_says(model, image, best_row):
     flow = gradient_flow(model, image, TrainingLoss(LABELS), controls=True, control_seed=3)
     assert set(flow.controls) == set(ALL_CONTROLS)
     weights = [torch.from_numpy(w)[None] for w in flow.weights]
-    maps = control_weight_maps(weights, seed=3)
+    maps = control_weight_maps(weights, [3])
     for level in range(3):
         learned, shuffled = weights[level][0], maps["shuffled"][level][0]
         # Shuffled: the same weight vectors, at other places (same distribution, no spatial targeting).

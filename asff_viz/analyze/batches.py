@@ -101,21 +101,23 @@ def detections(model: AnalysedModel, paths: Sequence, *, size: int, conf_thresho
 
 def flows(model: AnalysedModel, paths: Sequence, truths: Sequence[tuple], *, size: int,
           counterfactual: Counterfactual, significance: float, active_fraction: float, cosine_threshold: float,
-          controls: bool, control_seed: int, sweep: tuple, batch_size: int = DEFAULT_BATCH_SIZE,
+          controls: bool, control_seeds: Sequence | None, sweep: tuple, batch_size: int = DEFAULT_BATCH_SIZE,
           workers: int = 0) -> Iterator[GradientFlow]:
     """The gradient flow of the training loss of each image against its ground truth, in order.
 
-    truths[i]: (boxes (M, 4) xyxy in original pixels, labels (M,)) of paths[i].
+    truths[i]: (boxes (M, 4) xyxy in original pixels, labels (M,)) of paths[i]; control_seeds[i]: its control
+    seed (with `controls`).
     """
     network = model.fast(grad=True)
     start = 0
     for batch, transforms, _, _ in read_batches(paths, size, batch_size, workers):
         objectives = [TrainingLoss(ground_truth_labels(*truths[start + i], transform))
                       for i, transform in enumerate(transforms)]
+        seeds = list(control_seeds[start:start + len(transforms)]) if controls else None
         start += len(transforms)
         yield from gradient_flows(network, batch, objectives, None if counterfactual.is_learned else counterfactual,
                                   significance=significance, active_fraction=active_fraction,
-                                  cosine_threshold=cosine_threshold, controls=controls, control_seed=control_seed,
+                                  cosine_threshold=cosine_threshold, controls=controls, control_seeds=seeds,
                                   sweep=tuple(sweep) if controls else (), sign_agreement=False)
 
 

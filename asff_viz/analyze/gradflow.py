@@ -245,6 +245,8 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
     context.record["conflict"] = {"significance": args.significance, "active_fraction": args.active_fraction,
                                   "cosine_threshold": args.cosine_threshold, "bootstrap_resamples": args.bootstrap,
                                   "controls": ({"names": list(ALL_CONTROLS), "seed": context.seed,
+                                                "draws": "each image its own: seeded by (seed, the first 64 bits "
+                                                         "of the image's sha256)",
                                                 "reference": variants[0][2], "interval": "paired image bootstrap"}
                                                if with_controls else None)}
     sweep = tuple((sig, cos) for sig in SWEEP_SIGNIFICANCE for cos in SWEEP_COSINE) if with_controls and args.sweep \

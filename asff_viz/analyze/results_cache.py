@@ -27,6 +27,7 @@ import numpy as np
 
 from ..inference.transforms import ImageError, ImageTransform, read_image
 from ..introspection.capture import Counterfactual, as_counterfactual
+from ..introspection.controls import image_control_seed
 from ..introspection.trace import Trace, TraceError, trace_image
 from ..utils.codeversion import source_sha256
 from ..utils.fileio import atomic_write
@@ -38,7 +39,7 @@ CACHE_FORMAT_VERSION = 1
 # The version of each statistic a cache entry holds: raise one when its definition changes (what a conflict is,
 # which cells a box covers, ...), and every entry computed the old way becomes a miss. Entries are also keyed on
 # the code that computed them (`source_sha256`).
-STATISTIC_VERSIONS = {"trace": 1, "detections": 1, "gradflow": 2}
+STATISTIC_VERSIONS = {"trace": 1, "detections": 1, "gradflow": 3}
 
 
 @dataclass
@@ -239,9 +240,12 @@ class AnalysisCache:
                 for path, truth in zip(paths, truths, strict=True)]
 
         def compute(indices: list) -> Iterator[dict]:
+            # Each image's controls are drawn from its own seed (the run's and the image's sha256): independent
+            # between images, and the same whichever batch or order computes them.
+            seeds = [image_control_seed(control_seed, self.image_sha256(paths[index])) for index in indices]
             flows = batches.flows(model, [paths[index] for index in indices], [truths[index] for index in indices],
                                   size=size, counterfactual=counterfactual, batch_size=batch_size, workers=workers,
-                                  **settings)
+                                  control_seeds=seeds, **{k: v for k, v in settings.items() if k != "control_seed"})
             for index, flow in zip(indices, flows, strict=True):
                 summary, flat = _flow_entries(flow, controls)
                 self._store(self.path("gradflow", keys[index]), lambda target, flat=flat: _save_npz(target, **flat))

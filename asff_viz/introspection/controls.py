@@ -21,14 +21,36 @@ CONTROLS = ("shuffled", "rolled", "uniform")
 ALL_CONTROLS = (*CONTROLS, "random", "with_weight_branch")
 
 
-def control_weight_maps(weights: list, seed: int = 0) -> dict[str, list]:
-    """The control weights of `CONTROLS` for 3 weight tensors (B, 3, H_l, W_l); seeded, so reproducible."""
-    generator = torch.Generator().manual_seed(seed)
+# The seed of one image's control draws: an int, or a tuple of ints such as (run seed, image id). Every image
+# needs its own draws: controls shared by all images are one draw, whose randomness the paired bootstrap over
+# images cannot see, so their intervals would be too narrow (`image_control_seed`).
+ControlSeed = int | tuple
+
+
+def image_control_seed(seed: int, image_sha256: str) -> tuple[int, int]:
+    """The control seed of an image in a run seeded by `seed`: its own, and the same in any batch or order."""
+    return int(seed), int(image_sha256[:16], 16)
+
+
+def control_generator(seed: ControlSeed, stream: str) -> np.random.Generator:
+    """The generator of one image's draws for one control ("shuffled" or "random"): independent streams."""
+    entropy = [int(value) for value in seed] if isinstance(seed, tuple) else [int(seed)]
+    return np.random.default_rng([*entropy, ("shuffled", "random").index(stream)])
+
+
+def control_weight_maps(weights: list, seeds: list) -> dict[str, list]:
+    """The control weights of `CONTROLS` for 3 weight tensors (B, 3, H_l, W_l), image i's shuffle drawn from
+    seeds[i] (a `ControlSeed`), so reproducible and independent between images."""
+    batch = weights[0].shape[0]
+    if len(seeds) != batch:
+        raise ValueError(f"one control seed per image: {len(seeds)} seeds for {batch} images")
+    generators = [control_generator(seed, "shuffled") for seed in seeds]
     shuffled, rolled, uniform = [], [], []
     for level_weights in weights:
         height, width = level_weights.shape[-2:]
-        order = torch.randperm(height * width, generator=generator).to(level_weights.device)
-        shuffled.append(level_weights.flatten(2)[:, :, order].reshape(level_weights.shape))
+        orders = torch.from_numpy(np.stack([generator.permutation(height * width) for generator in generators]))
+        index = orders.to(level_weights.device)[:, None, :].expand(-1, level_weights.shape[1], -1)
+        shuffled.append(level_weights.flatten(2).gather(2, index).reshape(level_weights.shape))
         rolled.append(level_weights.roll(-1, dims=1))
         uniform.append(torch.full_like(level_weights, 1.0 / 3.0))
     return {"shuffled": shuffled, "rolled": rolled, "uniform": uniform}

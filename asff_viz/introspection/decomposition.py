@@ -40,7 +40,7 @@ from .capture import (
     gradient_through_offsets,
     has_fusion_weights,
 )
-from .controls import ALL_CONTROLS, CONTROLS, control_weight_maps, random_direction_gram
+from .controls import ALL_CONTROLS, CONTROLS, ControlSeed, control_generator, control_weight_maps, random_direction_gram
 from .objectives import TrainingLoss, ground_truth_cells, resample_mask
 
 
@@ -157,8 +157,7 @@ def decompose_gradient_batch(model: nn.Module, images: torch.Tensor, objectives,
                     level, source, resized_gradient[level][source] - direct)
         controls = {}
         if control_weights is not None:
-            # The controls' seeded draws do not depend on the batch (one permutation per level, shared by every
-            # image), so each image gets the controls it gets alone.
+            # Each image's control draws come from its own seed, so an image gets the controls it gets alone.
             for name, weights in control_weights(used_weights).items():
                 controls[name] = [[back_through_resize(level, source, weights[level][:, source:source + 1]
                                                        * fused_gradient[level]) for source in range(3)]
@@ -347,7 +346,7 @@ def _norm_map(tensor: torch.Tensor) -> np.ndarray:
 def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
                   counterfactual: Counterfactual | str | None = None, *, ground_truth=None,
                   significance: float = 0.1, active_fraction: float = 1e-3, cosine_threshold: float = 0.0,
-                  through_offsets: bool = False, controls: bool = False, control_seed: int = 0,
+                  through_offsets: bool = False, controls: bool = False, control_seed: ControlSeed = 0,
                   sweep: tuple = ()) -> GradientFlow:
     """The gradient-flow analysis of `objective` on one image.
 
@@ -363,7 +362,7 @@ def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
         through_offsets: see `decompose_gradients` (off: the gradients training sees).
         controls: also compute the conflict statistics of every control of `ALL_CONTROLS` in this pass
             (`GradientFlow.controls`, each a GradientFlow whose conflict fields are the control's); seeded by
-            `control_seed`.
+            `control_seed` (an int or a tuple of ints; over a dataset, each image's own: `image_control_seed`).
         sweep: (significance, cosine threshold) pairs at which the learned weights and the weight controls
             (`SWEPT`) are measured again, from the same terms (`GradientFlow.sweep`); needs `controls`.
     """
@@ -373,31 +372,38 @@ def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
     return gradient_flows(model, image_tensor, [objective], counterfactual, ground_truths=[ground_truth],
                           significance=significance, active_fraction=active_fraction,
                           cosine_threshold=cosine_threshold, through_offsets=through_offsets, controls=controls,
-                          control_seed=control_seed, sweep=sweep)[0]
+                          control_seeds=[control_seed], sweep=sweep)[0]
 
 
 def gradient_flows(model: nn.Module, images: torch.Tensor, objectives, counterfactual=None, *, ground_truths=None,
                    significance: float = 0.1, active_fraction: float = 1e-3, cosine_threshold: float = 0.0,
-                   through_offsets: bool = False, controls: bool = False, control_seed: int = 0,
+                   through_offsets: bool = False, controls: bool = False, control_seeds=None,
                    sweep: tuple = (), sign_agreement: bool = True) -> list[GradientFlow]:
     """`gradient_flow` of B images (B, 3, S, S), objective i and ground truth i for image i, in one forward and
     one set of backward passes (`decompose_gradient_batch`); each flow equals the image's own to round-off.
+    control_seeds: with `controls`, image i's control seed (`gradient_flow`'s control_seed), one per image:
+    controls drawn alike for every image would be one draw for the whole dataset.
     sign_agreement=False leaves `ConflictStatistics.sign_agreement` None (dataset statistics do not use it)."""
     if images.dim() == 3:
         images = images.unsqueeze(0)
     ground_truths = list(ground_truths) if ground_truths is not None else [None] * images.shape[0]
+    if controls and (control_seeds is None or len(control_seeds) != images.shape[0]):
+        raise ValueError(f"controls need one control seed per image: got {control_seeds!r} for "
+                         f"{images.shape[0]} image(s)")
+    seeds = list(control_seeds) if controls else [None] * images.shape[0]
     decompositions = decompose_gradient_batch(
         model, images, objectives, counterfactual, through_offsets=through_offsets,
-        control_weights=(lambda weights: control_weight_maps(weights, control_seed)) if controls else None)
+        control_weights=(lambda weights: control_weight_maps(weights, seeds)) if controls else None)
     thresholds = {"significance": significance, "active_fraction": active_fraction,
                   "cosine_threshold": cosine_threshold, "sign_agreement": sign_agreement}
     return [_flow_of(model, decomposition, objective, truth, int(images.shape[-1]), thresholds, controls=controls,
-                     control_seed=control_seed, sweep=sweep)
-            for decomposition, objective, truth in zip(decompositions, objectives, ground_truths, strict=True)]
+                     control_seed=seed, sweep=sweep)
+            for decomposition, objective, truth, seed in zip(decompositions, objectives, ground_truths, seeds,
+                                                             strict=True)]
 
 
 def _flow_of(model: nn.Module, decomposition: GradientDecomposition, objective, ground_truth, size: int,
-             thresholds: dict, *, controls: bool, control_seed: int, sweep: tuple) -> GradientFlow:
+             thresholds: dict, *, controls: bool, control_seed: ControlSeed | None, sweep: tuple) -> GradientFlow:
     """The statistics of one image's decomposition (`gradient_flow`)."""
     significance, active_fraction = thresholds["significance"], thresholds["active_fraction"]
     cosine_threshold = thresholds["cosine_threshold"]
@@ -482,7 +488,7 @@ def _rates_at_objects(conflict: list, positives_at_source: list) -> np.ndarray:
 
 
 def _control_flows(flow: GradientFlow, decomposition: GradientDecomposition, significance: float,
-                   active_fraction: float, cosine_threshold: float, seed: int, *, sign_agreement: bool = True
+                   active_fraction: float, cosine_threshold: float, seed: ControlSeed, *, sign_agreement: bool = True
                    ) -> dict:
     """name -> GradientFlow of each control: the learned flow with the control's value terms, maps and conflict
     statistics (the thresholds are the learned ones, so each difference is the weights' alone)."""
@@ -492,7 +498,7 @@ def _control_flows(flow: GradientFlow, decomposition: GradientDecomposition, sig
                                        for l in range(3)]}
     flows = {name: _flow_with_terms(flow, terms, significance, active_fraction, cosine_threshold,
                                     sign_agreement=sign_agreement) for name, terms in terms_of.items()}
-    generator = np.random.default_rng(seed)  # per image: an image gets the same draws in any batch
+    generator = control_generator(seed, "random")  # the image's own: the same draws in any batch
     random = []
     for source in range(3):
         gram = random_direction_gram(torch.from_numpy(flow.conflict[source].norms), learned[0][source].shape[0],
