@@ -17,7 +17,7 @@ from pathlib import Path
 
 # docs/figures CSV -> the command folder that writes it
 SOURCES = {"fusion_contrasts.csv": "scale-stats", "gradflow_conflict_controls.csv": "gradflow",
-           "compare_ap_paired.csv": "compare"}
+           "gradflow_conflict_paired.csv": "gradflow", "compare_ap_paired.csv": "compare"}
 
 
 def _cells_differ(first: str, second: str) -> bool:

@@ -490,9 +490,22 @@ def test_gradflow_end_to_end_with_sum_checkpoint(fixture_dir, tmp_path):
             low, value, high = float(row["ci95_low"]), float(row["difference"]), float(row["ci95_high"])
             assert low <= value + 1e-12 and value <= high + 1e-12 and -1 <= value <= 1
     assert record["conflict"]["controls"]["reference"] == "learned"
+    # Learned minus the other modes, paired over images: the difference of the two pooled rates of the table.
+    paired = read_rows(out / "gradflow_conflict_paired.csv")
+    assert {r["other"] for r in paired} == {"uniform", "sum checkpoint"}
+    rate = {(r["mode"], r["source_level"], r["region"]): r["conflict_rate"] for r in conflict}
+    for row in paired:
+        first, second = rate[("learned", row["source_level"], row["region"])], rate[(row["other"], row["source_level"],
+                                                                                      row["region"])]
+        if first and second:
+            assert float(row["difference"]) == pytest.approx(float(first) - float(second), abs=2e-6)
+            assert float(row["ci95_low"]) <= float(row["difference"]) + 1e-12 <= float(row["ci95_high"]) + 2e-12
+        else:
+            assert row["difference"] == ""
 
     # Re-plot with no model: the checkpoints are gone, the figures come back equal.
-    before = {name: (out / name).read_bytes() for name in ("gradflow_conflict.csv", "gradflow_conflict_controls.csv")}
+    before = {name: (out / name).read_bytes() for name in ("gradflow_conflict.csv", "gradflow_conflict_controls.csv",
+                                                            "gradflow_conflict_paired.csv")}
     for name in before:
         (out / name).unlink()
     (out / "gradflow_conflict.png").unlink()

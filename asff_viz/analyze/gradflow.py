@@ -166,28 +166,38 @@ def sweep_rows(statistics: GradientFlowStatistics, *, samples: int, seed: int) -
     return rows
 
 
-def control_rows(statistics: GradientFlowStatistics, reference: str, *, samples: int, seed: int
-                 ) -> tuple[list[dict], list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Paired differences `reference` minus each control mode: rows, control names, (M, 3, R) estimate, bounds."""
-    controls = [m for m in statistics.modes if m.startswith(CONTROL_PREFIX) and statistics.images.get(m)]
+def paired_rows(statistics: GradientFlowStatistics, reference: str, others: list, *, samples: int, seed: int,
+                name=str) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray]:
+    """Paired differences `reference` minus each of `others` (modes over the same images): rows (the other mode
+    as name(mode)), and the (M, 3, R) estimate and bounds."""
     rows, estimates, lowers, uppers = [], [], [], []
-    for control in controls:
-        estimate, lower, upper = statistics.paired_difference(reference, control, samples=samples, seed=seed)
+    for other in others:
+        estimate, lower, upper = statistics.paired_difference(reference, other, samples=samples, seed=seed)
         estimates.append(estimate)
         lowers.append(lower)
         uppers.append(upper)
         for source in range(3):
             for region in range(MAIN_REGIONS):
                 low, high = float(lower[source, region]), float(upper[source, region])
-                rows.append({"control": control[len(CONTROL_PREFIX):], "source_level": source,
+                rows.append({"other": name(other), "source_level": source,
                              "source": LEVEL_LABELS[source], "region": REGIONS[region],
                              "difference": float(estimate[source, region]), "ci95_low": low, "ci95_high": high,
                              "supported": bool(np.isfinite(low) and np.isfinite(high) and (high < 0 or low > 0)),
                              "images": statistics.images.get(reference, 0)})
-    if not controls:
+    if not others:
         empty = np.zeros((0, 3, len(REGIONS)))
-        return rows, controls, empty, empty, empty
-    return rows, controls, np.stack(estimates), np.stack(lowers), np.stack(uppers)
+        return rows, empty, empty, empty
+    return rows, np.stack(estimates), np.stack(lowers), np.stack(uppers)
+
+
+def control_rows(statistics: GradientFlowStatistics, reference: str, *, samples: int, seed: int
+                 ) -> tuple[list[dict], list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Paired differences `reference` minus each control mode: rows, control names, (M, 3, R) estimate, bounds."""
+    controls = [m for m in statistics.modes if m.startswith(CONTROL_PREFIX) and statistics.images.get(m)]
+    rows, estimates, lower, upper = paired_rows(statistics, reference, controls, samples=samples, seed=seed,
+                                                name=lambda mode: mode[len(CONTROL_PREFIX):])
+    rows = [{"control": row.pop("other"), **row} for row in rows]
+    return rows, controls, estimates, lower, upper
 
 
 def write_figures(context: RunContext, statistics: GradientFlowStatistics, *, samples: int) -> None:
@@ -204,6 +214,9 @@ def write_figures(context: RunContext, statistics: GradientFlowStatistics, *, sa
     modes = [m for m in all_modes if not m.startswith(CONTROL_PREFIX)]
     statistics.modes = modes
     colors = [MODE_COLORS.get(m.split(" ")[0], category_color(3 + i)) for i, m in enumerate(modes)]
+    if len(modes) > 1:  # the first mode against each other one (a re-run counterfactual, a sum checkpoint)
+        context.table("gradflow_conflict_paired", paired_rows(statistics, modes[0], modes[1:], samples=samples,
+                                                              seed=context.seed)[0])
     rows, intervals = conflict_rows(statistics, samples=samples, seed=context.seed)
     rates = np.stack([intervals[m][0] for m in modes])
     lower = np.stack([intervals[m][1] for m in modes])
