@@ -4,7 +4,7 @@
 #
 #   bash docs/make_figures.sh                      # all 500 validation images
 #   LIMIT=50 bash docs/make_figures.sh             # a quick look
-#   SUM_WEIGHTS=checkpoints/sum_synthetic.pt bash docs/make_figures.sh   # also a trained sum-fusion model
+#   SUM_WEIGHTS= bash docs/make_figures.sh         # without the trained sum-fusion model
 #   UPDATE=1 bash docs/make_figures.sh             # replace the committed data when they are meant to change
 #
 # Before copying, the numbers behind the figures (docs/figures/*.csv) are compared with the fresh run
@@ -24,16 +24,19 @@ GRADIENT_LIMIT=${GRADIENT_LIMIT:-200}    # gradflow, compare and evolution (back
 # with the model (checkpoints/asff_synthetic_run: scalars, fusion statistics, gradient norms, metrics).
 RUN=${RUN:-runs/asff_synthetic}
 [ -d "$RUN" ] || RUN=checkpoints/asff_synthetic_run
-# Optional: a trained sum-fusion model; gradflow and compare then set trained models side by side, not only the
-# uniform-weights counterfactual. checkpoints/sum_synthetic.pt was trained with the ablation's shorter protocol
-# (checkpoints/SUM_MODEL_CARD.md), not the embedded default's, so it is not part of the default figures; the
-# comparison of models trained alike is docs/ablation.md.
-SUM_WEIGHTS=${SUM_WEIGHTS:-}
+# The sum-fusion model trained exactly like the embedded default (checkpoints/SUM_MODEL_CARD.md): gradflow and
+# compare set the two trained models side by side, next to the uniform-weights counterfactual. An empty
+# SUM_WEIGHTS leaves it out.
+SUM_WEIGHTS=${SUM_WEIGHTS-checkpoints/sum_synthetic.pt}
 DEVICE=${DEVICE:-auto}
 WEIGHTS=${WEIGHTS:-checkpoints/asff_synthetic.pt}   # the embedded default model
 FIGURES=${FIGURES:-docs/figures}
 IMAGES=(000002.jpg 000009.jpg 000032.jpg)  # validation images with small, medium and large objects
 
+if [ -n "$SUM_WEIGHTS" ] && [ ! -f "$SUM_WEIGHTS" ]; then
+  echo "$SUM_WEIGHTS is missing: set SUM_WEIGHTS=... to a sum-fusion model, or SUM_WEIGHTS= to leave it out." >&2
+  exit 1
+fi
 if [ ! -f "$WEIGHTS" ]; then
   echo "$WEIGHTS is missing: train or fetch the embedded default model first (or set WEIGHTS=...)." >&2
   exit 1
@@ -102,6 +105,8 @@ done
 cp "$OUT/scale-stats/fusion_contrasts.csv" "$FIGURES/" && cp "$OUT/scale-stats/run.json" "$FIGURES/scale_stats_run.json"
 # The numbers behind the controls figure and how they were made, next to it.
 cp "$OUT/gradflow/gradflow_conflict_controls.csv" "$FIGURES/" && cp "$OUT/gradflow/run.json" "$FIGURES/gradflow_run.json"
+# ASFF minus the other modes (the uniform re-run, the sum-fusion model), paired over images.
+cp "$OUT/gradflow/gradflow_conflict_paired.csv" "$FIGURES/"
 for name in compare_ap compare_recall compare_fusion compare_detections; do copy "compare/$name" "$name"; done
 cp "$OUT/compare/compare_ap_paired.csv" "$FIGURES/" && cp "$OUT/compare/run.json" "$FIGURES/compare_run.json"
 for name in evolution_fusion evolution_training_fusion evolution_gradient_norms evolution_metrics; do

@@ -697,8 +697,8 @@ def test_docs_figure_data_check_catches_a_changed_number(tmp_path):
     script = Path(__file__).resolve().parents[1] / "docs" / "check_figure_data.py"
     analysis, figures = tmp_path / "analysis", tmp_path / "figures"
     for command, name in (("scale-stats", "fusion_contrasts.csv"), ("gradflow", "gradflow_conflict_controls.csv"),
-                          ("compare", "compare_ap_paired.csv")):
-        (analysis / command).mkdir(parents=True)
+                          ("gradflow", "gradflow_conflict_paired.csv"), ("compare", "compare_ap_paired.csv")):
+        (analysis / command).mkdir(parents=True, exist_ok=True)
         figures.mkdir(exist_ok=True)
         for folder in (analysis / command, figures):
             (folder / name).write_text("contrast,difference,images\nsmall - background,-0.004,500\n")
