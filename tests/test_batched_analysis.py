@@ -14,6 +14,7 @@ from asff_viz.analyze.results_cache import AnalysisCache
 from asff_viz.analyze.sources import AnalysedModel, AnalysisDataset, AnalysisError
 from asff_viz.checkpoint import load_model
 from asff_viz.inference.transforms import preprocess
+from asff_viz.introspection.capture import as_counterfactual
 from asff_viz.introspection.controls import random_direction_gram
 from asff_viz.introspection.decomposition import (
     conflict_statistics,
@@ -107,6 +108,28 @@ def test_gradient_flows_of_a_batch_are_each_images_own():
     # Two images with different ground truth: different objectives, different flows.
     assert batched[0].objective_value != pytest.approx(batched[1].objective_value)
     assert not np.allclose(batched[0].matrix, batched[1].matrix)
+
+
+def test_the_gradient_pass_differentiates_features_only(fixture_dir, monkeypatch):  # noqa: F811
+    # Its copy's parameters are frozen, so the deformable convs' offsets need no gradient and their sampling
+    # takes the cheaper backward; the model as built keeps its parameters trainable.
+    from asff_viz.models import deform_conv
+
+    dataset = AnalysisDataset(fixture_dir / "val.json", fixture_dir / "data" / "images" / "val")
+    model = analysed(load_model(fixture_dir / "asff.pt"), "asff")
+    trainable = [p.requires_grad for p in model.model.parameters()]
+    calls = []
+    apply = deform_conv._SampleColumns.apply
+    monkeypatch.setattr(deform_conv._SampleColumns, "apply", lambda *a: calls.append(1) or apply(*a))
+    image = next(iter(dataset))
+    flows = list(batches.flows(model, [image.path], [(image.ground_truth.boxes, image.ground_truth.labels)],
+                               size=SIZE, counterfactual=as_counterfactual(None), significance=0.1,
+                               active_fraction=1e-3, cosine_threshold=0.0, controls=False, control_seeds=None,
+                               sweep=()))
+    assert len(flows) == 1 and np.isfinite(flows[0].matrix).all() and flows[0].matrix.sum() > 0
+    assert calls, "the deformable sampling took embedding_bag's backward"
+    assert not any(p.requires_grad for p in model.fast(grad=True).parameters())
+    assert [p.requires_grad for p in model.model.parameters()] == trainable and any(trainable)
 
 
 def test_each_image_draws_its_own_controls():

@@ -93,6 +93,28 @@ def test_offset_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda o: deform_conv2d(x, o, weight, bias, padding=1), (offset,))
 
 
+@pytest.mark.parametrize("stride, channels_last", [(1, False), (2, True)])
+def test_input_gradient_at_fixed_offsets(stride, channels_last):
+    # Fixed offsets (inference, the gradient analyses) take their own sampling backward (index_add_ per corner):
+    # it must be the derivative, at offsets inside, on the edge and far outside the input (clamped, zero rows).
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 6, 7, dtype=torch.float64, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(3, 8, 3, 3, dtype=torch.float64, generator=generator)
+    out_h, out_w = (6 - 1) // stride + 1, (7 - 1) // stride + 1
+    offset = torch.rand(2, 4 * 18, out_h, out_w, dtype=torch.float64, generator=generator) * 6 - 3
+    offset[:, :4] = 40.0  # taps far outside the input
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda i: deform_conv2d(i, offset, weight, None, stride=stride, padding=1), (x,))
+    # The same gradient as the embedding_bag backward used when the offsets need one too.
+    upstream = torch.randn(2, 3, out_h, out_w, dtype=torch.float64, generator=generator)
+    fixed = torch.autograd.grad(deform_conv2d(x, offset, weight, stride=stride, padding=1), x, upstream)[0]
+    both = torch.autograd.grad(deform_conv2d(x, offset.clone().requires_grad_(), weight, stride=stride, padding=1),
+                               x, upstream)[0]
+    torch.testing.assert_close(fixed, both, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.skipif(_torchvision_deform_conv2d() is None, reason="torchvision does not import here")
 def test_torchvision_fast_path_equal():
     x, offset = torch.randn(1, 8, 7, 7), torch.randn(1, 72, 7, 7)

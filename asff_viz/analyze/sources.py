@@ -53,11 +53,18 @@ class AnalysedModel:
     def fast(self, *, grad: bool = False) -> nn.Module:
         """The model's float32 fast path for dataset passes (`optimize_for_inference`: BatchNorm folded,
         channels-last; with oneDNN's fused conv + activation when no gradient is needed, since that op has no
-        backward). Same outputs and gradients as the model as built, to float round-off; made once."""
+        backward). Same outputs and gradients as the model as built, to float round-off; made once.
+
+        With `grad`, gradients are taken with respect to features, never parameters, so the copy's parameters
+        are frozen: the deformable convs' offsets then need no gradient (their anchors are detached), and the
+        sampling takes its cheaper backward (`models.deform_conv._SampleColumns`)."""
         if grad not in self._fast:
             from ..inference.fast import optimize_for_inference
 
-            self._fast[grad] = optimize_for_inference(self.model, fuse_activation=False if grad else None)
+            network = optimize_for_inference(self.model, fuse_activation=False if grad else None)
+            if grad:
+                network.requires_grad_(False)
+            self._fast[grad] = network
         return self._fast[grad]
 
     @property

@@ -101,6 +101,34 @@ def _padded_table(input: torch.Tensor, groups: int) -> torch.Tensor:
     return table.view(batch * (height + 3) * (width + 3) * groups, channels // groups)
 
 
+class _SampleColumns(torch.autograd.Function):
+    """`F.embedding_bag(index, table, mode="sum", per_sample_weights=weights)` for fixed weights (offsets that
+    need no gradient, as in inference and the gradient analyses), with a backward that adds each corner's
+    weighted output gradient into its table rows (`index_add_`, four calls) instead of `embedding_bag`'s dense
+    backward, which sorts every sample index first."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index, weights)
+        ctx.table_shape = table.shape
+        return F.embedding_bag(index, table, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    def backward(ctx, grad_columns: torch.Tensor):
+        index, weights = ctx.saved_tensors
+        grad_table = grad_columns.new_zeros(ctx.table_shape)
+        for corner in range(index.shape[1]):
+            grad_table.index_add_(0, index[:, corner], grad_columns * weights[:, corner:corner + 1])
+        return grad_table, None, None
+
+
+def _sample_columns(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The bilinear samples: rows of `table` summed over the four corners with `weights`, (N, C / G)."""
+    if weights.requires_grad or not table.requires_grad:
+        return F.embedding_bag(index, table, mode="sum", per_sample_weights=weights)
+    return _SampleColumns.apply(table, index, weights)
+
+
 def deform_conv2d(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -124,7 +152,7 @@ def deform_conv2d(
     index, corner_weights = _sampling_corners(offset, height, width, kernel_h, kernel_w, stride, padding, dilation,
                                               groups, coordinate_dtype)
     table = _padded_table(input, groups)
-    columns = F.embedding_bag(index, table, mode="sum", per_sample_weights=corner_weights.to(table.dtype))
+    columns = _sample_columns(table, index, corner_weights.to(table.dtype))
     columns = columns.view(batch * out_h * out_w, taps * channels)  # row (b, h_out, w_out), column (tap, channel)
     # Weight in (O, tap, channel) order: a free view when the weight is channels-last (NHWC parameters).
     kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, taps * channels)
