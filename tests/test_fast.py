@@ -248,6 +248,31 @@ def test_deform_conv_matches_grid_sample_implementation_in_every_layout():
     torch.testing.assert_close(channels_last, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("with_bias, autocast", [(True, False), (False, False), (True, True)])
+def test_deform_conv_in_chunks_equals_one_pass(monkeypatch, with_bias, autocast):
+    # CPU inference samples a chunk of output pixels at a time (channels-last, no autograd); 7 pixels per chunk
+    # here: several chunks across the images of the batch and a partial last one.
+    from asff_viz.models import deform_conv
+
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, 11, 9, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(8, 16, 3, 3, generator=generator).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(8, generator=generator) if with_bias else None
+    offset = (torch.rand(2, 72, 11, 9, generator=generator) - 0.5) * 8
+    expected = deform_conv2d_grid_sample(x, offset, weight, bias, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        whole = deform_conv2d(x, offset, weight.requires_grad_(), bias, padding=1)  # autograd: one pass
+        monkeypatch.setattr(deform_conv, "CHUNK_PIXELS", 7)
+        with torch.no_grad():
+            chunked = deform_conv2d(x, offset, weight, bias, padding=1)
+    assert chunked.is_contiguous(memory_format=torch.channels_last) and chunked.dtype == whole.dtype
+    # Float round-off only (a product over fewer rows may block its sums differently on another CPU).
+    tolerance = 2e-2 if autocast else 1e-5
+    torch.testing.assert_close(chunked, whole.detach(), rtol=tolerance, atol=tolerance)
+    if not autocast:
+        torch.testing.assert_close(chunked, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_deform_conv_far_and_nan_offsets():
     x, weight = torch.randn(1, 8, 6, 6), torch.randn(4, 8, 3, 3)
     far = torch.full((1, 72, 6, 6), 1e9)

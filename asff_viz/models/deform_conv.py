@@ -129,6 +129,9 @@ def _sample_columns(table: torch.Tensor, index: torch.Tensor, weights: torch.Ten
     return _SampleColumns.apply(table, index, weights)
 
 
+CHUNK_PIXELS = 1024  # output pixels sampled at a time in CPU inference (see `deform_conv2d`)
+
+
 def deform_conv2d(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -152,18 +155,43 @@ def deform_conv2d(
     index, corner_weights = _sampling_corners(offset, height, width, kernel_h, kernel_w, stride, padding, dilation,
                                               groups, coordinate_dtype)
     table = _padded_table(input, groups)
-    columns = _sample_columns(table, index, corner_weights.to(table.dtype))
-    columns = columns.view(batch * out_h * out_w, taps * channels)  # row (b, h_out, w_out), column (tap, channel)
+    corner_weights = corner_weights.to(table.dtype)
     # Weight in (O, tap, channel) order: a free view when the weight is channels-last (NHWC parameters).
     kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, taps * channels)
-    if not torch.is_autocast_enabled(columns.device.type):
+    autocast = torch.is_autocast_enabled(input.device.type)
+    if not autocast and bias is not None:
+        bias = bias.to(kernel.dtype)
+    per_pixel = taps * groups  # rows of `index` per output pixel
+
+    def columns_of(start: int, stop: int) -> torch.Tensor:
+        """The sampled columns of output pixels start..stop, (stop - start, taps * C): row (b, h_out, w_out)."""
+        columns = _sample_columns(table, index[start * per_pixel:stop * per_pixel],
+                                  corner_weights[start * per_pixel:stop * per_pixel])
         # Mixed dtypes outside autocast (e.g. bf16 features, float32 weight): compute in the weight's dtype.
-        columns = columns.to(kernel.dtype)
-        bias = bias.to(kernel.dtype) if bias is not None else None
+        return columns.view(stop - start, taps * channels).to(columns.dtype if autocast else kernel.dtype)
+
+    def product(columns: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(bias, columns, kernel.t()) if bias is not None else torch.mm(columns, kernel.t())
+
+    pixels = batch * out_h * out_w
     if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         # (B * H_out * W_out, O): output pixels as rows, which is the channels-last layout, written directly.
-        out = torch.addmm(bias, columns, kernel.t()) if bias is not None else torch.mm(columns, kernel.t())
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (input, offset, weight, bias))
+        if input.device.type != "cpu" or needs_grad or pixels <= CHUNK_PIXELS:
+            out = product(columns_of(0, pixels))
+        else:
+            # Without autograd on a CPU, a chunk of output pixels at a time: its columns stay in cache for the
+            # product (at 608, batch 8 the stride-8 head's columns alone are 426 MB; 1.3x faster in chunks).
+            out = None
+            for start in range(0, pixels, CHUNK_PIXELS):
+                stop = min(pixels, start + CHUNK_PIXELS)
+                chunk = product(columns_of(start, stop))
+                if out is None:
+                    out = chunk.new_empty(pixels, out_channels)
+                out[start:stop] = chunk
         return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+    columns = columns_of(0, pixels)
     out = torch.matmul(kernel, columns.view(batch, out_h * out_w, taps * channels).transpose(1, 2))  # (B, O, HW)
     out = out.view(batch, out_channels, out_h, out_w)
     if bias is not None:
