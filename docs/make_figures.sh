@@ -106,7 +106,7 @@ cp "$OUT/scale-stats/fusion_contrasts.csv" "$FIGURES/" && cp "$OUT/scale-stats/r
 # The numbers behind the controls figure and how they were made, next to it.
 cp "$OUT/gradflow/gradflow_conflict_controls.csv" "$FIGURES/" && cp "$OUT/gradflow/run.json" "$FIGURES/gradflow_run.json"
 # ASFF minus the other modes (the uniform re-run, the sum-fusion model), paired over images.
-cp "$OUT/gradflow/gradflow_conflict_paired.csv" "$FIGURES/"
+copy gradflow/gradflow_conflict_paired gradflow_conflict_paired
 for name in compare_ap compare_recall compare_fusion compare_detections; do copy "compare/$name" "$name"; done
 cp "$OUT/compare/compare_ap_paired.csv" "$FIGURES/" && cp "$OUT/compare/run.json" "$FIGURES/compare_run.json"
 for name in evolution_fusion evolution_training_fusion evolution_gradient_norms evolution_metrics; do

@@ -491,6 +491,7 @@ def test_gradflow_end_to_end_with_sum_checkpoint(fixture_dir, tmp_path):
             assert low <= value + 1e-12 and value <= high + 1e-12 and -1 <= value <= 1
     assert record["conflict"]["controls"]["reference"] == "learned"
     # Learned minus the other modes, paired over images: the difference of the two pooled rates of the table.
+    check_figure(out, "gradflow_conflict_paired")
     paired = read_rows(out / "gradflow_conflict_paired.csv")
     assert {r["other"] for r in paired} == {"uniform", "sum checkpoint"}
     rate = {(r["mode"], r["source_level"], r["region"]): r["conflict_rate"] for r in conflict}

@@ -215,8 +215,10 @@ def write_figures(context: RunContext, statistics: GradientFlowStatistics, *, sa
     statistics.modes = modes
     colors = [MODE_COLORS.get(m.split(" ")[0], category_color(3 + i)) for i, m in enumerate(modes)]
     if len(modes) > 1:  # the first mode against each other one (a re-run counterfactual, a sum checkpoint)
-        context.table("gradflow_conflict_paired", paired_rows(statistics, modes[0], modes[1:], samples=samples,
-                                                              seed=context.seed)[0])
+        paired, estimates, lower, upper = paired_rows(statistics, modes[0], modes[1:], samples=samples,
+                                                      seed=context.seed)
+        context.figure("gradflow_conflict_paired", lambda: flow_plots.paired_differences(
+            modes[1:], estimates, lower, upper, reference=modes[0], other="mode", colors=colors[1:]), paired)
     rows, intervals = conflict_rows(statistics, samples=samples, seed=context.seed)
     rates = np.stack([intervals[m][0] for m in modes])
     lower = np.stack([intervals[m][1] for m in modes])

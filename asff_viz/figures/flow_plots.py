@@ -78,12 +78,13 @@ def conflict_bars(modes: Sequence[str], rates: np.ndarray, lower: np.ndarray, up
 
 def paired_differences(controls: Sequence[str], estimates: np.ndarray, lower: np.ndarray, upper: np.ndarray, *,
                        reference: str = "learned", regions: Sequence[int] = (0, 1, 2), width: float = COLUMN_WIDTH,
-                       height: float = 2.0) -> Figure:
-    """Conflict rate of `reference` minus each control, per region (panel) and source level (group), with the
-    95 % paired bootstrap interval; below zero = fewer conflicts than the control. A region with no location on
-    a grid (object background at stride 32) is marked n/a.
+                       height: float = 2.0, other: str = "control", colors: Sequence | None = None) -> Figure:
+    """Conflict rate of `reference` minus each control (or other mode: `other` names them on the axis), per
+    region (panel) and source level (group), with the 95 % paired bootstrap interval; below zero = fewer
+    conflicts than the control. A region with no location on a grid (object background at stride 32) is marked
+    n/a.
 
-    estimates, lower, upper: (M controls, 3 sources, R regions).
+    estimates, lower, upper: (M controls, 3 sources, R regions). colors: one per control (default: categories).
     """
     figure = new_figure(width, height)
     axes = np.atleast_1d(figure.subplots(1, len(regions), sharey=True))
@@ -97,14 +98,15 @@ def paired_differences(controls: Sequence[str], estimates: np.ndarray, lower: np
             errors = np.clip(np.stack([values - lower[index, :, region], upper[index, :, region] - values]), 0, None)
             offset = (index - (len(controls) - 1) / 2) * bar_width
             ax.errorbar((positions + offset)[shown], values[shown], yerr=np.nan_to_num(errors[:, shown]), fmt="o",
-                        markersize=2.2, color=category_color(index), elinewidth=0.6, capsize=1.0,
+                        markersize=2.2, color=category_color(index) if colors is None else colors[index],
+                        elinewidth=0.6, capsize=1.0,
                         label=control.replace("_", " "))
         for source in range(3):
             if not np.isfinite(estimates[:, source, region]).any():
                 ax.text(source, 0.0, "n/a", ha="center", va="bottom", fontsize=5, color=OKABE_ITO["grey"])
         ax.set_xticks(positions, [SHORT_LEVEL_LABELS[source] for source in range(3)])
         ax.set_title(_region_short(REGIONS[region]))
-    axes[0].set_ylabel(f"{reference} $-$ control\nconflict rate")
+    axes[0].set_ylabel(f"{reference} $-$ {other}\nconflict rate")
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncol=3, handlelength=1.0,
                   columnspacing=0.8)
     return figure
