@@ -8,6 +8,7 @@ AppTest runs the script in this process and caches are per process.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -493,9 +494,10 @@ def produce_downloads(app: AppTest) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("model", ["asff", "sum", "default"])
 def test_every_download_of_every_view_is_a_valid_file(weights, model):
-    if model == "default":
-        from asff_viz.checkpoint import default_checkpoint_path
+    from asff_viz.analyze.sources import file_sha256
+    from asff_viz.checkpoint import default_checkpoint_path
 
+    if model == "default":
         if not default_checkpoint_path().is_file():
             pytest.skip("the embedded default model is not installed")
     app = start(weights[model] if model != "default" else None)
@@ -524,6 +526,22 @@ def test_every_download_of_every_view_is_a_valid_file(weights, model):
                 "counterfactual_download"} <= prefixes, sorted(prefixes)
     for name, (data, mime) in produced.items():
         check_download(name, data() if callable(data) else data, mime)
+    # The Compare view's downloads: both checkpoints by sha256, their detections and how they match.
+    assert {"compare_download/comparison.json", "compare_download/comparison.png",
+            "compare_download/comparison.pdf"} <= set(produced), sorted(produced)
+    data = produced["compare_download/comparison.json"][0]
+    document = json.loads(data() if callable(data) else data)
+    first = weights[model] if model != "default" else default_checkpoint_path()
+    other = weights["asff" if model == "sum" else "sum"]
+    assert [m["sha256"] for m in document["models"]] == [file_sha256(first), file_sha256(other)]
+    assert [m["fusion"] for m in document["models"]] == (["sum", "asff"] if model == "sum" else ["asff", "sum"])
+    matches, counts = document["matches"], document["counts"]
+    assert sum(counts.values()) == len(matches) and counts == {
+        status: sum(1 for m in matches if m["status"] == status) for status in ("kept", "relabelled", "lost", "new")}
+    listed = [len(m["detections"]) for m in document["models"]]
+    assert sorted(m["a"] for m in matches if m["a"] is not None) == list(range(listed[0]))
+    assert sorted(m["b"] for m in matches if m["b"] is not None) == list(range(listed[1]))
+    assert all(m["iou"] >= 0.5 for m in matches if m["status"] in ("kept", "relabelled"))
 
 
 def test_colour_scales_avoid_streamlit_placeholder_colours():

@@ -214,6 +214,20 @@ def draw_detections(image: np.ndarray, records: Sequence, *, max_detections: int
 
 
 
+def draw_detections_side_by_side(image: np.ndarray, panels: Sequence[tuple[str, Sequence]], *,
+                                 max_detections: int | None = 50, panel_inches: float = 4.0) -> Figure:
+    """The same image once per (title, `DetectionRecord`s) panel, side by side: two models on one image."""
+    figure = _figure_for(image, cols=len(panels), panel_inches=panel_inches, extra_width=0.0)
+    for index, (title, records) in enumerate(panels):
+        ax = figure.add_subplot(1, len(panels), index + 1)
+        _show_image(ax, image)
+        count = draw_detections_on(ax, records, max_detections=max_detections, image_shape=image.shape)
+        ax.set_xlim(0, image.shape[1])
+        ax.set_ylim(image.shape[0], 0)
+        ax.set_title(f"{title}: {count} detections")
+    return figure
+
+
 def _draw_records(ax, trace: Trace, records: Sequence | None, show_detections: bool) -> None:
     """The detections of a fusion figure: `records` when given (what a view shows), else with
     `show_detections` the trace's best 20 of every level."""

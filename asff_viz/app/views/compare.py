@@ -4,18 +4,20 @@ mean fusion weights (for ASFF models), and which detections one has that the oth
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
+from ...figures import traces
 from ...inference.postprocess import row_location
 from ...introspection.capture import has_fusion_weights
-from ...ops.matching import diff_detections
+from ...ops.matching import STATUSES, diff_detections
 from .. import cached, charts
 from ..inputs import InputError, weights_ui
-from ..widgets import MAX_LISTED, Analysis, detection_caption, level_name, load_model, plotly_chart
+from ..widgets import MAX_LISTED, Analysis, detection_caption, download_row, level_name, load_model, plotly_chart
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,49 @@ def compare_view(analysis: Analysis | None, *, image_choice, image, weights, set
                 plotly_chart(figure, key=f"compare_grid_{side.label[0]}", config={"displayModeBar": False},
                              width="stretch")
         mean_weights_table(sides)
-    detection_counts(sides)
+    changes = detection_counts(sides)
+    download_row([
+        ("Comparison JSON", lambda: comparison_json(sides, changes, image_choice.name, settings), "comparison.json",
+         "application/json"),
+        ("Side by side PNG", lambda: cached.figure_bytes(side_by_side(image, sides), "png"), "comparison.png",
+         "image/png"),
+        ("Side by side PDF", lambda: cached.figure_bytes(side_by_side(image, sides), "pdf"), "comparison.pdf",
+         "application/pdf"),
+    ], key="compare_download")
+
+
+def side_by_side(image, sides: list[Side]):
+    return traces.draw_detections_side_by_side(image, [(side.label, side.records) for side in sides])
+
+
+def comparison_json(sides: list[Side], changes: list, image_name: str, settings) -> str:
+    """Both checkpoints (path, sha256, fusion), their detections on the image and how they match (IoU >= 0.5)."""
+
+    def detection(record) -> dict:
+        return {"box_xyxy": [round(float(value), 2) for value in record.box_xyxy],
+                "score": round(float(record.score), 5), "label": int(record.label),
+                "class_name": record.class_name, "level": int(record.level)}
+
+    models = []
+    for name, side in zip("AB", sides, strict=True):
+        metadata = getattr(side.model, "metadata", {}) or {}
+        models.append({"side": name, "label": side.label, "path": str(side.weights.path),
+                       "sha256": side.weights.sha256, "fusion": str(side.model.config.fusion),
+                       "variant": metadata.get("variant", side.model.config.variant),
+                       "detections_above_threshold": side.total, "detections_listed": len(side.records),
+                       "detections": [detection(record) for record in side.records]})
+    document = {
+        "image": image_name,
+        "settings": {"input_size": settings.size, "conf_threshold": settings.conf_threshold,
+                     "nms_threshold": settings.nms_threshold},
+        "models": models,
+        "matching": "greedy one-to-one by decreasing score of A, IoU >= 0.5: kept (same class), relabelled "
+                    "(other class), lost (only in A), new (only in B); indices into each model's detections",
+        "counts": {status: sum(1 for change in changes if change.status == status) for status in STATUSES},
+        "matches": [{"status": change.status, "a": change.reference, "b": change.other,
+                     "iou": round(float(change.iou), 4)} for change in changes],
+    }
+    return json.dumps(document, indent=1)
 
 
 def mean_weights_table(sides: list[Side]) -> None:
@@ -145,7 +189,8 @@ def mean_weights_table(sides: list[Side]) -> None:
                      f"mean from L{k}", min_value=0.0, max_value=1.0, format="%.3f") for k in range(3)})
 
 
-def detection_counts(sides: list[Side]) -> None:
+def detection_counts(sides: list[Side]) -> list:
+    """The match counts of A's detections in B, and the detections per level; returns the matches."""
     changes = diff_detections(sides[0].records, sides[1].records)
     counts = {status: sum(1 for change in changes if change.status == status)
               for status in ("kept", "relabelled", "lost", "new")}
@@ -159,3 +204,4 @@ def detection_counts(sides: list[Side]) -> None:
                                                                              if int(r.level) == level)
                                                         for level in range(3)}} for side in sides])
     st.dataframe(per_level, hide_index=True, width="stretch")
+    return changes
