@@ -115,6 +115,32 @@ def test_input_gradient_at_fixed_offsets(stride, channels_last):
     torch.testing.assert_close(fixed, both, rtol=1e-12, atol=1e-12)
 
 
+def test_input_and_offset_gradients_together(monkeypatch):
+    # Training differentiates both: the features through the index_add_ backward, the offsets through the
+    # corner weights' own node; both against finite differences and the independent grid_sample implementation.
+    from asff_viz.models import deform_conv
+    from asff_viz.models.deform_conv import deform_conv2d_grid_sample
+
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 8, 5, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    weight = torch.randn(3, 8, 3, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    offset = (torch.rand(1, 36, 5, 6, dtype=torch.float64, generator=generator) * 0.6 + 0.2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda i, o, w: deform_conv2d(i, o, w, None, padding=1), (x, offset, weight))
+    upstream = torch.randn(1, 3, 5, 6, dtype=torch.float64, generator=generator)
+    ours = torch.autograd.grad(deform_conv2d(x, offset, weight, padding=1), (x, offset, weight), upstream)
+    theirs = torch.autograd.grad(deform_conv2d_grid_sample(x, offset, weight, padding=1), (x, offset, weight),
+                                 upstream)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+    # A backward for the features only never runs the corner weights' node (the analyses' case).
+    def refuse(ctx, grad):
+        raise AssertionError("the offsets' gradient was computed though not asked for")
+
+    monkeypatch.setattr(deform_conv._CornerWeights, "backward", staticmethod(refuse))
+    torch.autograd.grad(deform_conv2d(x, offset, weight, padding=1), x, upstream)
+
+
 @pytest.mark.skipif(_torchvision_deform_conv2d() is None, reason="torchvision does not import here")
 def test_torchvision_fast_path_equal():
     x, offset = torch.randn(1, 8, 7, 7), torch.randn(1, 72, 7, 7)
