@@ -16,6 +16,10 @@ Two implementations compute this:
   channels-last model stays channels-last with no copy of the weight.
 * `deform_conv2d_grid_sample`: one `grid_sample` over all taps and groups (NCHW). Kept as a second, independent
   implementation for tests and benchmarks.
+
+`deform_conv2d` differentiates the sampling itself: the features' gradient is added into the table corner by
+corner (`_SampleColumns`), the offsets' gradient is a separate node (`_CornerWeights`) that a backward for the
+features alone never runs. In CPU inference it samples and multiplies `CHUNK_PIXELS` output pixels at a time.
 """
 
 from __future__ import annotations
