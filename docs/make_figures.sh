@@ -109,7 +109,13 @@ cp "$OUT/gradflow/gradflow_conflict_controls.csv" "$FIGURES/" && cp "$OUT/gradfl
 copy gradflow/gradflow_conflict_paired gradflow_conflict_paired
 for name in compare_ap compare_recall compare_fusion compare_detections; do copy "compare/$name" "$name"; done
 cp "$OUT/compare/compare_ap_paired.csv" "$FIGURES/" && cp "$OUT/compare/run.json" "$FIGURES/compare_run.json"
-for name in evolution_fusion evolution_training_fusion evolution_gradient_norms evolution_metrics; do
+EVOLUTION_FIGURES=(evolution_training_fusion evolution_gradient_norms evolution_metrics)
+if [ ${#CHECKPOINTS[@]} -gt 0 ]; then
+  EVOLUTION_FIGURES=(evolution_fusion "${EVOLUTION_FIGURES[@]}")
+else  # the weights over training need the run's checkpoints, which do not ship (docs/analysis.md, evolution)
+  echo "evolution_fusion not drawn: $RUN holds no checkpoints (RUN=runs/asff_synthetic after training)"
+fi
+for name in "${EVOLUTION_FIGURES[@]}"; do
   copy "evolution/$name" "$name"
 done
 echo "figures in $FIGURES; full outputs (PDF, CSV, run.json) in $OUT"
