@@ -44,4 +44,5 @@ figures: $(STAMP)
 # On a machine with a CUDA device (and the project's requirements installed next to a CUDA torch): the GPU tests and
 # the GPU benchmark, one JSON and one Markdown table in runs/gpu_check/. Exit status 2 without a CUDA device.
 gpu-check:
+	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "gpu-check: $(PYTHON) has no torch; run it with the Python that holds a CUDA build of torch: make gpu-check PYTHON=/path/to/python" >&2; exit 2; }
 	$(PYTHON) -m asff_viz.bench.gpu_check --out runs/gpu_check

@@ -444,6 +444,24 @@ def test_gpu_check_stops_clearly_without_a_gpu_and_reads_a_bench(tmp_path, capsy
     assert "| latency_608_batch1_ms | 4.10 | < 5 | yes |" in text
 
 
+def test_make_gpu_check_names_a_python_without_torch(tmp_path):
+    # `make gpu-check` runs `python3` by default; one without torch once ended in a traceback.
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexit 1\n")  # a Python whose `import torch` fails
+    python.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["make", "-s", "gpu-check", f"PYTHON={python}"], cwd=root, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"gpu-check: {python} has no torch" in result.stderr
+
+
 def test_profile_parts_cover_the_model_once_and_operators_are_named():
     from asff_viz.bench.profile import model_parts, operator_kind, part_flops, profile_forward
 
