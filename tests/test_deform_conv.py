@@ -97,8 +97,8 @@ def test_offset_gradient_matches_finite_differences():
 def test_input_gradient_at_fixed_offsets(stride, channels_last, monkeypatch):
     from asff_viz.models import deform_conv
 
-    # Fixed offsets (inference, the gradient analyses) take their own sampling backward (index_add_ per corner):
-    # it must be the derivative, at offsets inside, on the edge and far outside the input (clamped, zero rows).
+    # The features' gradient takes its own sampling backward (index_add_ per corner): it must be the derivative,
+    # at offsets inside, on the edge and far outside the input (clamped, zero rows).
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(2, 8, 6, 7, dtype=torch.float64, generator=generator)
     if channels_last:
