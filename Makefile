@@ -43,6 +43,9 @@ figures: $(STAMP)
 
 # On a machine with a CUDA device (and the project's requirements installed next to a CUDA torch): the GPU tests and
 # the GPU benchmark, one JSON and one Markdown table in runs/gpu_check/. Exit status 2 without a CUDA device.
+# Wheels in .whl/ (`bash .ci/gpu_wheels.sh` where pip can download) are installed first, for machines without network.
+GPU_SITE ?= /tmp/asff_viz_gpu_site
 gpu-check:
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "gpu-check: $(PYTHON) has no torch; run it with the Python that holds a CUDA build of torch: make gpu-check PYTHON=/path/to/python" >&2; exit 2; }
-	$(PYTHON) -m asff_viz.bench.gpu_check --out runs/gpu_check
+	@if [ -d .whl ]; then $(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl 2>/dev/null || echo "gpu-check: the wheels in .whl/ do not install for $(PYTHON) (made for Python 3.12); going on without them" >&2; fi
+	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m asff_viz.bench.gpu_check --out runs/gpu_check

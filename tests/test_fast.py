@@ -421,6 +421,7 @@ def test_targets_and_table_from_results():
 
 def test_gpu_check_stops_clearly_without_a_gpu_and_reads_a_bench(tmp_path, capsys):
     from asff_viz.bench import gpu_check
+    from asff_viz.bench.gpu_check import gpu_test_files
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the check would run")
@@ -442,6 +443,9 @@ def test_gpu_check_stops_clearly_without_a_gpu_and_reads_a_bench(tmp_path, capsy
                                "tests": {"exit_status": 0, "tests": 9, "failures": 0, "errors": 0, "skipped": 1},
                                "targets": rows})
     assert "| latency_608_batch1_ms | 4.10 | < 5 | yes |" in text
+    # Only the files with GPU tests are collected there (the GPU image has no streamlit or plotly).
+    names = [path.name for path in gpu_test_files()]
+    assert {"test_gpu.py", "test_train.py", "test_analyze.py"} <= set(names) and "test_app.py" not in names
 
 
 def test_make_gpu_check_names_a_python_without_torch(tmp_path):
