@@ -167,9 +167,9 @@ def sweep_rows(statistics: GradientFlowStatistics, *, samples: int, seed: int) -
 
 
 def paired_rows(statistics: GradientFlowStatistics, reference: str, others: list, *, samples: int, seed: int,
-                name=str) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray]:
+                column: str = "other", name=str) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray]:
     """Paired differences `reference` minus each of `others` (modes over the same images): rows (the other mode
-    as name(mode)), and the (M, 3, R) estimate and bounds."""
+    as name(mode) in `column`), and the (M, 3, R) estimate and bounds."""
     rows, estimates, lowers, uppers = [], [], [], []
     for other in others:
         estimate, lower, upper = statistics.paired_difference(reference, other, samples=samples, seed=seed)
@@ -179,7 +179,7 @@ def paired_rows(statistics: GradientFlowStatistics, reference: str, others: list
         for source in range(3):
             for region in range(MAIN_REGIONS):
                 low, high = float(lower[source, region]), float(upper[source, region])
-                rows.append({"other": name(other), "source_level": source,
+                rows.append({column: name(other), "source_level": source,
                              "source": LEVEL_LABELS[source], "region": REGIONS[region],
                              "difference": float(estimate[source, region]), "ci95_low": low, "ci95_high": high,
                              "supported": bool(np.isfinite(low) and np.isfinite(high) and (high < 0 or low > 0)),
@@ -195,8 +195,7 @@ def control_rows(statistics: GradientFlowStatistics, reference: str, *, samples:
     """Paired differences `reference` minus each control mode: rows, control names, (M, 3, R) estimate, bounds."""
     controls = [m for m in statistics.modes if m.startswith(CONTROL_PREFIX) and statistics.images.get(m)]
     rows, estimates, lower, upper = paired_rows(statistics, reference, controls, samples=samples, seed=seed,
-                                                name=lambda mode: mode[len(CONTROL_PREFIX):])
-    rows = [{"control": row.pop("other"), **row} for row in rows]
+                                                column="control", name=lambda mode: mode[len(CONTROL_PREFIX):])
     return rows, controls, estimates, lower, upper
 
 

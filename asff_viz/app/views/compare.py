@@ -168,7 +168,7 @@ def comparison_json(sides: list[Side], changes: list, image_name: str, settings)
         "models": models,
         "matching": "greedy one-to-one by decreasing score of A, IoU >= 0.5: kept (same class), relabelled "
                     "(other class), lost (only in A), new (only in B); indices into each model's detections",
-        "counts": {status: sum(1 for change in changes if change.status == status) for status in STATUSES},
+        "counts": match_counts(changes),
         "matches": [{"status": change.status, "a": change.reference, "b": change.other,
                      "iou": round(float(change.iou), 4)} for change in changes],
     }
@@ -189,11 +189,15 @@ def mean_weights_table(sides: list[Side]) -> None:
                      f"mean from L{k}", min_value=0.0, max_value=1.0, format="%.3f") for k in range(3)})
 
 
+def match_counts(changes: list) -> dict[str, int]:
+    """How many matches of each status (`ops.matching.STATUSES`)."""
+    return {status: sum(1 for change in changes if change.status == status) for status in STATUSES}
+
+
 def detection_counts(sides: list[Side]) -> list:
     """The match counts of A's detections in B, and the detections per level; returns the matches."""
     changes = diff_detections(sides[0].records, sides[1].records)
-    counts = {status: sum(1 for change in changes if change.status == status)
-              for status in ("kept", "relabelled", "lost", "new")}
+    counts = match_counts(changes)
     st.markdown("**Detections of A matched in B** (IoU ≥ 0.5)")
     metrics = st.columns(4)
     metrics[0].metric("In both", counts["kept"])
