@@ -160,3 +160,50 @@ def test_bad_arguments_are_rejected(tmp_path):
         generate(tmp_path, seed=0, train=-1, val=0)
     with pytest.raises(ValueError, match="image_format"):
         generate(tmp_path, seed=0, train=1, val=0, image_format="gif")
+
+
+# ------------------------------------------------------------------------------------- bundled samples
+
+
+def test_the_samples_command_never_replaces_the_bundled_files(tmp_path):
+    from asff_viz.samples import SAMPLES_DIR
+    from asff_viz.samples.__main__ import main
+
+    bundled = _files(SAMPLES_DIR)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert main([]) in (0, 1)  # the check: 1 when this CPU draws the glyphs differently from the bundled files
+    assert main(["--out", str(tmp_path / "a")]) == 0
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "a")])  # already there: refused without --overwrite
+    with pytest.raises(SystemExit):
+        main(["--out", str(SAMPLES_DIR)])
+    assert _files(SAMPLES_DIR) == bundled
+    first = _files(tmp_path / "a")
+    assert main(["--out", str(tmp_path / "a"), "--overwrite"]) == 0
+    assert _files(tmp_path / "a") == first  # deterministic on one machine
+
+
+def test_the_bundled_samples_are_what_the_generator_draws():
+    # The bundled files are the pinned OpenCV's rendering (`python -m asff_viz.samples` checks them byte for byte).
+    # Asserted here with the margin another drawing of the letter glyphs' edges needs (OpenCV 5.0 against 5.1:
+    # the same images, boxes and classes, letter areas up to 0.56 % apart), so that the suite does not hinge on
+    # the exact pixels of a glyph: everything else must be identical.
+    from asff_viz.samples import ANNOTATIONS_FILE, SAMPLES_DIR, render_samples
+
+    rendered = render_samples()
+    ours = json.loads(rendered[ANNOTATIONS_FILE.name])
+    bundled = json.loads(ANNOTATIONS_FILE.read_text())
+    assert ours["images"] == bundled["images"] and ours["categories"] == bundled["categories"]
+    letters = {category["id"] for category in bundled["categories"] if category["name"].startswith("letter")}
+    assert len(ours["annotations"]) == len(bundled["annotations"])
+    for mine, theirs in zip(ours["annotations"], bundled["annotations"], strict=True):
+        assert (mine["image_id"], mine["category_id"], mine["bbox"]) == (
+            theirs["image_id"], theirs["category_id"], theirs["bbox"])
+        tolerance = 0.01 * theirs["area"] if theirs["category_id"] in letters else 0.0
+        assert abs(mine["area"] - theirs["area"]) <= tolerance
+    with_letters = {a["image_id"] for a in bundled["annotations"] if a["category_id"] in letters}
+    for image in bundled["images"]:
+        if image["id"] not in with_letters:
+            assert rendered[image["file_name"]] == (SAMPLES_DIR / image["file_name"]).read_bytes()

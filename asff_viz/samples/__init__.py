@@ -5,7 +5,8 @@ so they are never among the training images of the embedded default model. `anno
 (`bbox` = [x, y, w, h] in original pixels, `category_id` = class index + 1), which lets the gradient-flow
 panel use the training loss against ground truth as its objective.
 
-Regenerate them with `python -m asff_viz.samples` (deterministic: the same files byte for byte).
+`python -m asff_viz.samples` re-renders them and says whether this machine reproduces the bundled files byte for
+byte (`render_samples` says when it does not); `--out DIR` writes the rendering.
 """
 
 from __future__ import annotations
@@ -123,15 +124,21 @@ def annotations_from_coco(document: dict, file_name: str, source: str = "annotat
     return SampleAnnotations(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(classes, np.int64), names)
 
 
-def generate_samples(out_dir: str | Path = SAMPLES_DIR) -> list[Path]:
-    """Render the sample images and write them with `annotations.json` into `out_dir`; returns the image paths."""
+def render_samples() -> dict[str, bytes]:
+    """The bundled files as this machine renders them: file name -> bytes (the images, then `annotations.json`).
+
+    Deterministic for one OpenCV version; the bundled files are this rendering under the pinned
+    `opencv-python-headless==5.1.0.95`. Other versions draw the letter glyphs (letter_a, letter_z) differently
+    at their edges: under 5.0.0 the three images holding letters differ in bytes, with the same boxes and
+    classes and letter areas up to 0.56 % apart; under 4.12 the backgrounds differ too.
+    `python -m asff_viz.samples` compares this rendering with the bundled files.
+    """
     import cv2
 
     from ..data.synthetic import CLASS_NAMES, RenderSettings, render_image
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations, paths = [], [], []
+    files: dict[str, bytes] = {}
+    images, annotations = [], []
     for image_id, (file_name, index, orientation) in enumerate(_SAMPLES, start=1):
         if orientation == "square":
             sample = render_image(_SAMPLE_SEED, "val", index, RenderSettings(size=416, min_objects=5))
@@ -151,9 +158,7 @@ def generate_samples(out_dir: str | Path = SAMPLES_DIR) -> list[Path]:
                                    [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
         if not ok:
             raise OSError(f"could not encode {file_name}")
-        path = out_dir / file_name
-        path.write_bytes(encoded.tobytes())
-        paths.append(path)
+        files[file_name] = encoded.tobytes()
         height_px, width_px = sample.image.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "width": width_px, "height": height_px})
         for box, class_index, area in zip(sample.boxes, sample.class_indices, sample.areas, strict=True):
@@ -168,6 +173,20 @@ def generate_samples(out_dir: str | Path = SAMPLES_DIR) -> list[Path]:
         "images": images,
         "annotations": annotations,
     }
-    (out_dir / ANNOTATIONS_FILE.name).write_text(json.dumps(document, separators=(",", ":")) + "\n")
-    _annotation_document.cache_clear()
-    return paths
+    files[ANNOTATIONS_FILE.name] = (json.dumps(document, separators=(",", ":")) + "\n").encode()
+    return files
+
+
+def generate_samples(out_dir: str | Path) -> list[Path]:
+    """Render the sample images and write them with `annotations.json` into `out_dir`; returns the image paths."""
+    from ..utils.fileio import atomic_write
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in render_samples().items():
+        atomic_write(out_dir / name, lambda stream, data=data: stream.write(data))
+        paths.append(out_dir / name)
+    if out_dir.resolve() == SAMPLES_DIR:
+        _annotation_document.cache_clear()
+    return [path for path in paths if path.name != ANNOTATIONS_FILE.name]
