@@ -6,11 +6,16 @@ Each committed CSV is matched with the regenerated one of the same name under th
 agree to 1e-6 (relative) and text exactly. Exit status 1, with the differing cells, when they do not: the docs
 would otherwise show figures their own commands no longer make (a changed statistic, another OpenCV drawing the
 synthetic images differently, ...).
+
+When they differ, the inputs recorded in each command's run.json (docs/figures/<command>_run.json against the
+fresh one) say why, where they can: another annotation file, other image bytes (the synthetic set generated on
+another kind of CPU or with another OpenCV) or another checkpoint make other numbers without any code change.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from pathlib import Path
@@ -48,6 +53,33 @@ def compare(committed: Path, fresh: Path) -> list[str]:
     return problems
 
 
+def input_differences(committed: Path, fresh: Path) -> list[str]:
+    """What differs between the inputs two run.json files record: annotation file, image bytes, checkpoints."""
+    if not committed.is_file() or not fresh.is_file():
+        return []
+    old, new = (json.loads(path.read_text()) for path in (committed, fresh))
+    notes = []
+    old_sha, new_sha = (run.get("dataset", {}).get("annotations_sha256") for run in (old, new))
+    if old_sha != new_sha:
+        notes.append(f"the annotation file differs (sha256 {str(old_sha)[:12]}... committed, {str(new_sha)[:12]}... "
+                     "here)")
+    old_images, new_images = ({image["file"]: image["sha256"] for image in run.get("images", [])}
+                              for run in (old, new))
+    differing = sorted(name for name in old_images.keys() & new_images.keys()
+                       if old_images[name] != new_images[name])
+    if differing:
+        examples = ", ".join(differing[:3])
+        notes.append(f"{len(differing)} of {len(old_images)} images have other bytes (first {examples})")
+    if old_images.keys() != new_images.keys():
+        notes.append(f"other images: {len(old_images)} committed, {len(new_images)} here")
+    old_models, new_models = ({model.get("label"): model.get("sha256") for model in run.get("checkpoints", [])}
+                              for run in (old, new))
+    notes += [f"checkpoint {label} differs (sha256 {str(old_models[label])[:12]}... committed, "
+              f"{str(new_models.get(label))[:12]}... here)"
+              for label in old_models if old_models[label] != new_models.get(label)]
+    return notes
+
+
 def main(argv: list[str]) -> int:
     analysis, figures = Path(argv[0]), Path(argv[1])
     problems, checked = [], 0
@@ -61,6 +93,13 @@ def main(argv: list[str]) -> int:
     for problem in problems[:40]:
         print(problem, file=sys.stderr)
     if problems:
+        for command in dict.fromkeys(SOURCES.values()):
+            committed_run = figures / f"{command.replace('-', '_')}_run.json"
+            notes = input_differences(committed_run, analysis / command / "run.json")
+            if notes:
+                print(f"{command} did not run on the committed inputs: {'; '.join(notes)}. The synthetic images depend "
+                      "on the CPU kind and the OpenCV build that drew them (docs/analysis.md, Reproducing the numbers "
+                      "exactly).", file=sys.stderr)
         print(f"{len(problems)} differences between docs/figures and this regeneration", file=sys.stderr)
         return 1
     print(f"docs/figures data: {checked} tables regenerated identically")

@@ -713,3 +713,38 @@ def test_docs_figure_data_check_catches_a_changed_number(tmp_path):
         "contrast,difference,images\nsmall - background,-0.0041,500\n")
     result = check()
     assert result.returncode == 1 and "committed -0.004, regenerated -0.0041" in result.stderr
+
+
+def test_docs_figure_data_check_says_when_the_inputs_differ(tmp_path):
+    # A regeneration on data drawn by another CPU kind differs without any code change: the check says so.
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "check_figure_data.py"
+    analysis, figures = tmp_path / "analysis", tmp_path / "figures"
+    figures.mkdir()
+    for command, name in (("scale-stats", "fusion_contrasts.csv"), ("gradflow", "gradflow_conflict_controls.csv"),
+                          ("gradflow", "gradflow_conflict_paired.csv"), ("compare", "compare_ap_paired.csv")):
+        (analysis / command).mkdir(parents=True, exist_ok=True)
+        (figures / name).write_text("contrast,difference\nsmall - background,-0.004\n")
+        (analysis / command / name).write_text("contrast,difference\nsmall - background,-0.005\n")
+    run = {"dataset": {"annotations_sha256": "a" * 64}, "checkpoints": [{"label": "m", "sha256": "c" * 64}],
+           "images": [{"file": "000000.jpg", "sha256": "1" * 64}, {"file": "000001.jpg", "sha256": "2" * 64}]}
+    for command in ("scale-stats", "gradflow", "compare"):
+        (figures / f"{command.replace('-', '_')}_run.json").write_text(json.dumps(run))
+        (analysis / command / "run.json").write_text(json.dumps(run))
+
+    def check():
+        return subprocess.run([sys.executable, str(script), str(analysis), str(figures)], capture_output=True,
+                              text=True)
+
+    same_inputs = check()
+    assert same_inputs.returncode == 1 and "did not run on the committed inputs" not in same_inputs.stderr
+    run["images"][1]["sha256"] = "3" * 64
+    run["dataset"]["annotations_sha256"] = "b" * 64
+    (analysis / "gradflow" / "run.json").write_text(json.dumps(run))
+    result = check()
+    assert result.returncode == 1
+    assert "gradflow did not run on the committed inputs" in result.stderr
+    assert "1 of 2 images have other bytes (first 000001.jpg)" in result.stderr
+    assert "the annotation file differs" in result.stderr and "scale-stats did not run" not in result.stderr
