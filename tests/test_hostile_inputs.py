@@ -297,6 +297,8 @@ def test_repeated_and_missing_annotation_ids_keep_every_image_its_own_boxes(data
     ("category id repeated", lambda d: d["categories"].append(dict(d["categories"][0], name="extra")),
      "appears twice"),
     ("category name missing", lambda d: d["categories"][0].pop("name"), "string 'name'"),
+    ("file listed twice", lambda d: d["images"][1].__setitem__("file_name", "./" + d["images"][0]["file_name"]),
+     "appears twice"),
 ])
 def test_malformed_coco_structure_is_one_clear_error(case, change, message, data, tmp_path):
     document = _document(data)
@@ -306,6 +308,25 @@ def test_malformed_coco_structure_is_one_clear_error(case, change, message, data
     with pytest.raises(DatasetError, match=message) as raised:
         COCODetection(path, data.val_images)
     assert "bad.json" in str(raised.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("area", "abc"), ("area", float("nan")), ("iscrowd", "yes"), ("iscrowd", 1.0), ("category_id", 1.0),
+    ("category_id", True), ("image_id", 1.0), ("bbox", [True, 2, 10, 10]),
+])
+def test_an_annotation_with_a_malformed_field_is_skipped_and_counted(field, value, data, tmp_path, caplog):
+    # Each once passed unnoticed (a NaN area counts in every COCOeval size range; 1.0 as a category id moved AP)
+    # or stopped evaluation with a traceback ("yes" as iscrowd, a string as area).
+    document = _document(data)
+    expected = sum(len(COCODetection(data.val_annotations, data.val_images).targets(i)) for i in range(4))
+    document["annotations"][0][field] = value
+    path = tmp_path / "field.json"
+    path.write_text(json.dumps(document))
+    with caplog.at_level(logging.INFO):
+        dataset = COCODetection(path, data.val_images)
+    assert sum(len(dataset.targets(i)) for i in range(len(dataset))) == expected - 1
+    assert dataset.skipped["malformed_box" if field == "bbox" else "malformed_field"] == 1
+    assert "skipped 1 annotations" in caplog.text
 
 
 def test_deeply_nested_json_is_one_clear_error(data, tmp_path):
@@ -699,3 +720,53 @@ def test_the_real_command_line_prints_one_error_and_no_traceback(argv, message, 
     assert completed.returncode in (1, 2)
     assert "Traceback" not in completed.stderr
     assert message in error_line(completed.stderr)
+
+
+@pytest.mark.parametrize("case", ["corrupt", "folder"])
+def test_figure3_checks_every_image_before_loading_a_model(case, data, tmp_path, capsys, monkeypatch):
+    from asff_viz.analyze import figure3
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the images were checked")
+
+    monkeypatch.setattr(figure3, "load_analysed_model", no_model)
+    good = sorted(data.val_images.iterdir())[0]
+    bad = tmp_path / ("broken.jpg" if case == "corrupt" else "a_folder")
+    if case == "corrupt":
+        bad.write_bytes(good.read_bytes()[:40])
+    else:
+        bad.mkdir()
+    code, said = run_tool(_analyze, ["figure3", "--images", good, bad, "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    assert str(bad) in error_line(said)
+    assert ("not a readable image" if case == "corrupt" else "is a folder") in error_line(said)
+    assert not any(path.is_file() for path in (tmp_path / "out").rglob("*"))  # nothing written
+
+
+def test_analyses_warn_before_work_when_images_are_not_the_annotated_size(data, weights, tmp_path, capsys, caplog):
+    document = _document(data)
+    document["images"][0]["width"] += 17
+    path = tmp_path / "sizes.json"
+    path.write_text(json.dumps(document))
+    out = tmp_path / "out"
+    code, said = run_tool(_analyze, ["scale-stats", "--weights", weights, "--annotations", path, "--images",
+                                     data.val_images, "--out", out, "--no-progress"], capsys, caplog)
+    assert code == 0
+    assert "1 of 4 images are not the size sizes.json gives them" in said
+    assert document["images"][0]["file_name"] in said
+    record = json.loads((out / "run.json").read_text())
+    assert record["dataset"]["size_mismatches"] == [document["images"][0]["file_name"]]
+
+
+def test_header_size_applies_the_exif_orientation_as_the_readers_do(tmp_path):
+    from PIL import Image
+
+    from asff_viz.inference.transforms import header_size, read_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: stored 100 x 40, shown 40 x 100
+    Image.fromarray(np.zeros((40, 100, 3), np.uint8)).save(tmp_path / "rotated.jpg", exif=exif)
+    height, width = read_image(tmp_path / "rotated.jpg").shape[:2]
+    assert header_size(tmp_path / "rotated.jpg") == (width, height) == (40, 100)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    assert header_size(tmp_path / "broken.jpg") is None

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -37,7 +36,13 @@ import numpy as np
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from asff_viz.data.coco_document import check_image_dir, inside_folder, load_annotation_document
+from asff_viz.data.coco_document import (
+    check_image_dir,
+    inside_folder,
+    is_finite_number,
+    is_int,
+    load_annotation_document,
+)
 from asff_viz.data.errors import DatasetError
 from asff_viz.inference.transforms import MAX_PIXELS, ImageError, check_pixel_count
 
@@ -50,6 +55,7 @@ _SKIP_REASONS = {
     "missing_image": "images whose file is missing",
     "unsafe_path": "images whose file_name leaves the image folder (absolute or with '..')",
     "malformed_box": "annotations without a valid bbox",
+    "malformed_field": "annotations whose image_id, category_id, iscrowd or area is not a valid value",
     "unknown_image": "annotations of unknown images",
     "unknown_category": "annotations of unknown categories",
     "crowd": "crowd annotations (include_crowd=False)",  # a choice, not a problem
@@ -210,18 +216,21 @@ class COCODetection(Dataset):
                 self.skipped["malformed_box"] += 1
                 continue
             bbox = annotation.get("bbox")
-            valid_bbox = (
-                isinstance(bbox, (list, tuple))
-                and len(bbox) == 4
-                and all(isinstance(value, (int, float)) and math.isfinite(value) for value in bbox)
-            )
+            valid_bbox = isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(map(is_finite_number, bbox))
             if not valid_bbox:
                 self.skipped["malformed_box"] += 1
                 continue
-            if annotation.get("image_id") not in image_sizes:
+            if not (is_int(annotation.get("image_id")) and is_int(annotation.get("category_id"))
+                    and annotation.get("iscrowd", 0) in (0, 1) and not isinstance(annotation.get("iscrowd"), float)
+                    and ("area" not in annotation or is_finite_number(annotation["area"]))):
+                # 1.0 as a category id, "yes" as iscrowd or NaN as an area would otherwise pass unnoticed into
+                # COCOeval (a NaN area counts in every size range) or stop it with a traceback.
+                self.skipped["malformed_field"] += 1
+                continue
+            if annotation["image_id"] not in image_sizes:
                 self.skipped["unknown_image"] += 1
                 continue
-            if annotation.get("category_id") not in category_ids:
+            if annotation["category_id"] not in category_ids:
                 self.skipped["unknown_category"] += 1
                 continue
             annotation = dict(annotation)

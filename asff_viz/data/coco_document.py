@@ -5,6 +5,7 @@ the image folder. Every problem is a `DatasetError` naming the file."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,14 @@ from typing import Any
 from asff_viz.data.errors import DatasetError
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer JSON value (not a bool, not 1.0)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite JSON number (not a bool, not NaN or Infinity, which Python's json reads)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_annotation_document(annotation_file: Path) -> dict:
@@ -71,7 +78,7 @@ def validate_document(document: Any, source: str | os.PathLike) -> dict:
         )
     category_ids = set()
     for position, category in enumerate(document["categories"]):
-        if (not isinstance(category, dict) or not _is_int(category.get("id"))
+        if (not isinstance(category, dict) or not is_int(category.get("id"))
                 or not isinstance(category.get("name"), str)):
             raise DatasetError(
                 f"{source}: categories[{position}] = {str(category)[:200]} "
@@ -83,7 +90,7 @@ def validate_document(document: Any, source: str | os.PathLike) -> dict:
                 "must be unique (a repeated id would add a class and shift every label after it)"
             )
         category_ids.add(category["id"])
-    seen_ids = set()
+    seen_ids, seen_files = set(), {}
     for position, image in enumerate(document["images"]):
         if not isinstance(image, dict) or any(key not in image for key in ("id", "file_name", "width", "height")):
             raise DatasetError(
@@ -91,11 +98,11 @@ def validate_document(document: Any, source: str | os.PathLike) -> dict:
                 "needs 'id', 'file_name', 'width' and 'height'"
             )
         problem = None
-        if not _is_int(image["id"]):
+        if not is_int(image["id"]):
             problem = f"its id {str(image['id'])[:60]} is not an integer"
         elif not isinstance(image["file_name"], str) or not image["file_name"]:
             problem = "its file_name is not a non-empty string"
-        elif not (_is_int(image["width"]) and _is_int(image["height"]) and image["width"] > 0
+        elif not (is_int(image["width"]) and is_int(image["height"]) and image["width"] > 0
                   and image["height"] > 0):
             problem = f"width {image['width']!r} and height {image['height']!r} must be positive integers"
         if problem:
@@ -105,6 +112,14 @@ def validate_document(document: Any, source: str | os.PathLike) -> dict:
                 f"{source}: image id {image['id']} appears twice; image ids must be unique"
             )
         seen_ids.add(image["id"])
+        # Two entries for one file would give it two sets of boxes (and sizes) and evaluate it twice.
+        name = os.path.normpath(image["file_name"])
+        if name in seen_files:
+            raise DatasetError(
+                f"{source}: file_name {image['file_name']!r} appears twice (image ids {seen_files[name]} and "
+                f"{image['id']}); each image file must be listed once"
+            )
+        seen_files[name] = image["id"]
     return document
 
 
