@@ -16,6 +16,7 @@ import torch
 from ..data.loading import default_workers
 from ..figures.style import publication_style, save_figure
 from ..inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
+from ..inference.transforms import header_size
 from ..introspection.capture import COUNTERFACTUAL_KINDS, Counterfactual
 from ..ops.matching import FALSE_POSITIVE, MISSED, TRUE_POSITIVE, match_to_ground_truth
 from ..utils.argtypes import device, input_size, non_negative_int, output_folder, positive_int, unit_interval
@@ -252,10 +253,22 @@ def fusion_statistics_over(context: RunContext, model: AnalysedModel, dataset: A
 
 
 def record_dataset_images(context: RunContext, dataset: AnalysisDataset) -> None:
-    """The dataset and each image used (file name and sha256) in run.json."""
-    context.record["dataset"] = dataset.record()
+    """The dataset and each image used (file name and sha256) in run.json; a warning, before any model runs,
+    for images whose size is not the one the annotation file gives (their boxes would be misplaced)."""
+    record = dataset.record()
+    mismatched = []
     for image in dataset:
         context.record.add_image(image.file_name, context.cache.image_sha256(image.path), image_id=image.image_id)
+        size = header_size(image.path)
+        if size is not None and size != (image.width, image.height):
+            mismatched.append((image, size))
+    context.record["dataset"] = {**record, "size_mismatches": [image.file_name for image, _ in mismatched]}
+    if mismatched:
+        image, (width, height) = mismatched[0]
+        logger.warning("warning: %d of %d images are not the size %s gives them (%s is %dx%d, the file says "
+                       "%dx%d); their ground-truth boxes follow the annotation file, so they may be misplaced",
+                       len(mismatched), len(dataset), dataset.annotation_path.name, image.path, width, height,
+                       image.width, image.height)
 
 
 __all__ = ["MATCH_IOU_THRESHOLD", "MATCH_SCORE_THRESHOLD", "RunContext", "add_common_options",

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, default_checkpoint_path, file_sha256, load_model
 from ..data.class_names import ClassMismatchError, match_classes
+from ..inference.transforms import ImageError, read_image
 from ..introspection.capture import has_fusion_weights
 
 logger = logging.getLogger(__name__)
@@ -232,12 +233,20 @@ class AnalysisDataset:
 
 
 def check_image_paths(paths) -> list[Path]:
-    """Image paths given on the command line -> Paths; AnalysisError naming the first missing one."""
+    """Image paths given on the command line -> Paths, each read once before any model runs; AnalysisError naming
+    the first one that is missing, a folder, or not a readable image."""
     result = []
     for path in paths:
         path = Path(path)
+        if path.is_dir():
+            raise AnalysisError(f"{path} is a folder; pass the image files in it to --images (for example "
+                                f"{path / '*.jpg'}).")
         if not path.is_file():
             raise AnalysisError(f"{path}: no such image file; pass existing image files to --images.")
+        try:
+            read_image(path)
+        except ImageError as error:
+            raise AnalysisError(str(error)) from None
         result.append(path)
     return result
 

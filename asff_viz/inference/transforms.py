@@ -94,6 +94,22 @@ def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
+def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) of an image file as the readers return it (EXIF orientation applied), from its header
+    alone; None when the header cannot be read (the reader then says what is wrong)."""
+    try:
+        from PIL import Image
+    except ImportError:  # Pillow comes with matplotlib; without it there is nothing to compare
+        return None
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read an image file as RGB uint8 (H, W, 3); ImageError names the file if it is missing or unreadable."""
     path = Path(path)
