@@ -147,6 +147,38 @@ def test_conflict_statistics_on_hand_built_gradients():
     assert np.isnan(statistics.cosine[0, 2, 0, 0])  # target 2 sends nothing there
 
 
+def test_a_conflict_rate_with_nothing_to_compare_is_undefined_not_zero(model, image):
+    # 0 conflicting of 0 active locations is no measurement; reported as 0 % it read as perfect filtering.
+    assert np.isnan(conflict_statistics(torch.zeros(3, 2, 2, 2, dtype=torch.float64)).rate)
+    dropped = gradient_flow(model, image, SumOfScores(), {"kind": "drop", "source": 1})
+    assert np.isnan(dropped.conflict_rate[1]) and np.isfinite(dropped.conflict_rate[[0, 2]]).all()
+    # One target level reached: no location can conflict, whatever the weights do.
+    one_level = gradient_flow(model, image, TrainingLoss(LABELS, levels=(1,)))
+    assert one_level.targets_reached == 1 and one_level.overall_conflict_rate == 0
+    from asff_viz.figures.gradients import conflict_text
+
+    assert conflict_text(one_level, one_level.overall_conflict_rate) == "n/a (one target level)"
+    summed = gradient_flow(model, image, SumOfScores())
+    assert summed.targets_reached == 3 and summed.finite
+
+
+def test_a_non_finite_gradient_is_flagged_and_keeps_the_others_scale(model, image):
+    # An untrained model's loss can overflow: NaN gradients make every location inactive and the rate 0 of 0.
+    import dataclasses
+
+    from asff_viz.figures.gradients import conflict_text, finite_max, rate_text
+
+    flow = gradient_flow(model, image, SumOfScores())
+    matrix = flow.matrix.copy()
+    matrix[1] = np.nan
+    broken = dataclasses.replace(flow, matrix=matrix)
+    assert flow.finite and not broken.finite
+    assert finite_max([broken.matrix, flow.matrix]) == pytest.approx(flow.matrix.max())
+    assert finite_max([np.full(3, np.nan), np.zeros(2)]) == 1.0
+    assert rate_text(float("nan")) == "n/a" and rate_text(0.25) == "25.0%"
+    assert conflict_text(broken, 0.25) == "n/a (gradient not finite)" and conflict_text(flow, 0.25) == "25.0%"
+
+
 def test_ground_truth_cells_follow_the_loss_assignment():
     config = ModelConfig(width=0.125, depth=0.33, num_classes=3)
     # (121, 240) is anchor 8, in level 0's mask; (10, 13) is anchor 0, in level 2's mask.

@@ -3,6 +3,7 @@ matrix, where the gradient goes, conflict maps, learned vs counterfactual, and c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -23,6 +24,29 @@ from .traces import (
     _show_image,
     drawable_box,
 )
+
+
+def finite_max(arrays) -> float:
+    """The largest finite value of some arrays, for a shared colour scale (1.0 when there is none or it is 0):
+    a NaN in one flow's gradient must not blank the scale of the others."""
+    values = [np.asarray(a, dtype=np.float64) for a in arrays]
+    largest = max((float(v[np.isfinite(v)].max()) for v in values if np.isfinite(v).any()), default=0.0)
+    return largest or 1.0
+
+
+def rate_text(rate: float, spec: str = ".1%") -> str:
+    """A conflict rate for a title or label: 'n/a' when it is undefined (no active location), never '0.0%'."""
+    return format(rate, spec) if math.isfinite(rate) else "n/a"
+
+
+def conflict_text(flow, rate: float, spec: str = ".1%") -> str:
+    """One of `flow`'s conflict rates as text, or why it is not a measurement: a gradient that is not finite, or
+    one that reaches a single target level (no two levels can disagree, so its 0 says nothing)."""
+    if not flow.finite:
+        return "n/a (gradient not finite)"
+    if flow.targets_reached < 2:
+        return "n/a (one target level)"
+    return rate_text(rate, spec)
 
 
 def gradient_flow_matrix(flow, *, cmap: str = MAGNITUDE_CMAP, log_scale: bool = False,
@@ -130,7 +154,7 @@ def conflict_maps(flows: Sequence, *, trace: Trace | None = None, cmap: str = CO
                         ax.scatter((xs + 0.5) * cell_w, (ys + 0.5) * cell_h, marker=_POSITIVE_MARKERS[level], s=18,
                                    facecolors="none", edgecolors="#56B4E9", linewidths=1.0,
                                    label=f"positive at {LEVEL_NAMES[level]}")
-            ax.set_title(f"source {LEVEL_NAMES[source]}: conflict {conflict.rate:.0%}, "
+            ax.set_title(f"source {LEVEL_NAMES[source]}: conflict {conflict_text(flow, conflict.rate, '.0%')}, "
                          f"cancel {conflict.mean_cancellation:.2f}", fontsize=8)
             if source == 0:
                 ax.set_ylabel(flow.counterfactual_label, fontsize=9)
@@ -161,8 +185,8 @@ def gradient_flow_comparison(flows: Mapping[str, object], trace: Trace, target: 
     image = trace.image
     figure = _figure_for(image, len(names), 3, panel_inches=panel_inches, extra_width=1.6)
     axes = figure.subplots(len(names), 3, squeeze=False)
-    matrix_top = max(float(np.max(flows[name].matrix)) for name in names) or 1.0
-    map_top = max(float(flows[name].maps[target][source].max()) for name in names) or 1.0
+    matrix_top = finite_max(flows[name].matrix for name in names)
+    map_top = finite_max(flows[name].maps[target][source] for name in names)
     matrix_image = map_image = conflict_image = None
     for row, name in enumerate(names):
         flow = flows[name]
@@ -171,10 +195,11 @@ def gradient_flow_comparison(flows: Mapping[str, object], trace: Trace, target: 
         for (i, j), value in np.ndenumerate(flow.matrix):
             ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7,
                     color="black" if value / matrix_top > 0.6 else "white")
-        ax.set_xticks(range(3), [f"src {n}" for n in LEVEL_NAMES], fontsize=7)
-        ax.set_yticks(range(3), [f"tgt {n}" for n in LEVEL_NAMES], fontsize=7)
+        short = [name.replace("stride ", "s") for name in LEVEL_NAMES]  # "src stride 32" overlapped its neighbour
+        ax.set_xticks(range(3), [f"src {n}" for n in short], fontsize=7)
+        ax.set_yticks(range(3), [f"tgt {n}" for n in short], fontsize=7)
         ax.set_ylabel(f"{name} ({flow.counterfactual_label})", fontsize=8)
-        ax.set_title(f"conflict rate {flow.overall_conflict_rate:.1%}", fontsize=8)
+        ax.set_title(f"conflict rate {conflict_text(flow, flow.overall_conflict_rate)}", fontsize=8)
         relative = flow.maps[target][source] / map_top
         ax = axes[row][1]
         _show_image(ax, image)
@@ -187,7 +212,7 @@ def gradient_flow_comparison(flows: Mapping[str, object], trace: Trace, target: 
         conflict_image = _overlay(ax, image, trace.transform.map_to_original(
             np.where(conflict.active, conflict.cancellation, np.nan), "nearest"), cmap=conflict_cmap, vmin=0.0,
             vmax=1.0, alpha=alpha)
-        ax.set_title(f"conflict at {LEVEL_NAMES[source]}: {conflict.rate:.1%}", fontsize=8)
+        ax.set_title(f"conflict at {LEVEL_NAMES[source]}: {conflict_text(flow, conflict.rate)}", fontsize=8)
     figure.colorbar(matrix_image, ax=axes[:, 0].tolist(), location="bottom", shrink=0.8, label="gradient norm")
     figure.colorbar(map_image, ax=axes[:, 1].tolist(), location="bottom", shrink=0.8,
                     label="norm / largest (clear < 1 %)")

@@ -197,10 +197,10 @@ class ConflictStatistics:
     agree (NaN where a term is zero; sign_agreement None when not asked for, or when the terms are known only by
     their Gram matrix). active: (H, W) locations with a non-negligible gradient. conflicting: active locations
     where two significant terms (each >= `significance` x the largest there) have cosine below
-    `cosine_threshold`. rate: conflicting / active. (Random directions in C channels have cosines of about
-    +-1/sqrt(C), so a threshold of 0 counts near-orthogonal pairs too; `mean_cancellation` weighs each location
-    by its gradient and is the magnitude-aware summary.) mean_cancellation: the cancellation averaged over
-    active locations, weighted by sum_l |g_l|.
+    `cosine_threshold`. rate: conflicting / active (NaN when no location is active). (Random directions in C
+    channels have cosines of about +-1/sqrt(C), so a threshold of 0 counts near-orthogonal pairs too;
+    `mean_cancellation` weighs each location by its gradient and is the magnitude-aware summary.)
+    mean_cancellation: the cancellation averaged over active locations, weighted by sum_l |g_l|.
     """
 
     norms: np.ndarray
@@ -260,7 +260,7 @@ def conflict_statistics_from_gram(gram: torch.Tensor, sum_norm: torch.Tensor, si
     pair = significant.unsqueeze(0) & significant.unsqueeze(1)
     pair &= ~torch.eye(count, dtype=torch.bool).view(count, count, 1, 1)
     conflicting = (pair & (torch.nan_to_num(cosine, nan=1.0) < cosine_threshold)).flatten(0, 1).any(dim=0) & active
-    rate = float(conflicting.sum() / active.sum()) if active.any() else 0.0
+    rate = float(conflicting.sum() / active.sum()) if active.any() else math.nan  # 0 of 0 is not 0 %
     weight = torch.where(active, norm_sum, torch.zeros_like(norm_sum))
     mean_cancellation = float((cancellation * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
     return ConflictStatistics(norms.float().numpy(), cancellation.float().numpy(), cosine.float().numpy(),
@@ -291,7 +291,8 @@ class GradientFlow:
     weight_branch_maps[l][k]: the same for the weight branch.
     fusion_total_maps, neck_path_maps, total_maps: 3 arrays (H_k, W_k); *_norms: (3,) their Frobenius norms.
     conflict: 3 `ConflictStatistics`, one per source; conflict_maps[k] = conflict[k].cancellation;
-    conflict_rate: (3,) per source; overall_conflict_rate: conflicting / active over all sources;
+    conflict_rate: (3,) per source; overall_conflict_rate: conflicting / active over all sources (NaN where
+    nothing is active);
     mean_cancellation: (3,) per source, gradient-weighted mean of the conflict map.
     positives, background: 3 bool (H_l, W_l) from ground truth (None without it); positives_at_source[k],
     background_at_source[k]: (3, H_k, W_k) bool, target level l's cells mapped onto source k's grid;
@@ -337,6 +338,19 @@ class GradientFlow:
     @property
     def counterfactual_label(self) -> str:
         return Counterfactual.from_dict(self.counterfactual).describe()
+
+    @property
+    def finite(self) -> bool:
+        """Whether the objective and every gradient norm are finite. An untrained model's loss can overflow (box
+        sizes through exp), and a NaN gradient makes every location inactive: its rates mean nothing."""
+        return bool(np.isfinite(self.objective_value) and np.isfinite(self.matrix).all()
+                    and np.isfinite(self.weight_branch_matrix).all() and np.isfinite(self.total_norms).all())
+
+    @property
+    def targets_reached(self) -> int:
+        """How many target levels send any value-path gradient. Under 2, no location can conflict (one
+        detection's score reaches only its own level), so a conflict rate of 0 says nothing about filtering."""
+        return int((np.asarray(self.matrix).sum(axis=1) > 0).sum())
 
 
 def _norm_map(tensor: torch.Tensor) -> np.ndarray:
@@ -415,7 +429,7 @@ def _flow_of(model: nn.Module, decomposition: GradientDecomposition, objective, 
                                     significance, active_fraction, cosine_threshold, sign_agreement=agreement)
                 for k in range(3)]
     active_total = sum(int(c.active.sum()) for c in conflict)
-    overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else 0.0
+    overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else math.nan
     flow = GradientFlow(
         objective=objective.describe() if hasattr(objective, "describe") else repr(objective),
         objective_value=decomposition.objective_value,
@@ -469,7 +483,7 @@ def _flow_with_terms(flow: GradientFlow, terms: list, significance: float, activ
 def _flow_with_conflict(flow: GradientFlow, conflict: list) -> GradientFlow:
     """`flow` with other conflict statistics (one per source), and the maps and rates that follow from them."""
     active_total = sum(int(c.active.sum()) for c in conflict)
-    overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else 0.0
+    overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else math.nan
     result = replace(flow, conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]),
                      overall_conflict_rate=overall, controls={}, sweep={},
                      maps=[[conflict[k].norms[l] for k in range(3)] for l in range(3)])

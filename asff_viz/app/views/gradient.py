@@ -10,6 +10,7 @@ import json
 import numpy as np
 import streamlit as st
 
+from ...figures.gradients import conflict_text, finite_max
 from .. import cached, charts
 from ..widgets import (
     Analysis,
@@ -159,25 +160,38 @@ def _compute_flows(analysis: Analysis, objective: tuple, labels) -> dict | None:
     return flows
 
 
+CONFLICT_HELP = {
+    None: "Share of active source locations where two target levels send gradients pointing in opposing directions.",
+    "n/a (gradient not finite)": "The gradient is not finite (see the warning above).",
+    "n/a (one target level)": "Only one target level sends gradient (a detection's score reaches its own level "
+                              "only), so no two target levels can disagree. Choose the sum of all scores or the "
+                              "training loss to compare conflict.",
+}
+
+
 def _matrices(flows: dict, label: str) -> None:
-    matrix_max = float(max(flows["learned"].matrix.max(), flows["uniform"].matrix.max()) or 1.0)
+    broken = [name for name, flow in flows.items() if not flow.finite]
+    if broken:
+        st.warning(f"The gradient with the {' and the '.join(broken)} weights is not finite (NaN or infinity): the "
+                   "objective overflows in this model (an untrained model's box sizes go through exp). Its rates and "
+                   "norms are not shown; try another objective or a trained checkpoint.", icon=":material/warning:")
+    matrix_max = finite_max(flow.matrix for flow in flows.values())
     columns = st.columns(2, gap="large")
     for column, (name, flow) in zip(columns, flows.items(), strict=True):
         with column:
             st.markdown(f"**{'Learned ASFF weights' if name == 'learned' else 'Uniform weights (counterfactual)'}**")
             metrics = st.columns(3)
             metrics[0].metric("Objective", f"{flow.objective_value:.4g}", help=label)
-            metrics[1].metric("Conflict rate", f"{flow.overall_conflict_rate:.1%}",
-                              help="Share of active source locations where two target levels send gradients "
-                                   "pointing in opposing directions.")
-            metrics[2].metric("Total value-path norm", f"{flow.matrix.sum():.3g}")
+            text = conflict_text(flow, flow.overall_conflict_rate)
+            metrics[1].metric("Conflict rate", text.split(" (")[0], help=CONFLICT_HELP.get(text, CONFLICT_HELP[None]))
+            metrics[2].metric("Total value-path norm", f"{flow.matrix.sum():.3g}" if flow.finite else "n/a")
             plotly_chart(charts.matrix_figure(flow.matrix, "gradient norm, target → source", zmax=matrix_max),
                          key=f"gradient_matrix_{name}", config={"displayModeBar": False}, width="stretch")
 
 
 def _flow_maps(analysis: Analysis, flows: dict, target: int, source: int, opacity: float) -> None:
     source_cell = analysis.cell(source)
-    map_max = float(max(flows[name].maps[target][source].max() for name in flows) or 1.0)
+    map_max = finite_max(flows[name].maps[target][source] for name in flows)
     columns = st.columns(2, gap="large")
     for column, (name, flow) in zip(columns, flows.items(), strict=True):
         with column:
@@ -205,9 +219,10 @@ def _conflict_maps(analysis: Analysis, flows: dict, source: int, opacity: float)
             _add_positives(figure, flow, source, source_cell)
             rate = flow.conflict_rate[source]
             at_objects = flow.conflict_rate_at_objects
-            extra = (f", at objects {at_objects[source]:.1%}" if at_objects is not None
-                     and np.isfinite(at_objects[source]) else "")
-            st.caption(f"{name}: conflict rate at {level_name(source)} {rate:.1%}{extra}; blank = no gradient")
+            extra = (f", at objects {at_objects[source]:.1%}" if at_objects is not None and flow.finite
+                     and flow.targets_reached > 1 and np.isfinite(at_objects[source]) else "")
+            st.caption(f"{name}: conflict rate at {level_name(source)} {conflict_text(flow, rate)}{extra}; "
+                       "blank = no gradient")
             plotly_chart(figure, key=f"conflict_map_{name}", config={"displaylogo": False}, width="stretch")
 
 
@@ -228,6 +243,10 @@ def static_figure(flows: dict, analysis: Analysis, target: int, source: int, opa
     return gradients.gradient_flow_comparison(flows, analysis.trace, target, source, alpha=opacity)
 
 
+def _defined(rate: float, flow) -> float | None:
+    return float(rate) if flow.finite and flow.targets_reached > 1 and np.isfinite(rate) else None
+
+
 def _flows_json(flows: dict, label: str) -> str:
     document = {"objective": label}
     for name, flow in flows.items():
@@ -236,8 +255,11 @@ def _flows_json(flows: dict, label: str) -> str:
             "counterfactual": flow.counterfactual,
             "matrix_target_by_source": np.asarray(flow.matrix).tolist(),
             "weight_branch_matrix": np.asarray(flow.weight_branch_matrix).tolist(),
-            "conflict_rate_per_source": np.asarray(flow.conflict_rate).tolist(),
-            "overall_conflict_rate": flow.overall_conflict_rate,
+            # null where undefined: no active location, or one target level only (nothing can conflict)
+            "finite": flow.finite,
+            "target_levels_reached": flow.targets_reached,
+            "conflict_rate_per_source": [_defined(rate, flow) for rate in np.asarray(flow.conflict_rate).tolist()],
+            "overall_conflict_rate": _defined(flow.overall_conflict_rate, flow),
             "neck_path_norms": np.asarray(flow.neck_path_norms).tolist(),
             "total_norms": np.asarray(flow.total_norms).tolist(),
         }
