@@ -221,7 +221,9 @@ def test_views_and_controls_never_rerun_the_model_for_a_view_change(weights, mon
     # Counterfactuals: uniform, force one level, drop one level at one target level.
     open_view(app, "Counterfactuals")
     assert_healthy(app)
+    assert app.segmented_control(key="counterfactual_source").disabled  # uniform weights have no source level
     app.segmented_control(key="counterfactual_kind").set_value("one_hot").run()
+    assert not app.segmented_control(key="counterfactual_source").disabled
     app.segmented_control(key="counterfactual_source").set_value(0).run()
     assert_healthy(app)
     app.segmented_control(key="counterfactual_kind").set_value("drop").run()

@@ -30,8 +30,8 @@ def counterfactual_key() -> cached.CounterfactualKey:
                                     default=initial("counterfactual_kind", "uniform", KINDS),
                                     format_func=KINDS.get, required=True, help=KIND_HELP) or "uniform"
     with columns[1]:
-        source = level_control("Source level", "counterfactual_source", 2,
-                               help="The source level to force or drop (ignored for uniform).")
+        source = level_control("Source level", "counterfactual_source", 2, disabled=kind == "uniform",
+                               help="The source level to force or drop (none for uniform weights).")
     with columns[2]:
         levels = st.pills("At target levels", [0, 1, 2], selection_mode="multi", key="counterfactual_levels",
                           default=initial("counterfactual_levels", [0, 1, 2]),
