@@ -56,6 +56,13 @@ class DataConfig:
         """Fill the split paths from --synthetic and check that the training split is given."""
         if self.synthetic:
             root = Path(self.synthetic)
+            if not root.is_dir():
+                problem = "is a file, not a folder" if root.exists() else "no such folder"
+                raise TrainingError(f"--synthetic {root}: {problem}; a synthetic set is written by `python -m "
+                                    "asff_viz.data.synthetic --out DIR`")
+            if not (root / "annotations" / "train.json").is_file():
+                raise TrainingError(f"--synthetic {root} is not a synthetic set (no annotations/train.json in it); "
+                                    "a synthetic set is written by `python -m asff_viz.data.synthetic --out DIR`")
             self.train_annotations = self.train_annotations or str(root / "annotations" / "train.json")
             self.train_images = self.train_images or str(root / "images" / "train")
             val_folder = root / "images" / "val"
