@@ -60,3 +60,27 @@ def test_a_tiny_ablation_writes_its_table_and_a_rerun_trains_nothing(tmp_path):
         assert (out / "models" / name / "last.pt").stat().st_mtime_ns == checkpoints[name]
     with pytest.raises(SystemExit, match="another data set"):
         ablation.main(["--out", str(out), *TINY[:-6], "--val-images", "5", "--max-iterations", "1"])
+
+
+def test_the_asff_runs_conflict_is_set_against_the_metrics_controls(tmp_path):
+    # A lower conflict rate than the plain sum's does not show filtering on its own (peaked weights lower it
+    # whatever the directions): the ablation reports the ASFF run minus each control, paired over images.
+    from asff_viz.checkpoint import default_checkpoint_path
+    from asff_viz.introspection.controls import ALL_CONTROLS
+    from asff_viz.samples import ANNOTATIONS_FILE, SAMPLES_DIR
+
+    if not default_checkpoint_path().is_file():
+        pytest.skip("the embedded default model is not installed")
+    flows = ablation.flow_statistics({"asff_s0": default_checkpoint_path()}, ANNOTATIONS_FILE, SAMPLES_DIR, 4, 128,
+                                     tmp_path / "cache", ["asff_s0"])
+    assert all(flows.images[ablation.control_mode("asff_s0", control)] == 4 for control in ALL_CONTROLS)
+    rows = ablation.conflict_controls(flows, ["asff_s0"], samples=200)
+    assert {row["control"] for row in rows} == set(ALL_CONTROLS) and len(rows) == len(ALL_CONTROLS) * 3 * 3
+    shuffled = next(r for r in rows if r["control"] == "shuffled" and r["source_level"] == 1
+                    and r["region"] == "positive")
+    rate = flows.conflict_rates("asff_s0")[0][1, 0]
+    other = flows.conflict_rates(ablation.control_mode("asff_s0", "shuffled"))[0][1, 0]
+    assert shuffled["difference"] == pytest.approx(rate - other)
+    table = ablation.controls_markdown(rows)
+    assert table.count("| asff_s0 |") == 9 and "minus shuffled" in table and "nan" not in table
+    assert ablation.controls_markdown([]) == ""

@@ -15,7 +15,10 @@ Then, on the same validation images, every model gets COCO AP/AP50/AP75/APs/APm/
 latency at 416 (timed interleaved, in one run), and the modes with fusion paths the gradient-flow statistics of
 the training loss (conflict rate at positives and at background, with 95 % image-bootstrap intervals; the
 weights are the constant 1 for sum, the learned scalars for weighted, the maps for asff; baseline and concat have
-no per-source weight and are n/a), and `analyze scale-stats` for the modes with weights. Outputs in --out:
+no per-source weight and are n/a), and `analyze scale-stats` for the modes with weights. The asff run's rate is
+also set against the conflict metric's controls (`ablation_conflict_controls.csv` and a table in ablation.md:
+shuffled, rolled, uniform, random directions; paired over images), since a lower rate than sum's does not show
+filtering on its own. Outputs in --out:
 `ablation.csv`/`.md`, `ablation_ap`, `ablation_conflict` (PDF + PNG + CSV), `run.json`, `models/MODE_sSEED/`
 (each run's folder, `train.log`), `scale-stats/MODE_sSEED/`, `data/` and `cache/`.
 
@@ -41,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..analyze.gradflow import CONTROL_PREFIX
 from ..utils.argtypes import describe_os_error, output_folder, positive_int
 from ..utils.fileio import atomic_write_text
 from .report import add_paired_ap, conflict_intervals, markdown_table, run_name, table_rows, write_figures
@@ -50,6 +54,7 @@ logger = logging.getLogger(__name__)
 MODES = ("baseline", "sum", "concat", "weighted", "asff")
 FLOW_MODES = ("sum", "weighted", "asff")  # modes whose fusion is a weighted sum of the resized sources
 WEIGHTED_MODES = ("weighted", "asff")  # modes with learned fusion weights (scale-stats)
+CONTROLLED_MODES = ("asff",)  # per-pixel weights: their conflict rate is compared with the metric's controls
 LATENCY_SIZE = 416
 
 
@@ -226,33 +231,46 @@ def latencies(checkpoints: dict[str, Path], repeats: int = 7) -> dict[str, float
     return {name: median(parts["total"]) * 1e3 for name, parts in times.items()}
 
 
+def control_mode(name: str, control: str) -> str:
+    """The statistics' mode name of run `name`'s conflict under one control (`introspection.controls`)."""
+    return f"{name} {CONTROL_PREFIX}{control}"
+
+
 def flow_statistics(checkpoints: dict[str, Path], annotations: Path, images: Path, limit: int, size: int,
-                    cache: Path):
-    """Gradient-flow statistics of the training loss of every model with fusion paths, on the same images."""
+                    cache: Path, controlled: Sequence[str] = ()):
+    """Gradient-flow statistics of the training loss of every model with fusion paths, on the same images; for
+    the runs in `controlled`, also under every control of the conflict metric (modes `control_mode(run, control)`,
+    computed in the run's own backward pass, each image's draws seeded by its sha256)."""
     from ..analyze.flow_statistics import GradientFlowStatistics
     from ..analyze.results_cache import AnalysisCache
     from ..analyze.sources import AnalysisDataset, load_analysed_model
     from ..data.loading import default_workers
+    from ..introspection.controls import ALL_CONTROLS
 
     dataset = AnalysisDataset(annotations, images, limit)
     models = {name: load_analysed_model(path, torch.device("cpu"), label=name) for name, path in checkpoints.items()}
     results = AnalysisCache(cache)
-    statistics = GradientFlowStatistics(list(models))
+    statistics = GradientFlowStatistics(list(models) + [control_mode(name, control) for name in models
+                                                        if name in controlled for control in ALL_CONTROLS])
     from tqdm import tqdm
 
     skipped = 0
     images = list(dataset)
     truths = [(image.path, image.ground_truth.boxes[~image.ground_truth.crowd],
                image.ground_truth.labels[~image.ground_truth.crowd]) for image in images]
-    streams = [results.gradient_summaries(model, truths, size=size, workers=default_workers())
-               for model in models.values()]
+    streams = [results.gradient_summaries(model, truths, size=size, workers=default_workers(),
+                                          controls=name in controlled, control_seed=0)
+               for name, model in models.items()]
     for image, *per_model in tqdm(zip(images, *streams, strict=True), total=len(images), desc="gradient flow",
                                   dynamic_ncols=True):
         summaries = dict(zip(models, per_model, strict=True))
         # An image is used for every model or for none, so that all modes describe the same images.
-        if all(all(np.isfinite(value).all() for value in summary.values()) for summary in summaries.values()):
+        if all(all(np.isfinite(value).all() for key, value in summary.items() if key != "controls")
+               for summary in summaries.values()):
             for name, summary in summaries.items():
                 statistics.add(name, summary, image.file_name)
+                for control, control_summary in (summary.get("controls") or {}).items():
+                    statistics.add(control_mode(name, control), control_summary, image.file_name)
         else:
             skipped += 1
     if skipped:
@@ -354,9 +372,11 @@ def analyse(preset: Preset, out: Path, runs: dict[str, Path], modes: Sequence[st
     finished = [mode for mode in modes if all(run_name(mode, seed) in runs for seed in preset.seeds)]
     flow_runs = {run_name(mode, seed): runs[run_name(mode, seed)] for mode in finished if mode in FLOW_MODES
                  for seed in preset.seeds}
-    flows = flow_statistics(flow_runs, annotations, images, preset.analysis_images, preset.eval_size, cache) \
-        if flow_runs else None
+    controlled = [name for name in flow_runs if name.rsplit("_s", 1)[0] in CONTROLLED_MODES]
+    flows = flow_statistics(flow_runs, annotations, images, preset.analysis_images, preset.eval_size, cache,
+                            controlled) if flow_runs else None
     conflicts = conflict_intervals(flows, list(flow_runs))
+    control_table = conflict_controls(flows, controlled) if flows is not None else []
     for mode in finished:
         if mode in WEIGHTED_MODES:
             for seed in preset.seeds:
@@ -367,10 +387,57 @@ def analyse(preset: Preset, out: Path, runs: dict[str, Path], modes: Sequence[st
     rows = table_rows(evaluations, latency, conflicts, finished, preset.seeds)
     add_paired_ap(rows, runs, finished, preset, annotations, images, out, cache)
     write_csv(out / "ablation.csv", rows)
+    if control_table:
+        write_csv(out / "ablation_conflict_controls.csv", control_table)
     failures = "".join(f"\n* `{name}` did not finish training: {reason}\n" for name, reason in (failed or {}).items())
-    atomic_write_text(out / "ablation.md", markdown_table(rows, preset.seeds) + failures)
+    atomic_write_text(out / "ablation.md", markdown_table(rows, preset.seeds) + controls_markdown(control_table)
+                      + failures)
     write_figures(out, rows, conflicts, finished, preset.seeds)
     return rows
+
+
+def conflict_controls(flows, controlled: Sequence[str], samples: int = 1000) -> list[dict]:
+    """Rows of each controlled run's conflict rate minus each control's, paired over the images, 95 % CI: a lower
+    rate than the plain sum's alone does not show filtering, since peaked weights lower it whatever the
+    gradients' directions (docs/analysis.md, controls)."""
+    from ..analyze.gradflow import paired_rows
+
+    rows = []
+    for name in controlled:
+        if not flows.images.get(name):
+            continue
+        prefix = f"{name} {CONTROL_PREFIX}"
+        others = [mode for mode in flows.modes if mode.startswith(prefix) and flows.images.get(mode)]
+        found, _, _, _ = paired_rows(flows, name, others, samples=samples, seed=0, column="control",
+                                     name=lambda mode: mode.rsplit(CONTROL_PREFIX, 1)[1])
+        rows += [{"run": name, **row} for row in found]
+    return rows
+
+
+def controls_markdown(rows: list[dict]) -> str:
+    """The controls table of ablation.md: run minus control, by source level, at positives and at background."""
+    if not rows:
+        return ""
+    controls = list(dict.fromkeys(row["control"] for row in rows))
+    head = ["run", "source", "region", *(f"minus {control}" for control in controls)]
+    lines = ["", "Conflict minus each control of the metric, paired over the images [95 % CI] (docs/analysis.md, "
+             "controls): below zero, the learned weights conflict less than weights that keep their statistics "
+             "but not their placement (shuffled, rolled), than uniform weights, or than random directions of the "
+             "same norms; with_weight_branch adds the weight branch's gradient to the value path. n/a: no active "
+             "location of that kind.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = {(row["run"], row["source"], row["region"], row["control"]): row for row in rows}
+    for run in dict.fromkeys(row["run"] for row in rows):
+        for region in dict.fromkeys(row["region"] for row in rows):
+            for source in dict.fromkeys(row["source"] for row in rows):
+                values = []
+                for control in controls:
+                    row = cells.get((run, source, region, control))
+                    numbers = [row["difference"], row["ci95_low"], row["ci95_high"]] if row is not None else [np.nan]
+                    defined = bool(np.isfinite(numbers).all())
+                    values.append(f"{row['difference']:+.3f} [{row['ci95_low']:+.3f}, {row['ci95_high']:+.3f}]"
+                                  if defined else "n/a")
+                lines.append("| " + " | ".join([run, source, region, *values]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _platform() -> dict:
