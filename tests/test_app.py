@@ -816,3 +816,25 @@ def test_a_weighted_fusion_model_shows_its_per_level_scalars(weights):
         if view == "Gradient flow":
             compute_gradient_flow(app)
         assert_healthy(app)
+
+
+def test_across_images_bars_are_the_mean_over_objects_not_over_images():
+    # Dots are per-image means, bars the pooled mean of the summary table and scale-stats: an image with three
+    # small objects weighs three times in the bar.
+    import pandas as pd
+
+    from asff_viz.app.views import dataset
+
+    rows = [{"image": 0, "image_name": "a", "size": "small", "target": 2, "source": s, "weight": w}
+            for w in (0.9, 0.9, 0.9) for s in range(3)]
+    rows += [{"image": 1, "image_name": "b", "size": "small", "target": 2, "source": s, "weight": 0.1}
+             for s in range(3)]
+    table = pd.DataFrame(rows)
+    figure = dataset.dataset_figure(table, 2, 2)
+    bar = next(trace for trace in figure.data if trace.type == "bar")
+    assert bar.y[0] == pytest.approx(0.7)  # (3 x 0.9 + 0.1) / 4, not (0.9 + 0.1) / 2
+    summary = dataset.summary_table(table)
+    first_source = summary[summary["source"] == dataset.SHORT_LEVEL_NAMES[0]]
+    assert float(first_source["mean weight"].iloc[0]) == pytest.approx(0.7)
+    dots = next(trace for trace in figure.data if trace.type == "scatter")
+    assert sorted(dots.y) == pytest.approx([0.1, 0.9])

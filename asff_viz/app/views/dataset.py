@@ -134,8 +134,9 @@ def image_rows(image_key: str, weights: tuple[str, str], size: int, conf_thresho
 def dataset_view(analysis: Analysis, choice: DatasetChoice | None, error: str | None) -> None:
     st.caption("The mean fusion weight inside objects, by COCO object size (small < 32², medium < 96², large, in "
                "original pixels), and in the background (the cells outside every object, one mean per image), per "
-               "target and source level: `scale-stats` over a set of images. Each dot is one image: click it to "
-               "open that image in the other views.")
+               "target and source level: `scale-stats` over a set of images. Each bar is the mean over all the "
+               "objects of its size (as in the table below and in `scale-stats`); each dot is one image's mean over "
+               "its own objects: click it to open that image in the other views.")
     if error:
         st.warning(error, icon=":material/folder_open:")
         return
@@ -206,7 +207,9 @@ def collect(analysis: Analysis, choice: DatasetChoice) -> tuple[list[dict], list
 
 
 def dataset_figure(table: pd.DataFrame, target: int, images: int) -> go.Figure:
-    """One panel per source level: per-image means (dots, clickable) and their mean (bar) by size."""
+    """One panel per source level, by size: the mean over all objects (bar, the summary table's number) and each
+    image's mean over its own objects (dots, clickable). The bar is not the mean of the dots: an image with many
+    objects of a size weighs more in it."""
     figure = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.04,
                            subplot_titles=[f"source {name}" for name in SHORT_LEVEL_NAMES])
     chosen = table[table.target == target]
@@ -219,8 +222,9 @@ def dataset_figure(table: pd.DataFrame, target: int, images: int) -> go.Figure:
         # Numeric x for bars and dots alike (a categorical axis would drop the jittered dots).
         figure.add_trace(go.Bar(x=list(range(len(SIZE_NAMES))),
                                 y=[float(means.get(name, np.nan)) for name in SIZE_NAMES],
-                                marker_color=LEVEL_COLOURS[source], opacity=0.35, name="mean", hoverinfo="skip",
-                                showlegend=False), row=1, col=source + 1)
+                                marker_color=LEVEL_COLOURS[source], opacity=0.35, name="mean over objects",
+                                hovertemplate="mean over the objects %{y:.3f}<extra></extra>", showlegend=False),
+                         row=1, col=source + 1)
         x = [positions[name] + rng.uniform(-0.25, 0.25) for name in part["size"]]
         figure.add_trace(go.Scatter(
             x=x, y=part["weight"], mode="markers", name="images", showlegend=False,
