@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -536,6 +537,21 @@ def test_evolution_end_to_end(fixture_dir, tmp_path):
         main(["evolution", "--replot", str(out)])
     assert (out / "evolution_fusion.csv").read_bytes() == before
     check_figure(out, "evolution_metrics")
+
+
+def test_compare_warns_when_two_variants_are_the_same_weights(fixture_dir, tmp_path, caplog):
+    # A copy of one checkpoint under another name: every difference is zero by construction, not a finding.
+    copy = tmp_path / "renamed.pt"
+    copy.write_bytes((fixture_dir / "asff.pt").read_bytes())
+    with caplog.at_level(logging.WARNING):
+        run_command("compare", "--weights", fixture_dir / "asff.pt", copy, *dataset_args(fixture_dir), "--show", "1",
+                    "--out", tmp_path / "same")
+    assert "are the same weights" in caplog.text and "renamed.pt" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_command("compare", "--weights", fixture_dir / "asff.pt", "--counterfactual", "uniform",
+                    *dataset_args(fixture_dir), "--show", "1", "--out", tmp_path / "other")
+    assert "same weights" not in caplog.text
 
 
 def test_compare_end_to_end(fixture_dir, tmp_path):

@@ -16,6 +16,7 @@ Outputs (each figure also as .csv):
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ from .runner import (
     record_dataset_images,
 )
 from .sources import AnalysisDataset, AnalysisError, load_analysed_model
+
+logger = logging.getLogger(__name__)
 
 COCO_MAX_DETECTIONS = 100
 
@@ -81,6 +84,13 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
         variants.append((models[0], counterfactual, f"{models[0].label} ({mode_label(counterfactual)})"))
     if len(variants) < 2:
         raise AnalysisError("compare needs two variants: two --weights, or one and --counterfactual uniform.")
+    seen: dict = {}
+    for model, counterfactual, _ in variants:  # the same weights twice make every difference zero by construction
+        key = (model.sha256, None if counterfactual is None else repr(counterfactual.to_dict()))
+        if key in seen:
+            logger.warning("warning: %s and %s are the same weights (sha256 %s...) in the same mode: their "
+                           "differences are zero by construction", seen[key], model.path, model.sha256[:12])
+        seen.setdefault(key, model.path)
     labels = [label for _, _, label in variants]
     if len(set(labels)) < len(labels):  # two files with one stem: number them
         labels = [f"{i + 1}: {label}" for i, label in enumerate(labels)]
