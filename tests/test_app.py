@@ -725,7 +725,14 @@ def test_across_images_summarizes_the_samples(weights):
     # Each (target, size) group is a mean of probability vectors: its three sources sum to one.
     sums = table.groupby(["target", "size"], observed=True)["mean weight"].sum()
     np.testing.assert_allclose(sums.to_numpy(), 1.0, atol=1e-9)
-    assert any("objects by size" in caption.value for caption in app.caption)
+    # Sized as `scale-stats` sizes them, by the annotations' area (mask area), not by the box's w x h.
+    from asff_viz.analyze.cells import COCO_SIZE_LABELS, coco_size_bins
+    from asff_viz.samples import ANNOTATIONS_FILE
+
+    areas = np.array([a["area"] for a in json.loads(ANNOTATIONS_FILE.read_text())["annotations"]])
+    counts = np.bincount(coco_size_bins(areas), minlength=3)
+    expected = ", ".join(f"{name} {count}" for name, count in zip(COCO_SIZE_LABELS, counts, strict=True))
+    assert any(f"objects by size: {expected};" in caption.value for caption in app.caption), expected
 
 
 def test_a_clicked_dot_opens_its_image_in_the_other_views(weights, monkeypatch):

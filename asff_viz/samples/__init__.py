@@ -81,9 +81,11 @@ class AnnotationError(ValueError):
 def annotations_from_coco(document: dict, file_name: str, source: str = "annotations") -> SampleAnnotations | None:
     """Ground truth of image `file_name` from a COCO-style document, or None when it does not list that image.
 
-    The document is checked and its boxes converted as the datasets of training and analysis do
-    (`asff_viz.data.coco`: the official [x, y, w, h] -> xyxy conversion, clipped to the image; crowd and empty
-    boxes left out), so the app shows the ground truth the analyses use. A document that lists a single image
+    The document is checked and its boxes converted as the training datasets do (`asff_viz.data.coco`: the
+    official [x, y, w, h] -> xyxy conversion, 1 px narrower, clipped to the image; crowd and empty boxes left
+    out), so the app's loss objective is the training loss. The analyses' statistics (and the app's Across images
+    view, which reads the file through `analyze.sources.AnalysisDataset`) use [x, y, x + w, y + h] and the
+    annotations' `area`. A document that lists a single image
     applies to any file name. Class index = rank of the category id among the document's sorted category ids
     (so COCO's 80 ids with gaps map to indices 0..79). Raises AnnotationError (naming `source`) when the
     document is not COCO-style.
