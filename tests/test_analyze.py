@@ -764,3 +764,21 @@ def test_docs_figure_data_check_says_when_the_inputs_differ(tmp_path):
     assert "gradflow did not run on the committed inputs" in result.stderr
     assert "1 of 2 images have other bytes (first 000001.jpg)" in result.stderr
     assert "the annotation file differs" in result.stderr and "scale-stats did not run" not in result.stderr
+
+
+def test_the_loss_objective_of_the_analyses_uses_trainings_boxes():
+    # gradflow's "training loss" and its positives: with the continuous [x, y, x+w, y+h] boxes, 11 % of the
+    # validation boxes took another positive cell or level than training gives them.
+    from asff_viz.analyze.sources import AnalysisDataset
+    from asff_viz.data.coco import COCODetection
+    from asff_viz.samples import ANNOTATIONS_FILE, SAMPLES_DIR
+
+    analysis = AnalysisDataset(ANNOTATIONS_FILE, SAMPLES_DIR)
+    training = COCODetection(ANNOTATIONS_FILE, SAMPLES_DIR)
+    for index, image in enumerate(analysis):
+        assert training.info(index)["file_name"] == image.file_name
+        targets = training.targets(index)
+        truth = image.ground_truth
+        np.testing.assert_allclose(truth.training_boxes, targets[:, 1:], atol=1e-4)
+        np.testing.assert_array_equal(truth.labels, targets[:, 0].astype(np.int64))
+        np.testing.assert_allclose(truth.boxes[:, 2:] - truth.training_boxes[:, 2:], 1.0, atol=1e-4)  # 1 px wider

@@ -769,8 +769,8 @@ def test_across_images_over_a_folder_outside_the_allowed_root_is_refused(monkeyp
 
 
 def test_the_apps_ground_truth_is_the_datasets():
-    # One reading of a COCO file: the boxes the app draws (and its loss objective uses) are training's, the
-    # official conversion; the analyses' statistics use [x, y, x + w, y + h] (docs/analysis.md, Regions).
+    # One reading of a COCO file: the boxes the app draws and its loss objective uses are training's (the
+    # official conversion), as `gradflow`'s loss objective (GroundTruth.training_boxes).
     import json
 
     from asff_viz.data.coco import COCODetection

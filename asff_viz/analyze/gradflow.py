@@ -269,7 +269,8 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
     statistics = GradientFlowStatistics([label for _, _, label in variants] + control_modes + sweep_modes)
     skipped = []
     images = list(dataset)
-    truths = [(image.path, image.ground_truth.boxes[~image.ground_truth.crowd],
+    # The training loss of the boxes as training converts them (its positives are the loss's own).
+    truths = [(image.path, image.ground_truth.training_boxes[~image.ground_truth.crowd],
                image.ground_truth.labels[~image.ground_truth.crowd]) for image in images]
     streams = [context.cache.gradient_summaries(
         variant_model, truths, size=size, counterfactual=counterfactual, significance=args.significance,

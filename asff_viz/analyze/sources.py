@@ -18,6 +18,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, default_checkpoint_path, file_sha256, load_model
 from ..data.class_names import ClassMismatchError, match_classes
+from ..data.coco import convert_coco_bbox
 from ..inference.transforms import ImageError, read_image
 from ..introspection.capture import has_fusion_weights
 
@@ -124,16 +125,23 @@ def load_analysed_model(weights: str | os.PathLike | None, device: torch.device,
 class GroundTruth:
     """The annotated objects of one image, in original pixels.
 
-    boxes: (M, 4) xyxy = the annotation's [x, y, x + w, y + h], clipped to the image (continuous pixels, not
-    the training loader's 1-px-narrower conversion). labels: (M,) class indices (rank of the category id).
-    areas: (M,) the annotation's `area` (COCO's size measure: mask area, or w * h when absent).
-    crowd: (M,) bool iscrowd.
+    boxes: (M, 4) xyxy = the annotation's [x, y, x + w, y + h], clipped to the image (continuous pixels: the
+    object's extent, for weights inside it and for matching). labels: (M,) class indices (rank of the category
+    id). areas: (M,) the annotation's `area` (COCO's size measure: mask area, or w * h when absent).
+    crowd: (M,) bool iscrowd. training_boxes: (M, 4) the same boxes as training converts them (the official
+    conversion, 1 px narrower: `data.coco.convert_coco_bbox`), for the training-loss objective and its
+    positives: the continuous boxes move 11 % of the validation boxes' positive cell or level at 416.
     """
 
     boxes: np.ndarray
     labels: np.ndarray
     areas: np.ndarray
     crowd: np.ndarray
+    training_boxes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.training_boxes is None:
+            self.training_boxes = self.boxes
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -193,7 +201,7 @@ class AnalysisDataset:
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         width, height = int(info["width"]), int(info["height"])
-        boxes, labels, areas, crowd = [], [], [], []
+        boxes, training, labels, areas, crowd = [], [], [], [], []
         for annotation in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
             x, y, w, h = (float(v) for v in annotation["bbox"])
             if w <= 0 or h <= 0:
@@ -202,11 +210,13 @@ class AnalysisDataset:
             if box[2] <= box[0] or box[3] <= box[1]:
                 continue
             boxes.append(box)
+            training.append(convert_coco_bbox((x, y, w, h), width, height) or box)
             labels.append(self._class_index[annotation["category_id"]])
             areas.append(float(annotation.get("area", w * h)))
             crowd.append(bool(annotation.get("iscrowd", 0)))
         truth = GroundTruth(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(labels, dtype=np.int64),
-                            np.asarray(areas, dtype=np.float64), np.asarray(crowd, dtype=bool))
+                            np.asarray(areas, dtype=np.float64), np.asarray(crowd, dtype=bool),
+                            np.asarray(training, dtype=np.float64).reshape(-1, 4))
         return DatasetImage(image_id, info["file_name"], self.image_dir / info["file_name"], width, height, truth)
 
     def record(self) -> dict:

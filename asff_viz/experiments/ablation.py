@@ -256,7 +256,8 @@ def flow_statistics(checkpoints: dict[str, Path], annotations: Path, images: Pat
 
     skipped = 0
     images = list(dataset)
-    truths = [(image.path, image.ground_truth.boxes[~image.ground_truth.crowd],
+    # The training loss of the boxes as training converts them (its positives are the loss's own).
+    truths = [(image.path, image.ground_truth.training_boxes[~image.ground_truth.crowd],
                image.ground_truth.labels[~image.ground_truth.crowd]) for image in images]
     streams = [results.gradient_summaries(model, truths, size=size, workers=default_workers(),
                                           controls=name in controlled, control_seed=0)
