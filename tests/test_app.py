@@ -846,3 +846,15 @@ def test_across_images_bars_are_the_mean_over_objects_not_over_images():
     assert float(first_source["mean weight"].iloc[0]) == pytest.approx(0.7)
     dots = next(trace for trace in figure.data if trace.type == "scatter")
     assert sorted(dots.y) == pytest.approx([0.1, 0.9])
+
+
+@pytest.mark.parametrize("field, value", [("bbox", [float("nan"), 1, 20, 20]), ("bbox", [True, 1, 20, 20]),
+                                          ("category_id", 1.0)])
+def test_uploaded_ground_truth_with_a_malformed_value_is_refused_naming_it(field, value):
+    # NaN was dropped silently (its width test is False), true read as 1.0 and 1.0 matched category 1.
+    from asff_viz.samples import ANNOTATIONS_FILE, AnnotationError, annotations_from_coco
+
+    document = json.loads(ANNOTATIONS_FILE.read_text())
+    document["annotations"][0][field] = value
+    with pytest.raises(AnnotationError, match=r"gt\.json: annotations\[0\].*" + field):
+        annotations_from_coco(document, document["images"][0]["file_name"], "gt.json")

@@ -91,7 +91,7 @@ def annotations_from_coco(document: dict, file_name: str, source: str = "annotat
     document is not COCO-style.
     """
     from ..data.coco import convert_coco_bbox
-    from ..data.coco_document import validate_document
+    from ..data.coco_document import is_finite_number, is_int, validate_document
     from ..data.errors import DatasetError
 
     try:
@@ -113,8 +113,14 @@ def annotations_from_coco(document: dict, file_name: str, source: str = "annotat
         try:
             if annotation["image_id"] != image["id"] or annotation.get("iscrowd", 0):
                 continue
-            x, y, width, height = (float(value) for value in annotation["bbox"])
-            label = class_index[annotation["category_id"]]
+            bbox, category = annotation["bbox"], annotation["category_id"]
+            # NaN, true or 1.0 would slip through float() and the id lookup.
+            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(map(is_finite_number, bbox))):
+                raise ValueError(f"bbox {str(bbox)[:60]} is not 4 finite numbers")
+            if not is_int(category):
+                raise ValueError(f"category_id {category!r} is not an integer")
+            x, y, width, height = (float(value) for value in bbox)
+            label = class_index[category]
         except (KeyError, TypeError, ValueError) as error:
             raise AnnotationError(f"{source}: annotations[{position}] needs image_id, category_id (one of the "
                                   f"categories) and bbox [x, y, w, h] ({type(error).__name__} {error})") from None
