@@ -49,7 +49,7 @@ from .runner import (
     parse_counterfactual,
     record_dataset_images,
 )
-from .sources import AnalysisDataset, AnalysisError, load_analysed_model
+from .sources import AnalysisDataset, AnalysisError, load_analysed_model, loss_truths
 
 logger = logging.getLogger(__name__)
 MODE_COLORS = {"learned": OKABE_ITO["blue"], "uniform": OKABE_ITO["orange"], "sum": OKABE_ITO["reddish_purple"]}
@@ -269,9 +269,7 @@ def run(args: argparse.Namespace, argv=None) -> RunContext:
     statistics = GradientFlowStatistics([label for _, _, label in variants] + control_modes + sweep_modes)
     skipped = []
     images = list(dataset)
-    # The training loss of the boxes as training converts them (its positives are the loss's own).
-    truths = [(image.path, image.ground_truth.training_boxes[~image.ground_truth.crowd],
-               image.ground_truth.labels[~image.ground_truth.crowd]) for image in images]
+    truths = loss_truths(images)
     streams = [context.cache.gradient_summaries(
         variant_model, truths, size=size, counterfactual=counterfactual, significance=args.significance,
         active_fraction=args.active_fraction, cosine_threshold=args.cosine_threshold,

@@ -242,6 +242,13 @@ class AnalysisDataset:
             logger.warning("warning: %s", note)
 
 
+def loss_truths(images) -> list[tuple]:
+    """(path, boxes, labels) of each `DatasetImage` for the training-loss objective: its non-crowd boxes as training
+    converts them (`GroundTruth.training_boxes`), so that the loss and its positives are training's own."""
+    return [(image.path, image.ground_truth.training_boxes[~image.ground_truth.crowd],
+             image.ground_truth.labels[~image.ground_truth.crowd]) for image in images]
+
+
 def check_image_paths(paths) -> list[Path]:
     """Image paths given on the command line -> Paths, each read once before any model runs; AnalysisError naming
     the first one that is missing, a folder, or not a readable image."""
@@ -262,4 +269,4 @@ def check_image_paths(paths) -> list[Path]:
 
 
 __all__ = ["AnalysedModel", "AnalysisDataset", "AnalysisError", "DatasetImage", "GroundTruth",
-           "check_image_paths", "file_sha256", "load_analysed_model", "resolve_device"]
+           "check_image_paths", "file_sha256", "load_analysed_model", "loss_truths", "resolve_device"]

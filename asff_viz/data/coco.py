@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from asff_viz.data.coco_document import (
     check_image_dir,
     inside_folder,
+    is_bbox,
     is_finite_number,
     is_int,
     load_annotation_document,
@@ -216,8 +217,7 @@ class COCODetection(Dataset):
                 self.skipped["malformed_box"] += 1
                 continue
             bbox = annotation.get("bbox")
-            valid_bbox = isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(map(is_finite_number, bbox))
-            if not valid_bbox:
+            if not is_bbox(bbox):
                 self.skipped["malformed_box"] += 1
                 continue
             if not (is_int(annotation.get("image_id")) and is_int(annotation.get("category_id"))

@@ -23,6 +23,11 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_bbox(value: Any) -> bool:
+    """A COCO bbox: a list of 4 finite numbers (no NaN, no bool)."""
+    return isinstance(value, (list, tuple)) and len(value) == 4 and all(map(is_finite_number, value))
+
+
 def load_annotation_document(annotation_file: Path) -> dict:
     """Read and validate the structure of a COCO annotation file (types, unique ids)."""
     if annotation_file.is_dir():

@@ -243,7 +243,7 @@ def flow_statistics(checkpoints: dict[str, Path], annotations: Path, images: Pat
     computed in the run's own backward pass, each image's draws seeded by its sha256)."""
     from ..analyze.flow_statistics import GradientFlowStatistics
     from ..analyze.results_cache import AnalysisCache
-    from ..analyze.sources import AnalysisDataset, load_analysed_model
+    from ..analyze.sources import AnalysisDataset, load_analysed_model, loss_truths
     from ..data.loading import default_workers
     from ..introspection.controls import ALL_CONTROLS
 
@@ -256,9 +256,7 @@ def flow_statistics(checkpoints: dict[str, Path], annotations: Path, images: Pat
 
     skipped = 0
     images = list(dataset)
-    # The training loss of the boxes as training converts them (its positives are the loss's own).
-    truths = [(image.path, image.ground_truth.training_boxes[~image.ground_truth.crowd],
-               image.ground_truth.labels[~image.ground_truth.crowd]) for image in images]
+    truths = loss_truths(images)
     streams = [results.gradient_summaries(model, truths, size=size, workers=default_workers(),
                                           controls=name in controlled, control_seed=0)
                for name, model in models.items()]
@@ -416,7 +414,7 @@ def conflict_controls(flows, controlled: Sequence[str], samples: int = 1000) -> 
 
 
 def controls_markdown(rows: list[dict]) -> str:
-    """The controls table of ablation.md: run minus control, by source level, at positives and at background."""
+    """The controls table of ablation.md: run minus control, by region and source level."""
     if not rows:
         return ""
     controls = list(dict.fromkeys(row["control"] for row in rows))

@@ -39,14 +39,20 @@ def rate_text(rate: float, spec: str = ".1%") -> str:
     return format(rate, spec) if math.isfinite(rate) else "n/a"
 
 
-def conflict_text(flow, rate: float, spec: str = ".1%") -> str:
-    """One of `flow`'s conflict rates as text, or why it is not a measurement: a gradient that is not finite, or
-    one that reaches a single target level (no two levels can disagree, so its 0 says nothing)."""
+def conflict_undefined(flow) -> str | None:
+    """Why `flow`'s conflict rates are no measurement, or None: a gradient that is not finite, or one that reaches
+    a single target level (no two levels can disagree, so its 0 says nothing)."""
     if not flow.finite:
-        return "n/a (gradient not finite)"
+        return "gradient not finite"
     if flow.targets_reached < 2:
-        return "n/a (one target level)"
-    return rate_text(rate, spec)
+        return "one target level"
+    return None
+
+
+def conflict_text(flow, rate: float, spec: str = ".1%") -> str:
+    """One of `flow`'s conflict rates as text, or 'n/a (why)' (`conflict_undefined`)."""
+    reason = conflict_undefined(flow)
+    return rate_text(rate, spec) if reason is None else f"n/a ({reason})"
 
 
 def gradient_flow_matrix(flow, *, cmap: str = MAGNITUDE_CMAP, log_scale: bool = False,

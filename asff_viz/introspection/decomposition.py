@@ -428,8 +428,7 @@ def _flow_of(model: nn.Module, decomposition: GradientDecomposition, objective, 
     conflict = [conflict_statistics(torch.stack([decomposition.value[l][k].cpu() for l in range(3)]),
                                     significance, active_fraction, cosine_threshold, sign_agreement=agreement)
                 for k in range(3)]
-    active_total = sum(int(c.active.sum()) for c in conflict)
-    overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else math.nan
+    overall = _overall_rate(conflict)
     flow = GradientFlow(
         objective=objective.describe() if hasattr(objective, "describe") else repr(objective),
         objective_value=decomposition.objective_value,
@@ -480,10 +479,15 @@ def _flow_with_terms(flow: GradientFlow, terms: list, significance: float, activ
                                                           sign_agreement=sign_agreement) for k in range(3)])
 
 
+def _overall_rate(conflict: list) -> float:
+    """Conflicting over active locations of all sources (NaN when nothing is active: 0 of 0 is not 0 %)."""
+    active_total = sum(int(c.active.sum()) for c in conflict)
+    return sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else math.nan
+
+
 def _flow_with_conflict(flow: GradientFlow, conflict: list) -> GradientFlow:
     """`flow` with other conflict statistics (one per source), and the maps and rates that follow from them."""
-    active_total = sum(int(c.active.sum()) for c in conflict)
-    overall = sum(int(c.conflicting.sum()) for c in conflict) / active_total if active_total else math.nan
+    overall = _overall_rate(conflict)
     result = replace(flow, conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]),
                      overall_conflict_rate=overall, controls={}, sweep={},
                      maps=[[conflict[k].norms[l] for k in range(3)] for l in range(3)])

@@ -91,7 +91,7 @@ def annotations_from_coco(document: dict, file_name: str, source: str = "annotat
     document is not COCO-style.
     """
     from ..data.coco import convert_coco_bbox
-    from ..data.coco_document import is_finite_number, is_int, validate_document
+    from ..data.coco_document import is_bbox, is_int, validate_document
     from ..data.errors import DatasetError
 
     try:
@@ -115,7 +115,7 @@ def annotations_from_coco(document: dict, file_name: str, source: str = "annotat
                 continue
             bbox, category = annotation["bbox"], annotation["category_id"]
             # NaN, true or 1.0 would slip through float() and the id lookup.
-            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(map(is_finite_number, bbox))):
+            if not is_bbox(bbox):
                 raise ValueError(f"bbox {str(bbox)[:60]} is not 4 finite numbers")
             if not is_int(category):
                 raise ValueError(f"category_id {category!r} is not an integer")
@@ -185,14 +185,15 @@ def render_samples() -> dict[str, bytes]:
     return files
 
 
-def generate_samples(out_dir: str | Path) -> list[Path]:
-    """Render the sample images and write them with `annotations.json` into `out_dir`; returns the image paths."""
+def generate_samples(out_dir: str | Path, files: dict[str, bytes] | None = None) -> list[Path]:
+    """Write the sample images with `annotations.json` into `out_dir` (`files`, default a fresh
+    `render_samples()`); returns the image paths."""
     from ..utils.fileio import atomic_write
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, data in render_samples().items():
+    for name, data in (files if files is not None else render_samples()).items():
         atomic_write(out_dir / name, lambda stream, data=data: stream.write(data))
         paths.append(out_dir / name)
     if out_dir.resolve() == SAMPLES_DIR:

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     if existing and not args.overwrite:
         parser.error(f"--out {args.out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     try:
-        paths = generate_samples(args.out)
+        paths = generate_samples(args.out, rendered)
     except OSError as error:
         print(f"error: could not write into {args.out}: {error.strerror or error}", file=sys.stderr)
         return 2

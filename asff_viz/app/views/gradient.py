@@ -10,7 +10,7 @@ import json
 import numpy as np
 import streamlit as st
 
-from ...figures.gradients import conflict_text, finite_max
+from ...figures.gradients import conflict_text, conflict_undefined, finite_max, rate_text
 from .. import cached, charts
 from ..widgets import (
     Analysis,
@@ -160,10 +160,10 @@ def _compute_flows(analysis: Analysis, objective: tuple, labels) -> dict | None:
     return flows
 
 
-CONFLICT_HELP = {
+CONFLICT_HELP = {  # by `conflict_undefined`'s reason
     None: "Share of active source locations where two target levels send gradients pointing in opposing directions.",
-    "n/a (gradient not finite)": "The gradient is not finite (see the warning above).",
-    "n/a (one target level)": "Only one target level sends gradient (a detection's score reaches its own level "
+    "gradient not finite": "The gradient is not finite (see the warning above).",
+    "one target level": "Only one target level sends gradient (a detection's score reaches its own level "
                               "only), so no two target levels can disagree. Choose the sum of all scores or the "
                               "training loss to compare conflict.",
 }
@@ -182,8 +182,9 @@ def _matrices(flows: dict, label: str) -> None:
             st.markdown(f"**{'Learned ASFF weights' if name == 'learned' else 'Uniform weights (counterfactual)'}**")
             metrics = st.columns(3)
             metrics[0].metric("Objective", f"{flow.objective_value:.4g}", help=label)
-            text = conflict_text(flow, flow.overall_conflict_rate)
-            metrics[1].metric("Conflict rate", text.split(" (")[0], help=CONFLICT_HELP.get(text, CONFLICT_HELP[None]))
+            reason = conflict_undefined(flow)
+            metrics[1].metric("Conflict rate", rate_text(flow.overall_conflict_rate) if reason is None else "n/a",
+                              help=CONFLICT_HELP[reason])
             metrics[2].metric("Total value-path norm", f"{flow.matrix.sum():.3g}" if flow.finite else "n/a")
             plotly_chart(charts.matrix_figure(flow.matrix, "gradient norm, target → source", zmax=matrix_max),
                          key=f"gradient_matrix_{name}", config={"displayModeBar": False}, width="stretch")
