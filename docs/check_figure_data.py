@@ -2,14 +2,15 @@
 
     python docs/check_figure_data.py runs/analysis docs/figures
 
-Each committed CSV is matched with the regenerated one of the same name under the analysis folder; numbers must
-agree to 1e-6 (relative) and text exactly. Exit status 1, with the differing cells, when they do not: the docs
-would otherwise show figures their own commands no longer make (a changed statistic, another OpenCV drawing the
-synthetic images differently, ...).
+Every committed CSV is matched with the regenerated one under the analysis folder (`source`: the command folder
+its name starts with, or the two renamed ones); numbers must agree to 1e-6 (relative) and text exactly. A
+committed CSV that no command is known to make is an error too, so that no figure's data goes unchecked. Exit
+status 1, with the differing cells, when they do not: the docs would otherwise show figures their own commands
+no longer make (a changed statistic, another OpenCV drawing the synthetic images differently, ...).
 
 When they differ, the inputs recorded in each command's run.json (docs/figures/<command>_run.json against the
-fresh one) say why, where they can: another annotation file, other image bytes (the synthetic set generated on
-another kind of CPU or with another OpenCV) or another checkpoint make other numbers without any code change.
+fresh one) say why, where they can: another annotation file, other image bytes (the synthetic set generated
+with another OpenCV) or another checkpoint make other numbers without any code change.
 """
 
 from __future__ import annotations
@@ -20,9 +21,20 @@ import math
 import sys
 from pathlib import Path
 
-# docs/figures CSV -> the command folder that writes it
-SOURCES = {"fusion_contrasts.csv": "scale-stats", "gradflow_conflict_controls.csv": "gradflow",
-           "gradflow_conflict_paired.csv": "gradflow", "compare_ap_paired.csv": "compare"}
+# The command folder (under the analysis folder) that writes a docs/figures CSV, by the CSV's name: its first
+# word, or the whole name where docs/make_figures.sh renames the file when copying it.
+COMMANDS = {"compare": "compare", "evolution": "evolution", "figure3": "figure3", "fusion": "scale-stats",
+            "gradflow": "gradflow"}
+RENAMED = {"figure3_example.csv": "figure3/figure3_000002.csv",  # the first of make_figures.sh's IMAGES
+           "gradflow_threshold_sweep.csv": "gradflow_sweep/gradflow_threshold_sweep.csv"}
+
+
+def source(name: str) -> str | None:
+    """The regenerated file (relative to the analysis folder) that the committed CSV `name` was copied from."""
+    if name in RENAMED:
+        return RENAMED[name]
+    command = COMMANDS.get(name.split("_")[0])
+    return f"{command}/{name}" if command else None
 
 
 def _cells_differ(first: str, second: str) -> bool:
@@ -82,23 +94,31 @@ def input_differences(committed: Path, fresh: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     analysis, figures = Path(argv[0]), Path(argv[1])
-    problems, checked = [], 0
-    for name, command in SOURCES.items():
-        committed, fresh = figures / name, analysis / command / name
-        if not committed.is_file() or not fresh.is_file():
-            problems.append(f"{name}: missing ({committed if not committed.is_file() else fresh})")
+    problems, checked, commands = [], 0, {}
+    committed_files = sorted(figures.glob("*.csv"))
+    if not committed_files:
+        problems.append(f"{figures}: no CSV to check")
+    for committed in committed_files:
+        made_by = source(committed.name)
+        if made_by is None:
+            problems.append(f"{committed.name}: no command is known to make it (docs/check_figure_data.py, source)")
+            continue
+        fresh = analysis / made_by
+        commands[made_by.split("/")[0]] = None
+        if not fresh.is_file():
+            problems.append(f"{committed.name}: not regenerated ({fresh} is missing)")
             continue
         problems += compare(committed, fresh)
         checked += 1
     for problem in problems[:40]:
         print(problem, file=sys.stderr)
     if problems:
-        for command in dict.fromkeys(SOURCES.values()):
+        for command in commands:
             committed_run = figures / f"{command.replace('-', '_')}_run.json"
             notes = input_differences(committed_run, analysis / command / "run.json")
             if notes:
                 print(f"{command} did not run on the committed inputs: {'; '.join(notes)}. The synthetic images depend "
-                      "on the CPU kind and the OpenCV build that drew them (docs/analysis.md, Reproducing the numbers "
+                      "on the OpenCV build that drew them (docs/analysis.md, Reproducing the numbers "
                       "exactly).", file=sys.stderr)
         print(f"{len(problems)} differences between docs/figures and this regeneration", file=sys.stderr)
         return 1

@@ -66,6 +66,9 @@ if [ -n "$SUM_WEIGHTS" ]; then
 fi
 "$PYTHON" -m asff_viz.analyze gradflow "${MODEL[@]}" "${SUBSET[@]}" ${GRADFLOW_EXTRA[@]+"${GRADFLOW_EXTRA[@]}"} \
   --out "$OUT/gradflow" "${COMMON[@]}"
+# The threshold sweep behind analysis.md's robustness paragraph (first 100 images, learned and uniform weights).
+"$PYTHON" -m asff_viz.analyze gradflow "${MODEL[@]}" --annotations "$ANNOTATIONS" --images "$VAL_IMAGES" \
+  --limit "$(( 100 < LIMIT ? 100 : LIMIT ))" --sweep --out "$OUT/gradflow_sweep" "${COMMON[@]}"
 "$PYTHON" -m asff_viz.analyze compare "${COMPARE_WEIGHTS[@]}" --counterfactual uniform "${COMPARE_LABELS[@]}" \
   "${SUBSET[@]}" --out "$OUT/compare" "${COMMON[@]}"
 
@@ -107,6 +110,8 @@ cp "$OUT/scale-stats/fusion_contrasts.csv" "$FIGURES/" && cp "$OUT/scale-stats/r
 cp "$OUT/gradflow/gradflow_conflict_controls.csv" "$FIGURES/" && cp "$OUT/gradflow/run.json" "$FIGURES/gradflow_run.json"
 # ASFF minus the other modes (the uniform re-run, the sum-fusion model), paired over images.
 copy gradflow/gradflow_conflict_paired gradflow_conflict_paired
+cp "$OUT/gradflow_sweep/gradflow_threshold_sweep.csv" "$FIGURES/" \
+  && cp "$OUT/gradflow_sweep/run.json" "$FIGURES/gradflow_sweep_run.json"
 for name in compare_ap compare_recall compare_fusion compare_detections; do copy "compare/$name" "$name"; done
 cp "$OUT/compare/compare_ap_paired.csv" "$FIGURES/" && cp "$OUT/compare/run.json" "$FIGURES/compare_run.json"
 EVOLUTION_FIGURES=(evolution_training_fusion evolution_gradient_norms evolution_metrics)

@@ -731,8 +731,47 @@ def test_docs_figure_data_check_catches_a_changed_number(tmp_path):
     assert result.returncode == 1 and "committed -0.004, regenerated -0.0041" in result.stderr
 
 
+def test_docs_figure_data_check_covers_every_committed_csv(tmp_path):
+    # It checked four tables of the 22: the data drawn in a figure (fusion_by_size.csv, the renamed
+    # figure3_example.csv, the threshold sweep) could change without the check noticing.
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "check_figure_data.py"
+    analysis, figures = tmp_path / "analysis", tmp_path / "figures"
+    figures.mkdir()
+    table = "level,weight\n8,0.25\n"
+    for committed, fresh in (("fusion_by_size.csv", "scale-stats/fusion_by_size.csv"),
+                             ("figure3_example.csv", "figure3/figure3_000002.csv"),
+                             ("gradflow_threshold_sweep.csv", "gradflow_sweep/gradflow_threshold_sweep.csv"),
+                             ("evolution_metrics.csv", "evolution/evolution_metrics.csv")):
+        (figures / committed).write_text(table)
+        (analysis / fresh).parent.mkdir(parents=True, exist_ok=True)
+        (analysis / fresh).write_text(table)
+
+    def check():
+        return subprocess.run([sys.executable, str(script), str(analysis), str(figures)], capture_output=True,
+                              text=True)
+
+    result = check()
+    assert result.returncode == 0 and "4 tables regenerated identically" in result.stdout
+    for fresh in ("scale-stats/fusion_by_size.csv", "figure3/figure3_000002.csv",
+                  "gradflow_sweep/gradflow_threshold_sweep.csv"):
+        (analysis / fresh).write_text("level,weight\n8,0.26\n")
+        result = check()
+        assert result.returncode == 1 and "committed 0.25, regenerated 0.26" in result.stderr, fresh
+        (analysis / fresh).write_text(table)
+    (analysis / "evolution" / "evolution_metrics.csv").unlink()
+    result = check()
+    assert result.returncode == 1 and "evolution_metrics.csv: not regenerated" in result.stderr
+    (analysis / "evolution" / "evolution_metrics.csv").write_text(table)
+    (figures / "unknown_table.csv").write_text(table)
+    result = check()
+    assert result.returncode == 1 and "unknown_table.csv: no command is known to make it" in result.stderr
+
+
 def test_docs_figure_data_check_says_when_the_inputs_differ(tmp_path):
-    # A regeneration on data drawn by another CPU kind differs without any code change: the check says so.
+    # A regeneration on data drawn by another OpenCV differs without any code change: the check says so.
     import subprocess
     import sys
 
