@@ -58,6 +58,22 @@ def test_a_tiny_ablation_writes_its_table_and_a_rerun_trains_nothing(tmp_path):
     for name, text in logs.items():
         assert (out / "models" / name / "train.log").read_text() == text  # not trained again
         assert (out / "models" / name / "last.pt").stat().st_mtime_ns == checkpoints[name]
+    assert [row["skipped_steps"] for row in table] == ["0", "0"]
+    assert "Training steps skipped for a non-finite loss or gradients: none in any run." in (
+        out / "ablation.md").read_text()
+
+    # A run that left steps out (non-finite loss or gradients) trained on fewer updates: the report says which.
+    import torch
+
+    from asff_viz.checkpoint import atomic_save
+
+    checkpoint = torch.load(out / "models" / "sum_s0" / "last.pt", map_location="cpu", weights_only=True)
+    checkpoint["training"]["skipped_steps"] = 2
+    atomic_save(checkpoint, out / "models" / "sum_s0" / "last.pt")
+    assert ablation.training_record(out / "models" / "sum_s0" / "last.pt") == {"epochs": 1, "skipped_steps": 2}
+    marked = ablation.main(["--out", str(out), *TINY])
+    assert [row["skipped_steps"] for row in marked] == [2, 0]
+    assert "(their update left out): `sum_s0` 2; none in the other runs." in (out / "ablation.md").read_text()
     with pytest.raises(SystemExit, match="another data set"):
         ablation.main(["--out", str(out), *TINY[:-6], "--val-images", "5", "--max-iterations", "1"])
 

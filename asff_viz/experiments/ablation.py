@@ -47,7 +47,15 @@ import torch
 from ..analyze.gradflow import CONTROL_PREFIX
 from ..utils.argtypes import describe_os_error, output_folder, positive_int
 from ..utils.fileio import atomic_write_text
-from .report import add_paired_ap, conflict_intervals, markdown_table, run_name, table_rows, write_figures
+from .report import (
+    add_paired_ap,
+    conflict_intervals,
+    markdown_table,
+    run_name,
+    skipped_steps_markdown,
+    table_rows,
+    write_figures,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,17 +117,23 @@ def train_arguments(preset: Preset, data: Path, out: Path, mode: str, seed: int,
     return args
 
 
-def trained_epochs(checkpoint: Path) -> int:
-    """Epochs a run's last.pt holds (0 when there is none or it cannot be read)."""
+def training_record(checkpoint: Path) -> dict:
+    """{"epochs", "skipped_steps"} of a run's last.pt: epochs done, and optimizer steps left out because their loss
+    or gradients were not finite (both 0 when there is no file or it cannot be read)."""
     from ..checkpoint import CheckpointError, read_checkpoint
 
-    if not checkpoint.is_file():
-        return 0
-    try:
-        training = read_checkpoint(checkpoint).get("training") or {}
-    except CheckpointError:
-        return 0
-    return int(training.get("epoch", 0))
+    training = {}
+    if checkpoint.is_file():
+        try:
+            training = read_checkpoint(checkpoint).get("training") or {}
+        except CheckpointError:
+            pass
+    return {"epochs": int(training.get("epoch", 0)), "skipped_steps": int(training.get("skipped_steps", 0))}
+
+
+def trained_epochs(checkpoint: Path) -> int:
+    """Epochs a run's last.pt holds (0 when there is none or it cannot be read)."""
+    return training_record(checkpoint)["epochs"]
 
 
 def _train_one(command: list[str], log_path: Path, threads: int) -> int:
@@ -383,14 +397,15 @@ def analyse(preset: Preset, out: Path, runs: dict[str, Path], modes: Sequence[st
                 analyze_main(["scale-stats", "--weights", str(runs[name]), "--annotations", str(annotations),
                               "--images", str(images), "--limit", str(preset.analysis_images), "--size",
                               str(preset.eval_size), "--out", str(out / "scale-stats" / name), "--cache", str(cache)])
-    rows = table_rows(evaluations, latency, conflicts, finished, preset.seeds)
+    skipped = {name: training_record(path)["skipped_steps"] for name, path in runs.items()}
+    rows = table_rows(evaluations, latency, conflicts, finished, preset.seeds, skipped)
     add_paired_ap(rows, runs, finished, preset, annotations, images, out, cache)
     write_csv(out / "ablation.csv", rows)
     if control_table:
         write_csv(out / "ablation_conflict_controls.csv", control_table)
     failures = "".join(f"\n* `{name}` did not finish training: {reason}\n" for name, reason in (failed or {}).items())
-    atomic_write_text(out / "ablation.md", markdown_table(rows, preset.seeds) + controls_markdown(control_table)
-                      + failures)
+    atomic_write_text(out / "ablation.md", markdown_table(rows, preset.seeds) + skipped_steps_markdown(skipped)
+                      + controls_markdown(control_table) + failures)
     write_figures(out, rows, conflicts, finished, preset.seeds)
     return rows
 

@@ -45,14 +45,15 @@ def conflict_intervals(flows, names: Sequence[str], samples: int = 1000) -> dict
 
 
 def table_rows(evaluations: dict[str, dict], latency: dict[str, float], conflicts: dict[str, tuple],
-               modes: Sequence[str], seeds: Sequence[int]) -> list[dict]:
-    """One row per mode: metrics (mean and sample standard deviation over seeds), cost, and the conflict rate of
-    each source level at positives and at background with its 95 % image-bootstrap interval (first seed;
-    `conflict_intervals`)."""
+               modes: Sequence[str], seeds: Sequence[int], skipped_steps: dict[str, int] | None = None) -> list[dict]:
+    """One row per mode: metrics (mean and sample standard deviation over seeds), cost, the training steps its
+    runs skipped (non-finite loss or gradients; summed over seeds), and the conflict rate of each source level at
+    positives and at background with its 95 % image-bootstrap interval (first seed; `conflict_intervals`)."""
     rows = []
     for mode in modes:
         names = [run_name(mode, seed) for seed in seeds]
-        row: dict = {"mode": mode, "seeds": len(names)}
+        row: dict = {"mode": mode, "seeds": len(names),
+                     "skipped_steps": sum((skipped_steps or {}).get(name, 0) for name in names)}
         for metric in METRICS:
             mean, spread = _mean_spread([evaluations[n]["metrics"].get(metric) for n in names])
             row[metric], row[f"{metric}_sd"] = round(mean, 4), round(spread, 4)
@@ -127,6 +128,19 @@ def markdown_table(rows: list[dict], seeds: Sequence[int]) -> str:
         "locations of each source level where two target levels' value-path gradients of the training loss point " \
         "apart (cosine < 0), at ground-truth positives and at background, with 95 % image-bootstrap intervals; " \
         "n/a where the fusion has no per-source weights (baseline: no fusion; concat: a 1x1 projection).\n"
+
+
+def skipped_steps_markdown(skipped_steps: dict[str, int]) -> str:
+    """The line under the table that says which runs left steps out (their loss or gradients were not finite):
+    such a run trained on fewer updates than the others, which a reader of the AP column should know."""
+    if not skipped_steps:
+        return ""
+    hit = {name: count for name, count in skipped_steps.items() if count}
+    if not hit:
+        return "\nTraining steps skipped for a non-finite loss or gradients: none in any run.\n"
+    listed = ", ".join(f"`{name}` {count}" for name, count in hit.items())
+    return (f"\nTraining steps skipped for a non-finite loss or gradients (their update left out): {listed}; "
+            "none in the other runs.\n")
 
 
 def write_figures(out: Path, rows: list[dict], conflicts: dict[str, tuple], modes: Sequence[str],
