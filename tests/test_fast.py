@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -17,9 +18,14 @@ from asff_viz.bench.report import format_table, targets
 from asff_viz.inference.fast import (
     CascadedSPP,
     FusedConvAct,
+    InPlaceResidual,
+    PackedConv2d,
+    PackedDeformConv2d,
+    PackedWeight,
     fold_all_batchnorms,
     fused_conv_activation_available,
     optimize_for_inference,
+    weight_packing_available,
 )
 from asff_viz.inference.postprocess import postprocess, row_location
 from asff_viz.models.blocks import SPP
@@ -104,6 +110,88 @@ def test_fused_conv_activation_equal_and_autograd_falls_back(model, images):
     outputs[2].prediction.sum().backward()
     assert inputs.grad is not None and torch.isfinite(inputs.grad).all() and inputs.grad.abs().sum() > 0
     assert_outputs_close([tuple(t.detach().float() for t in out) for out in outputs], expected)
+
+
+BF16_ONEDNN = weight_packing_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not weight_packing_available(), reason="no oneDNN weight packing in this PyTorch build")
+@pytest.mark.parametrize("dtype", [None, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not BF16_ONEDNN, reason="this CPU runs no bf16 oneDNN kernels"))], ids=["fp32", "bf16"])
+def test_packed_weights_equal_plain_and_follow_changes(model, images, dtype):
+    plain = optimize_for_inference(model, dtype=dtype, pack_weights=False)
+    packed = optimize_for_inference(model, dtype=dtype)
+    assert packed.inference_settings["packed_weights"] > 0 and plain.inference_settings["packed_weights"] == 0
+    assert isinstance(packed.head.levels[0].predict, PackedConv2d)  # a conv with no activation
+    assert isinstance(packed.head.levels[0].adaption.dconv, PackedDeformConv2d)
+    # bf16 results are compared at bf16's own resolution: the same kernels, summing in an order of their own.
+    rtol = 1e-4 if dtype is None else 2e-2
+    assert_outputs_close(run(packed, images)[0], run(plain, images)[0], rtol)
+    # Another input size, then the first again: the packed copies are made for the shape at hand.
+    smaller = images[:1, :, :64, :64].contiguous()
+    assert_outputs_close(run(packed, smaller)[0], run(plain, smaller)[0], rtol)
+    assert_outputs_close(run(packed, images)[0], run(plain, images)[0], rtol)
+    # A weight changed in place (a fine-tune, load_state_dict) is seen at the next call, not the stale copy.
+    with torch.no_grad():
+        for network in (plain, packed):
+            network.backbone.stem.conv.weight.mul_(-1.5)
+            network.head.levels[2].adaption.dconv.weight.mul_(0.5)
+    changed = run(plain, images)[0]
+    assert (changed[2][0] - run(optimize_for_inference(model, dtype=dtype), images)[0][2][0]).abs().max() > 0.1
+    assert_outputs_close(run(packed, images)[0], changed, rtol)
+    # The packed copies are a cache: not in the state_dict, not carried by a deep copy, which still runs.
+    assert not any(t.is_mkldnn for t in packed.state_dict().values())
+    assert_outputs_close(run(copy.deepcopy(packed), images)[0], changed, rtol)
+    # With autograd recording, the plain conv runs and gradients flow.
+    inputs = images.clone().requires_grad_(True)
+    packed(inputs)[2].prediction.float().sum().backward()
+    assert inputs.grad is not None and torch.isfinite(inputs.grad).all() and inputs.grad.abs().sum() > 0
+
+
+def test_packed_weight_cache_is_made_per_weight_version_and_input_shape_and_never_copied():
+    made = []
+
+    def pack(weight, input_shape):
+        made.append(input_shape)
+        return weight * 2
+
+    cache, weight = PackedWeight(), torch.ones(4, 2, 3, 3)
+    assert torch.equal(cache.get(weight, (1, 2, 8, 8), pack), weight * 2)
+    cache.get(weight, (1, 2, 8, 8), pack)
+    assert made == [(1, 2, 8, 8)]  # reused while nothing changed
+    cache.get(weight, (1, 2, 16, 16), pack)
+    assert made[-1] == (1, 2, 16, 16)  # made for the new input shape
+    weight.add_(1)
+    assert torch.equal(cache.get(weight, (1, 2, 16, 16), pack), weight * 2) and len(made) == 3  # new version
+    # Packed oneDNN tensors have no storage to copy: a copied or pickled module starts with an empty cache.
+    assert copy.deepcopy(cache).entry is None and pickle.loads(pickle.dumps(cache)).entry is None
+    assert cache.entry is not None
+
+
+def test_packed_weights_refuse_compile(model):
+    with pytest.raises(ValueError, match="compile"):
+        optimize_for_inference(model, compile=True, pack_weights=True)
+
+
+def test_in_place_residual_adds_like_the_model_and_spares_a_hooked_output(model, images):
+    optimized = optimize_for_inference(model, pack_weights=False)
+    blocks = [m for m in optimized.modules() if isinstance(m, InPlaceResidual) and m.shortcut]
+    assert blocks
+    block = blocks[0]
+    x = torch.randn(2, block.reduce.conv.in_channels, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = x + block.expand(block.reduce(x))
+        torch.testing.assert_close(block(x), expected)
+        kept = []
+        handle = block.expand.register_forward_hook(lambda _m, _i, output: kept.append(output))
+        try:
+            result = block(x)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(result, expected)
+    # The hook's tensor is the conv's output, not the sum: the add went to a new tensor.
+    torch.testing.assert_close(kept[0], expected - x)
+    assert_outputs_close(run(optimized, images)[0], run(model, images)[0])
 
 
 def test_cascaded_spp_is_exact():

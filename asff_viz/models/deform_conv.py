@@ -165,11 +165,16 @@ def deform_conv2d(
     stride: int = 1,
     padding: int = 0,
     dilation: int = 1,
+    *,
+    packed_kernel: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Deformable convolution of `input` (B, C, H, W) with `weight` (O, C, kh, kw) at `offset`.
 
     All taps of all groups are sampled with one `embedding_bag` (no Python loop over positions), giving the
     columns (B * H_out * W_out, kh * kw * C), which one matrix product turns into the output.
+    `packed_kernel`, for CPU inference on a channels-last input: `weight` as oneDNN's packed (O, kh * kw * C)
+    linear weight (`torch.ops.mkldnn._reorder_linear_weight`, taps then channels), used for that product when
+    the columns have its dtype (`asff_viz.inference.fast.PackedDeformConv2d`).
     Returns (B, O, H_out, W_out), channels-last when `input` is channels-last.
     """
     batch, channels, height, width = input.shape
@@ -196,6 +201,9 @@ def deform_conv2d(
         return columns.view(stop - start, taps * channels).to(columns.dtype if autocast else kernel.dtype)
 
     def product(columns: torch.Tensor) -> torch.Tensor:
+        if packed_kernel is not None and columns.dtype == packed_kernel.dtype:
+            return torch.ops.mkldnn._linear_pointwise(
+                columns, packed_kernel, None if bias is None else bias.to(columns.dtype), "none", [], "")
         return torch.addmm(bias, columns, kernel.t()) if bias is not None else torch.mm(columns, kernel.t())
 
     pixels = batch * out_h * out_w
