@@ -575,6 +575,7 @@ def test_profile_parts_cover_the_model_once_and_operators_are_named():
     assert math.isclose(sum(profile["operators"].values()), 1.0)
     assert operator_kind("mkldnn::_convolution_pointwise") == "convolution"
     assert operator_kind("aten::addmm") == "deformable conv: matmul"
+    assert operator_kind("mkldnn::_linear_pointwise") == "deformable conv: matmul"  # packed, in bf16
     assert operator_kind("aten::add") != operator_kind("aten::addmm")
     assert operator_kind("aten::_embedding_bag_forward_only") == "deformable conv: sampling and grids"
     assert operator_kind("aten::to") == "allocation and views"
@@ -582,6 +583,13 @@ def test_profile_parts_cover_the_model_once_and_operators_are_named():
                           "environment": {"cpu": "test", "torch_threads": 1, "torch": "x", "device": "cpu",
                                           "cpu_flags": []}})
     assert "| head: deformable convs |" in table and "operator kind" in table
+    # The bf16 profile, where this CPU has one, gets a table of its own named after its variant.
+    bf16 = dict(profile, variant="fast_bf16", total_ms=123.4)
+    table = format_table({"profile": profile, "profile_bf16": bf16, "ceilings": {}, "flops": {},
+                          "settings": {"mode": "quick", "repeats": 1},
+                          "environment": {"cpu": "test", "torch_threads": 1, "torch": "x", "device": "cpu",
+                                          "cpu_flags": []}})
+    assert "fast_bf16 at 64, batch 1, 123.4 ms per forward" in table
 
 
 def test_profile_times_every_part_of_the_mobilenet_model():

@@ -13,7 +13,7 @@ Everything is measured in one run, so the ratios hold across machines:
 * achieved GFLOP/s (FLOPs counted analytically: conv and matmul MACs x 2, plus the deformable conv's bilinear
   sampling) against the GFLOP/s of a single large convolution timed in the same run with the same threads, the
   practical ceiling of the machine: efficiency = model GFLOP/s / ceiling GFLOP/s;
-* where the fast fp32 forward's time goes at 416, batch 1: per part of the model (backbone stages, SPP, neck,
+* where the fast fp32 (and bf16) forward's time goes at 416, batch 1: per part of the model (backbone stages, SPP, neck,
   fusion, deformable convs, head) with each part's GFLOP/s against the ceiling, and per kind of operator
   (`bench.profile`);
 * the deformable convolution: its share of a forward, and the whole model against the same network with the
@@ -249,9 +249,13 @@ def measure(args: argparse.Namespace, settings: Settings, log) -> dict:
     if "profile" not in args.skip:
         from .profile import profile_forward
 
-        log(f"where the fast fp32 forward's time goes at {deform_size}, batch 1")
+        log(f"where the fast forward's time goes at {deform_size}, batch 1")
         results["profile"] = profile_forward(model, variants["fast_fp32"], deform_size, repeats,
                                              results["ceilings"]["float32"]["gflops_per_s"], log)
+        if "fast_bf16" in variants:
+            results["profile_bf16"] = profile_forward(model, variants["fast_bf16"], deform_size, repeats,
+                                                      results["ceilings"]["bfloat16"]["gflops_per_s"], log,
+                                                      variant="fast_bf16")
     if "mobilenet" not in args.skip:
         results["mobilenet"] = mobilenet_forward(settings, results["ceilings"], with_bf16, log,
                                                  profile="profile" not in args.skip)

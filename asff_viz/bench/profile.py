@@ -22,10 +22,10 @@ from torch import nn
 from ..models.blocks import SPP
 
 # Operator kinds: the first kind with a pattern in an operator's short name (after "::") decides; the
-# deformable conv's matmul is the only addmm of the model.
+# deformable conv's matmul is the only addmm (or, packed in bf16, oneDNN linear) of the model.
 OPERATOR_KINDS = (
     ("convolution", ("conv",)),
-    ("deformable conv: matmul", ("addmm",)),
+    ("deformable conv: matmul", ("addmm", "linear")),
     ("deformable conv: sampling and grids", ("embedding_bag", "floor", "clamp", "arange", "where", "gather",
                                              "index")),
     ("elementwise (fusion sums, residual adds, bilinear weights)", ("mul", "add", "sub", "div")),
@@ -166,8 +166,9 @@ def operator_times(model: nn.Module, images: torch.Tensor, repeats: int) -> dict
 
 
 def profile_forward(eager: nn.Module, fast: nn.Module, size: int, repeats: int, ceiling_gflops: float,
-                    log: Callable[[str], None]) -> dict:
-    """Per-part time, GFLOP and efficiency of the fast fp32 forward at batch 1, and operator-kind shares."""
+                    log: Callable[[str], None], variant: str = "fast_fp32") -> dict:
+    """Per-part time, GFLOP and efficiency of a fast forward (`variant`, against the ceiling of its own dtype)
+    at batch 1, and operator-kind shares."""
     images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(5))
     images = images.contiguous(memory_format=torch.channels_last)
     flops = part_flops(eager, size)
@@ -181,8 +182,9 @@ def profile_forward(eager: nn.Module, fast: nn.Module, size: int, repeats: int, 
     rows.append({"part": "outside parts (decode excluded: head outputs, glue)", "ms": times["outside parts"],
                  "share": times["outside parts"] / times["total"], "gflop": 0.0, "gflops_per_s": None,
                  "efficiency": None})
-    log(f"  forward {times['total']:.1f} ms at {size}: " + ", ".join(f"{r['part']} {r['share']:.0%}" for r in rows))
-    return {"size": size, "batch": 1, "variant": "fast_fp32", "total_ms": times["total"], "parts": rows,
+    shares = ", ".join(f"{r['part']} {r['share']:.0%}" for r in rows)
+    log(f"  {variant} forward {times['total']:.1f} ms at {size}: {shares}")
+    return {"size": size, "batch": 1, "variant": variant, "total_ms": times["total"], "parts": rows,
             "operators": operator_times(fast, images, repeats)}
 
 

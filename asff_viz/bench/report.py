@@ -105,16 +105,18 @@ def _mobilenet_lines(results: dict) -> list[str]:
 
 
 def _profile_lines(results: dict) -> list[str]:
-    """Per-part time and efficiency of the fast fp32 forward, and the operator kinds' shares, of the full-size
-    model and (when measured) the MobileNetV2 one."""
+    """Per-part time and efficiency of the fast fp32 forward (and the bf16 one where this CPU runs it), and the
+    operator kinds' shares, of the full-size model and (when measured) the MobileNetV2 one."""
     lines: list[str] = []
     for model, profile in (("full-size Darknet-53 model", results.get("profile")),
+                           ("full-size Darknet-53 model", results.get("profile_bf16")),
                            ("MobileNetV2 model", (results.get("mobilenet") or {}).get("profile"))):
         if not profile:
             continue
         lines += ["", f"Where the time goes, {model}: {profile['variant']} at {profile['size']}, batch "
                   f"{profile['batch']}, {_number(profile['total_ms'], 1)} ms per forward (module hooks, medians):", "",
-                  "| part | ms | share of the forward | GFLOP | GFLOP/s | of ceiling |", "|---|---|---|---|---|---|"]
+                  "| part | ms | share of the forward | GFLOP | GFLOP/s | of the same-dtype ceiling |",
+                  "|---|---|---|---|---|---|"]
         for row in profile["parts"]:
             lines.append(f"| {row['part']} | {_number(row['ms'], 1)} | {row['share']:.1%} | "
                          f"{_number(row['gflop'], 2)} | {_number(row['gflops_per_s'], 1)} | "
