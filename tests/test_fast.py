@@ -616,3 +616,27 @@ def test_profile_times_every_part_of_the_mobilenet_model():
                           "environment": {"cpu": "test", "torch_threads": 1, "torch": "x", "device": "cpu",
                                           "cpu_flags": []}})
     assert "Where the time goes, MobileNetV2 model" in table and f"| {blocks[1]} |" in table
+
+
+@pytest.mark.skipif(not weight_packing_available(), reason="no oneDNN weight packing in this PyTorch build")
+def test_packing_bench_compares_the_fast_path_with_its_unpacked_self(tmp_path, capsys):
+    from asff_viz.bench import packing
+
+    model = tiny_model()
+    before = packing.unpacked_fast_path(model, None)
+    assert not any(isinstance(m, (InPlaceResidual, PackedConv2d)) for m in before.modules())
+    lines = []
+    rows = packing.packing_speedups(model, [64], [1, 2], repeats=1, log=lines.append)
+    dtypes = {"fp32"} | ({"bf16"} if BF16_ONEDNN else set())
+    assert {(row["dtype"], row["batch"]) for row in rows} == {(d, b) for d in dtypes for b in (1, 2)}
+    for row in rows:
+        assert row["before_ms"] > 0 and row["now_ms"] > 0 and row["speedup"] > 0
+        assert row["relative_difference"] < (1e-4 if row["dtype"] == "fp32" else 2e-2)
+    assert len(lines) == len(rows)
+    # A bad flag is one line naming it, before any model is built.
+    with pytest.raises(SystemExit) as exit_info:
+        packing.main(["--sizes", "100"])
+    assert exit_info.value.code == 2 and "--sizes must be positive multiples of 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        packing.main(["--out", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err

@@ -29,12 +29,18 @@ What each option does and why the result stays equal (or close):
   input on CPU). The anchor sizes stay float32, `decode` computes in float32, and the deformable conv computes
   its sampling positions in float32 (a bf16 pixel coordinate would be off by up to a pixel). Fast where the
   hardware has bf16 units (CPUs with AVX512-BF16 / AMX, Ampere or newer GPUs), slower elsewhere.
+* `pack_weights` (CPU, on when oneDNN runs the dtype, off with `compile`): every conv (and, in bf16, the
+  deformable convs' matrix product) uses oneDNN's blocked copy of its weight, packed once per weight version and
+  input shape (`PackedWeight`) instead of reordered on every call; the same kernels, so the same outputs. Used
+  only without autograd; the plain weight stays the parameter, so state_dict, hooks and gradients are unchanged.
 * `compile`: `torch.compile` of the forward (the first calls compile; each new input shape recompiles). While
   any submodule carries a hook (fusion capture, attributions) the forward runs eagerly instead, because a
   compiled graph would not call hooks registered after it was traced.
 
 Always applied, exact: the SPP block's 9x9 and 13x13 stride-1 max pools become two and three chained 5x5 pools
-(a max over a 9-window is the max of the 5-window maxima inside it), which is what YOLOv5's SPPF does.
+(a max over a 9-window is the max of the 5-window maxima inside it), which is what YOLOv5's SPPF does; and
+without autograd a residual block adds its input into its last conv's output in place (`InPlaceResidual`; the
+same sum, one pass over memory fewer), unless a hook observes that conv.
 """
 
 from __future__ import annotations
@@ -381,5 +387,6 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     return optimized
 
 
-__all__ = ["CascadedSPP", "FusedConvAct", "fold_all_batchnorms", "fold_batchnorm", "fused_conv_activation_available",
-           "optimize_for_inference"]
+__all__ = ["CascadedSPP", "FusedConvAct", "InPlaceResidual", "PackedConv2d", "PackedDeformConv2d", "PackedWeight",
+           "fold_all_batchnorms", "fold_batchnorm", "fused_conv_activation_available", "optimize_for_inference",
+           "weight_packing_available"]
