@@ -84,6 +84,32 @@ def test_fast_path_of_an_analysed_model_traces_as_the_model_as_built():
                                    [d.box_xyxy for d in expected.detections[:5]], rtol=1e-3, atol=1e-2)
 
 
+def test_a_fast_model_traces_a_large_batch_in_its_chunks_and_each_image_keeps_its_trace():
+    from asff_viz.inference.fast import optimize_for_inference
+
+    model = tiny_model()
+    whole = optimize_for_inference(model, cpu_chunk_pixels=0)
+    chunked = optimize_for_inference(model, cpu_chunk_pixels=2 * SIZE * SIZE)
+    prepared = [preprocess(image, SIZE) for image in random_images(5)]
+    batch = torch.stack([tensor for tensor, _ in prepared])
+    common = {"image_shapes": [(SIZE, SIZE, 3)] * 5, "image_names": list("abcde"), "conf_threshold": 0.0}
+    sizes = []
+    handle = chunked.fusion.levels[0].softmax.register_forward_hook(lambda _m, inputs, _o: sizes.append(
+        inputs[0].shape[0]))
+    try:
+        traced = trace_batch(chunked, batch, [t for _, t in prepared], **common)
+    finally:
+        handle.remove()
+    assert sizes == [2, 2, 1]  # captured chunk by chunk, as the unhooked forward would run
+    expected = trace_batch(whole, batch, [t for _, t in prepared], **common)
+    assert [t.metadata["image_name"] for t in traced] == list("abcde")
+    for actual, reference in zip(traced, expected, strict=True):
+        for level in range(3):
+            np.testing.assert_allclose(actual.fusion_weights[level], reference.fusion_weights[level], atol=2e-4)
+        np.testing.assert_allclose([d.box_xyxy for d in actual.detections[:5]],
+                                   [d.box_xyxy for d in reference.detections[:5]], rtol=1e-3, atol=1e-2)
+
+
 # ---------------------------------------------------------------------------------------- gradient flow
 
 

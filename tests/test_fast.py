@@ -619,24 +619,52 @@ def test_profile_times_every_part_of_the_mobilenet_model():
 
 
 @pytest.mark.skipif(not weight_packing_available(), reason="no oneDNN weight packing in this PyTorch build")
-def test_packing_bench_compares_the_fast_path_with_its_unpacked_self(tmp_path, capsys):
-    from asff_viz.bench import packing
+def test_levers_bench_compares_the_fast_path_with_itself_without_each_lever(tmp_path, capsys):
+    from asff_viz.bench import levers
 
     model = tiny_model()
-    before = packing.unpacked_fast_path(model, None)
+    before = levers.unpacked_fast_path(model, None)
     assert not any(isinstance(m, (InPlaceResidual, PackedConv2d)) for m in before.modules())
+    assert before.inference_settings["cpu_chunk_pixels"] == 0
     lines = []
-    rows = packing.packing_speedups(model, [64], [1, 2], repeats=1, log=lines.append)
+    rows = levers.lever_speedups(model, [64], [1, 2], repeats=1, log=lines.append)
     dtypes = {"fp32"} | ({"bf16"} if BF16_ONEDNN else set())
     assert {(row["dtype"], row["batch"]) for row in rows} == {(d, b) for d in dtypes for b in (1, 2)}
     for row in rows:
-        assert row["before_ms"] > 0 and row["now_ms"] > 0 and row["speedup"] > 0
+        assert min(row["before_ms"], row["whole_ms"], row["now_ms"]) > 0
+        assert min(row["speedup"], row["speedup_packing"], row["speedup_chunks"]) > 0
         assert row["relative_difference"] < (1e-4 if row["dtype"] == "fp32" else 2e-2)
     assert len(lines) == len(rows)
     # A bad flag is one line naming it, before any model is built.
     with pytest.raises(SystemExit) as exit_info:
-        packing.main(["--sizes", "100"])
+        levers.main(["--sizes", "100"])
     assert exit_info.value.code == 2 and "--sizes must be positive multiples of 32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        packing.main(["--out", str(tmp_path)])
+        levers.main(["--out", str(tmp_path)])
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_cpu_batches_run_in_chunks_with_the_whole_batch_s_outputs(model):
+    images = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
+    whole = optimize_for_inference(model, cpu_chunk_pixels=0)
+    chunked = optimize_for_inference(model, cpu_chunk_pixels=2 * SIZE * SIZE)
+    assert chunked.inference_settings["cpu_chunk_pixels"] == 2 * SIZE * SIZE
+    assert optimize_for_inference(model).inference_settings["cpu_chunk_pixels"] == 2 * 416 * 416
+    calls = []
+    original = chunked.inference_forward
+    chunked.inference_forward = lambda x: calls.append(x.shape[0]) or original(x)
+    result = run(chunked, images)
+    assert calls == [2, 2, 1]  # two images' worth of pixels at a time, the last chunk smaller
+    expected = run(whole, images)
+    assert_outputs_close(result[0], expected[0])
+    torch.testing.assert_close(result[1], expected[1], rtol=1e-3, atol=1e-3)
+    # Hooks see whole batches, as on the model as built; so does autograd.
+    calls.clear()
+    with capture(chunked) as recorder:
+        run(chunked, images)
+    assert calls == [5] and recorder.fusion_weights[0].shape[0] == 5
+    calls.clear()
+    chunked(images.clone().requires_grad_(True))
+    assert calls == [5]
+    with pytest.raises(ValueError, match="cpu_chunk_pixels"):
+        optimize_for_inference(model, cpu_chunk_pixels=-1)

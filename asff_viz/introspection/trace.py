@@ -351,6 +351,14 @@ def trace_batch(model: nn.Module, batch: torch.Tensor, transforms: list, *, imag
     if not has_fusion_weights(model):
         raise ValueError(f"the {model.config.variant!r} model has no ASFF fusion weights to trace; load an ASFF "
                          "checkpoint (fusion 'asff').")
+    # A fast CPU model runs large batches a few images at a time; its hooked forward does not split, so split here.
+    per_chunk = model.images_per_chunk(batch) if hasattr(model, "images_per_chunk") else None
+    if per_chunk is not None:
+        return [trace for start in range(0, len(transforms), per_chunk) for trace in trace_batch(
+            model, batch[start:start + per_chunk], transforms[start:start + per_chunk],
+            image_shapes=image_shapes[start:start + per_chunk], image_names=image_names[start:start + per_chunk],
+            conf_threshold=conf_threshold, nms_threshold=nms_threshold, counterfactual=counterfactual,
+            keep_maps=keep_maps, light=light)]
     counterfactual = as_counterfactual(counterfactual)
     metadata_in = dict(getattr(model, "metadata", {}) or {})
     size = int(batch.shape[-1])

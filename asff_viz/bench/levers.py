@@ -1,13 +1,15 @@
-"""What weight packing and in-place residuals buy: the fast path against itself without them, in one process.
+"""What the CPU fast path's latest levers buy, each against the fast path without it, in one process.
 
-    python -m asff_viz.bench.packing [--sizes 416 608] [--batches 1 8] [--repeats 5] [--threads N] [--out F.json]
+    python -m asff_viz.bench.levers [--sizes 416 608] [--batches 1 8] [--repeats 5] [--threads N] [--out F.json]
 
 The full-size model (random weights, BatchNorm calibrated, `bench.models.calibrated_model`) through
-`optimize_for_inference` twice per dtype: as shipped, and with `pack_weights=False` and every `InPlaceResidual`
-back to a plain `Bottleneck` (the fast path before these two changes). Forwards are timed interleaved, round by
-round, and each speed-up is the median of the per-round ratios, so load from other processes hits both alike.
-bf16 is measured where this CPU runs bf16 oneDNN kernels. The two paths' outputs are compared on the first
-input: the largest difference, relative to the output's scale, is reported next to the speed-up.
+`optimize_for_inference` three times per dtype: `before`, with `pack_weights=False`, every `InPlaceResidual` back
+to a plain `Bottleneck` and whole batches (`cpu_chunk_pixels=0`); `whole`, as shipped but with whole batches; and
+`now`, as shipped (batches in chunks). So `before / whole` is what packed weights and in-place residuals buy, and
+`whole / now` what chunked batches buy. Forwards are timed interleaved, round by round, and each speed-up is the
+median of the per-round ratios, so load from other processes hits all paths alike. bf16 is measured where this
+CPU runs bf16 oneDNN kernels. The outputs of `before` and `now` are compared on the same input: the largest
+difference, relative to the output's scale, is reported next to the speed-ups.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from ..utils.timing import median, paired_ratio, run_interleaved
 
 
 def unpacked_fast_path(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """The fast path without packed weights and with out-of-place residual adds."""
-    fast = optimize_for_inference(model, dtype=dtype, pack_weights=False)
+    """The fast path without packed weights, with out-of-place residual adds and whole batches."""
+    fast = optimize_for_inference(model, dtype=dtype, pack_weights=False, cpu_chunk_pixels=0)
     for module in fast.modules():
         if type(module) is InPlaceResidual:
             module.__class__ = Bottleneck
@@ -47,9 +49,9 @@ def _forward(path: nn.Module, images: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def packing_speedups(model: nn.Module, sizes: Sequence[int], batches: Sequence[int], repeats: int,
-                     log: Callable[[str], None] = print) -> list[dict]:
-    """One row per size, batch and dtype: ms of both paths, the speed-up and the outputs' relative difference."""
+def lever_speedups(model: nn.Module, sizes: Sequence[int], batches: Sequence[int], repeats: int,
+                   log: Callable[[str], None] = print) -> list[dict]:
+    """One row per size, batch and dtype: ms of the three paths, the speed-ups and the outputs' difference."""
     if not weight_packing_available():
         raise RuntimeError("this PyTorch has no oneDNN weight packing: nothing to compare")
     dtypes = {"fp32": None}
@@ -58,6 +60,7 @@ def packing_speedups(model: nn.Module, sizes: Sequence[int], batches: Sequence[i
     paths = {}
     for name, dtype in dtypes.items():
         paths[f"{name}_before"] = unpacked_fast_path(model, dtype)
+        paths[f"{name}_whole"] = optimize_for_inference(model, dtype=dtype, cpu_chunk_pixels=0)
         paths[f"{name}_now"] = optimize_for_inference(model, dtype=dtype)
     rows = []
     for size in sizes:
@@ -69,18 +72,22 @@ def packing_speedups(model: nn.Module, sizes: Sequence[int], batches: Sequence[i
             cases = {name: _forward(path, images) for name, path in paths.items()}
             times = run_interleaved(cases, repeats=repeats, warmup=1, device=torch.device("cpu"))
             for name in dtypes:
-                before, now = times[f"{name}_before"]["total"], times[f"{name}_now"]["total"]
+                before, whole, now = (times[f"{name}_{path}"]["total"] for path in ("before", "whole", "now"))
                 row = {"dtype": name, "size": size, "batch": batch, "before_ms": median(before) * 1e3,
-                       "now_ms": median(now) * 1e3, "speedup": paired_ratio(before, now),
+                       "whole_ms": median(whole) * 1e3, "now_ms": median(now) * 1e3,
+                       "speedup_packing": paired_ratio(before, whole), "speedup_chunks": paired_ratio(whole, now),
+                       "speedup": paired_ratio(before, now),
                        "relative_difference": _relative_difference(outputs[f"{name}_before"], outputs[f"{name}_now"])}
                 rows.append(row)
-                log(f"{size}px batch {batch} {name}: {row['before_ms']:.1f} -> {row['now_ms']:.1f} ms, "
-                    f"speed-up {row['speedup']:.3f}, outputs differ by {row['relative_difference']:.1e} of their scale")
+                log(f"{size}px batch {batch} {name}: {row['before_ms']:.1f} -> {row['whole_ms']:.1f} -> "
+                    f"{row['now_ms']:.1f} ms; packing and in-place residuals {row['speedup_packing']:.3f}x, "
+                    f"chunks {row['speedup_chunks']:.3f}x, both {row['speedup']:.3f}x; outputs differ by "
+                    f"{row['relative_difference']:.1e} of their scale")
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m asff_viz.bench.packing", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m asff_viz.bench.levers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[416, 608])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
@@ -100,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import calibrated_model
 
     try:
-        rows = packing_speedups(calibrated_model(), args.sizes, args.batches, args.repeats)
+        rows = lever_speedups(calibrated_model(), args.sizes, args.batches, args.repeats)
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
