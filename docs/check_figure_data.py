@@ -71,11 +71,12 @@ def input_differences(committed: Path, fresh: Path) -> list[str]:
         return []
     old, new = (json.loads(path.read_text()) for path in (committed, fresh))
     notes = []
-    old_sha, new_sha = (run.get("dataset", {}).get("annotations_sha256") for run in (old, new))
+    # A command run on images named one by one (figure3) records "dataset": null.
+    old_sha, new_sha = ((run.get("dataset") or {}).get("annotations_sha256") for run in (old, new))
     if old_sha != new_sha:
         notes.append(f"the annotation file differs (sha256 {str(old_sha)[:12]}... committed, {str(new_sha)[:12]}... "
                      "here)")
-    old_images, new_images = ({image["file"]: image["sha256"] for image in run.get("images", [])}
+    old_images, new_images = ({image["file"]: image["sha256"] for image in run.get("images") or []}
                               for run in (old, new))
     differing = sorted(name for name in old_images.keys() & new_images.keys()
                        if old_images[name] != new_images[name])
@@ -84,7 +85,7 @@ def input_differences(committed: Path, fresh: Path) -> list[str]:
         notes.append(f"{len(differing)} of {len(old_images)} images have other bytes (first {examples})")
     if old_images.keys() != new_images.keys():
         notes.append(f"other images: {len(old_images)} committed, {len(new_images)} here")
-    old_models, new_models = ({model.get("label"): model.get("sha256") for model in run.get("checkpoints", [])}
+    old_models, new_models = ({model.get("label"): model.get("sha256") for model in run.get("checkpoints") or []}
                               for run in (old, new))
     notes += [f"checkpoint {label} differs (sha256 {str(old_models[label])[:12]}... committed, "
               f"{str(new_models.get(label))[:12]}... here)"

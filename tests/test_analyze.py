@@ -770,6 +770,28 @@ def test_docs_figure_data_check_covers_every_committed_csv(tmp_path):
     assert result.returncode == 1 and "unknown_table.csv: no command is known to make it" in result.stderr
 
 
+def test_docs_figure_data_check_reads_a_run_without_a_dataset(tmp_path):
+    # figure3 runs on images named one by one and records "dataset": null; a difference in its table made the check
+    # stop with a traceback instead of listing what differs.
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "check_figure_data.py"
+    analysis, figures = tmp_path / "analysis", tmp_path / "figures"
+    (analysis / "figure3").mkdir(parents=True)
+    figures.mkdir()
+    (figures / "figure3_example.csv").write_text("level,weight\n8,0.25\n")
+    (analysis / "figure3" / "figure3_000002.csv").write_text("level,weight\n8,0.26\n")
+    run = {"dataset": None, "images": [{"file": "000002.jpg", "sha256": "1" * 64}], "checkpoints": None}
+    (figures / "figure3_run.json").write_text(json.dumps(run))
+    run["images"][0]["sha256"] = "2" * 64
+    (analysis / "figure3" / "run.json").write_text(json.dumps(run))
+    result = subprocess.run([sys.executable, str(script), str(analysis), str(figures)], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "committed 0.25, regenerated 0.26" in result.stderr
+    assert "1 of 1 images have other bytes (first 000002.jpg)" in result.stderr
+
+
 def test_docs_figure_data_check_says_when_the_inputs_differ(tmp_path):
     # A regeneration on data drawn by another OpenCV differs without any code change: the check says so.
     import subprocess
