@@ -66,11 +66,10 @@ def lever_speedups(model: nn.Module, sizes: Sequence[int], batches: Sequence[int
     for size in sizes:
         for batch in batches:
             images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
-            with torch.inference_mode():
+            with torch.inference_mode():  # the outputs compared below; also each path's warm-up (weights packed)
                 outputs = {name: path(images) for name, path in paths.items()}
-
             cases = {name: _forward(path, images) for name, path in paths.items()}
-            times = run_interleaved(cases, repeats=repeats, warmup=1, device=torch.device("cpu"))
+            times = run_interleaved(cases, repeats=repeats, warmup=0, device=torch.device("cpu"))
             for name in dtypes:
                 before, whole, now = (times[f"{name}_{path}"]["total"] for path in ("before", "whole", "now"))
                 row = {"dtype": name, "size": size, "batch": batch, "before_ms": median(before) * 1e3,

@@ -31,8 +31,9 @@ What each option does and why the result stays equal (or close):
   hardware has bf16 units (CPUs with AVX512-BF16 / AMX, Ampere or newer GPUs), slower elsewhere.
 * `pack_weights` (CPU, on when oneDNN runs the dtype, off with `compile`): every conv (and, in bf16, the
   deformable convs' matrix product) uses oneDNN's blocked copy of its weight, packed once per weight version and
-  input shape (`PackedWeight`) instead of reordered on every call; the same kernels, so the same outputs. Used
-  only without autograd; the plain weight stays the parameter, so state_dict, hooks and gradients are unchanged.
+  input shape (`PackedWeight`) instead of reordered on every call; the same arithmetic up to round-off (on a
+  Xeon with AMX bit-identical in fp32, and in bf16 at 416 and 608; 2e-4 of the outputs' scale in bf16 at 320).
+  Used only without autograd; the plain weight stays the parameter, so state_dict, hooks and gradients are unchanged.
 * `cpu_chunk_pixels` (CPU inference without hooks or autograd): a batch runs a few images at a time (at most
   this many pixels per chunk: two 416-px images in float32, two 608-px ones in bf16, by default) and the
   outputs are concatenated, so that each chunk's activations stay nearer the cache; on large batches of large
@@ -137,10 +138,7 @@ class PackedWeight:
     def __init__(self) -> None:
         self.entry: tuple[tuple, torch.Tensor] | None = None
 
-    def __deepcopy__(self, memo: dict) -> PackedWeight:
-        return PackedWeight()
-
-    def __reduce__(self):
+    def __reduce__(self):  # copy.deepcopy and pickle both rebuild it empty
         return PackedWeight, ()
 
     def get(self, weight: torch.Tensor, input_shape: tuple[int, ...], pack) -> torch.Tensor:
@@ -172,13 +170,17 @@ class PackedConv2d(nn.Conv2d):
     """An `nn.Conv2d` that, in CPU inference, convolves with oneDNN's packed copy of its weight (`PackedWeight`);
     otherwise (autograd, GPU, a compile trace) the plain `nn.Conv2d` forward. Same parameters and results."""
 
+    def can_pack(self, x: torch.Tensor) -> bool:
+        """The packed weight can serve this input (`_packing_possible`, zero padding given as numbers)."""
+        return (_packing_possible(x, self.weight) and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str))
+
     def packs_for(self, x: torch.Tensor) -> bool:
+        """`can_pack`, and the input is computed in the weight's dtype, as autocast (the fast bf16 model) or no
+        cast would."""
         weight = self.weight
-        if not (_packing_possible(x, weight) and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
-            return False
-        # The input is computed in the weight's dtype, as autocast (the fast bf16 model) or no cast would.
-        return x.dtype == weight.dtype or (torch.is_autocast_enabled("cpu")
-                                           and torch.get_autocast_dtype("cpu") == weight.dtype)
+        return self.can_pack(x) and (x.dtype == weight.dtype or (torch.is_autocast_enabled("cpu")
+                                                                 and torch.get_autocast_dtype("cpu") == weight.dtype))
 
     def packed_forward(self, x: torch.Tensor, attr: str = "none", scalars: list[float] | None = None) -> torch.Tensor:
         """oneDNN conv + bias (+ the pointwise `attr`, e.g. leaky_relu) with the packed weight."""
@@ -234,7 +236,7 @@ class FusedConvAct(ConvBNAct):
             return self.act(self.bn(conv(x)))
         attr, scalars = _pointwise(self.act)
         # Outside autocast the first layer receives the float32 image while the weights may be bf16.
-        if isinstance(conv, PackedConv2d) and _packing_possible(x, weight) and not isinstance(conv.padding, str):
+        if isinstance(conv, PackedConv2d) and conv.can_pack(x):
             return conv.packed_forward(x, attr, scalars)
         return torch.ops.mkldnn._convolution_pointwise(
             x.to(weight.dtype), weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
