@@ -151,3 +151,26 @@ def test_torchvision_fast_path_equal():
     ours = module(x, offset)
     module.use_torchvision = True
     torch.testing.assert_close(module(x, offset), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_backward_in_chunks_equals_whole(monkeypatch):
+    # The sampling backward handles a few MB of samples at a time; split into many small chunks (a chunk boundary
+    # inside a pixel's taps and corners), both gradients stay those of the whole: features and offsets, float64.
+    from asff_viz.models import deform_conv
+
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    weight = torch.randn(3, 8, 3, 3, dtype=torch.float64, generator=generator)
+    offset = (torch.rand(2, 72, 5, 6, dtype=torch.float64, generator=generator) * 4 - 2).requires_grad_()
+    upstream = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=generator)
+    whole = torch.autograd.grad(deform_conv2d(x, offset, weight, padding=1), (x, offset), upstream)
+    chunks = []
+    split = deform_conv._backward_chunks
+    monkeypatch.setattr(deform_conv, "BACKWARD_CHUNK_BYTES", 7 * 2 * 8)  # 7 samples of 2 channels per group
+    monkeypatch.setattr(deform_conv, "_backward_chunks", lambda grad: chunks.append(split(grad)) or chunks[-1])
+    chunked = torch.autograd.grad(deform_conv2d(x, offset, weight, padding=1), (x, offset), upstream)
+    assert [len(c) for c in chunks] == [-(-2 * 30 * 9 * 4 // 7)] * 2  # both nodes ran in chunks of 7 samples
+    for a, b in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole[0], torch.autograd.grad(
+        deform_conv.deform_conv2d_grid_sample(x, offset, weight, padding=1), x, upstream)[0], rtol=1e-9, atol=1e-9)
