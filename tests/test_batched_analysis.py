@@ -17,6 +17,7 @@ from asff_viz.inference.transforms import preprocess
 from asff_viz.introspection.capture import as_counterfactual
 from asff_viz.introspection.controls import random_direction_gram
 from asff_viz.introspection.decomposition import (
+    TermProducts,
     conflict_statistics,
     conflict_statistics_from_gram,
     gradient_flow,
@@ -384,6 +385,33 @@ def test_conflict_statistics_from_a_gram_matrix_equal_those_from_the_terms():
         np.testing.assert_allclose(getattr(from_gram, name), getattr(direct, name), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(from_gram.conflicting, direct.conflicting)
     assert from_gram.rate == direct.rate and from_gram.sign_agreement is None
+
+
+@pytest.mark.parametrize("sign_agreement", [False, True])
+def test_conflict_statistics_of_many_sets_at_once_are_each_sets_own(sign_agreement):
+    # A batch's statistics come from one set of channel products for all its images (and weight sets): each set's
+    # must be exactly its own, whatever the others hold: an all-zero set (nothing active: NaN rate), a set with a
+    # NaN (a non-finite gradient: nothing active), a set whose largest location is 1e6 times another's.
+    generator = torch.Generator().manual_seed(4)
+    sets = torch.randn(5, 3, 6, 4, 5, generator=generator)
+    sets[1] = 0
+    sets[2, 1, 0, 2, 3] = math.nan
+    sets[3] *= 1e6
+    sets[4, 2] = 0  # one level sends nothing
+    products = TermProducts.of(sets, sign_agreement=sign_agreement)
+    for thresholds in [(0.1, 1e-3, 0.0), (0.3, 0.2, -0.2)]:
+        batched = products.statistics(*thresholds)
+        for terms, statistics in zip(sets, batched, strict=True):
+            alone = conflict_statistics(terms, *thresholds, sign_agreement=sign_agreement)
+            for name in ("norms", "cancellation", "cosine", "sign_agreement", "active", "conflicting"):
+                if alone.sign_agreement is None and name == "sign_agreement":
+                    assert statistics.sign_agreement is None
+                    continue
+                np.testing.assert_array_equal(getattr(statistics, name), getattr(alone, name), err_msg=name)
+            assert statistics.rate == alone.rate or (math.isnan(statistics.rate) and math.isnan(alone.rate))
+            assert statistics.mean_cancellation == alone.mean_cancellation
+    assert math.isnan(batched[1].rate) and math.isnan(batched[2].rate) and batched[1].mean_cancellation == 0.0
+    assert not batched[2].active.any()
 
 
 @pytest.mark.parametrize("channels", [64, 2])

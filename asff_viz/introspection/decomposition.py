@@ -111,6 +111,14 @@ def decompose_gradient_batch(model: nn.Module, images: torch.Tensor, objectives,
     objective depends on its own outputs only (the model in eval mode mixes nothing across the batch), so the
     gradient of their sum at image i's tensors is the gradient of objective i.
     """
+    return _images_of(_decompose_batch(model, images, objectives, counterfactual, through_offsets=through_offsets,
+                                       control_weights=control_weights))
+
+
+def _decompose_batch(model: nn.Module, images: torch.Tensor, objectives, counterfactual=None, *,
+                     through_offsets: bool = False, control_weights=None) -> GradientDecomposition:
+    """`decompose_gradient_batch` before the split into images: every tensor keeps the batch dimension in front,
+    objective_value is a (B,) tensor."""
     # A sum-fusion model is y^l = sum_k R_{k->l}(x^k): the same decomposition with every alpha^l_k = 1.
     plain_sum = not has_fusion_weights(model) and getattr(getattr(model, "fusion", None), "mode", None) == "sum"
     if not has_fusion_weights(model) and not plain_sum:
@@ -163,18 +171,24 @@ def decompose_gradient_batch(model: nn.Module, images: torch.Tensor, objectives,
                                                        * fused_gradient[level]) for source in range(3)]
                                   for level in range(3)]
     neck_path = [t - f for t, f in zip(total, fusion_total, strict=True)]
+    return GradientDecomposition(
+        objective_value=values.detach(), value=value_terms, weight_branch=weight_terms,
+        fusion_total=[g.detach() for g in fusion_total], neck_path=[g.detach() for g in neck_path],
+        total=[g.detach() for g in total], fused_gradient=[g.detach() for g in fused_gradient],
+        weights=[w.detach() for w in used_weights], counterfactual=counterfactual, controls=controls)
+
+
+def _images_of(batched: GradientDecomposition) -> list[GradientDecomposition]:
+    """A batched decomposition (`_decompose_batch`) -> one per image, each with its own tensors (views)."""
     return [GradientDecomposition(
-        objective_value=float(values[i].detach()),
-        value=[[term[i] for term in row] for row in value_terms],
-        weight_branch=[[term[i] for term in row] for row in weight_terms],
-        fusion_total=[g[i].detach() for g in fusion_total],
-        neck_path=[g[i].detach() for g in neck_path],
-        total=[g[i].detach() for g in total],
-        fused_gradient=[g[i].detach() for g in fused_gradient],
-        weights=[w[i].detach() for w in used_weights],
-        counterfactual=counterfactual,
-        controls={name: [[term[i] for term in row] for row in terms] for name, terms in controls.items()},
-    ) for i in range(images.shape[0])]
+        objective_value=float(batched.objective_value[i]),
+        value=[[term[i] for term in row] for row in batched.value],
+        weight_branch=[[term[i] for term in row] for row in batched.weight_branch],
+        fusion_total=[g[i] for g in batched.fusion_total], neck_path=[g[i] for g in batched.neck_path],
+        total=[g[i] for g in batched.total], fused_gradient=[g[i] for g in batched.fused_gradient],
+        weights=[w[i] for w in batched.weights], counterfactual=batched.counterfactual,
+        controls={name: [[term[i] for term in row] for row in terms] for name, terms in batched.controls.items()},
+    ) for i in range(len(batched.objective_value))]
 
 
 def _objective_of_image(objective, model: nn.Module, outputs: list, index: int, batch: int) -> torch.Tensor:
@@ -216,68 +230,102 @@ class ConflictStatistics:
 def conflict_statistics(terms: torch.Tensor, significance: float = 0.1, active_fraction: float = 1e-3,
                         cosine_threshold: float = 0.0, *, sign_agreement: bool = True) -> ConflictStatistics:
     """terms: (L, C, H, W) gradient contributions of L target levels to one source -> ConflictStatistics."""
-    terms = terms.detach()
-    terms = terms if terms.dtype == torch.float64 else terms.float()
-    count = terms.shape[0]
-    flat = terms.flatten(2)  # (L, C, H * W)
-    # Every pairwise quantity is a sum over channels of a product of two terms: one pass per pair of levels, the
-    # sums in float64 (a product of float32 terms is rounded like the terms themselves are).
-    gram = _channel_products(flat, flat).view(count, count, *terms.shape[2:])
-    summed = flat.sum(dim=0)  # exact to the terms' own rounding; |sum| taken from the gram would lose digits
-    sum_norm = (summed * summed).sum(dim=0, dtype=torch.float64).sqrt().view(terms.shape[2:])  # where they cancel
-    statistics = conflict_statistics_from_gram(gram, sum_norm, significance, active_fraction, cosine_threshold)
-    if sign_agreement:
-        # Signs s in {-1, 0, 1}: s_a * s_b is 1 where two channels agree, -1 where they disagree, 0 where either is
-        # zero, so (|s_a||s_b| + s_a s_b) / 2 counts agreeing channels among those where both are non-zero (exact).
-        signs = torch.sign(flat)
-        nonzero = _channel_products(signs.abs(), signs.abs())
-        agree = (nonzero + _channel_products(signs, signs)) / 2
-        present = gram.diagonal(dim1=0, dim2=1).movedim(-1, 0) > 0  # as exact as the gram, unlike float32 norms
-        both = present.unsqueeze(0) & present.unsqueeze(1)
-        statistics.sign_agreement = torch.where(both, (agree / nonzero.clamp(min=1)).view_as(gram),
-                                                torch.full_like(gram, math.nan)).float().numpy()
-    return statistics
+    products = TermProducts.of(terms.unsqueeze(0), sign_agreement=sign_agreement)
+    return products.statistics(significance, active_fraction, cosine_threshold)[0]
 
 
 def conflict_statistics_from_gram(gram: torch.Tensor, sum_norm: torch.Tensor, significance: float = 0.1,
                                   active_fraction: float = 1e-3, cosine_threshold: float = 0.0) -> ConflictStatistics:
     """`conflict_statistics` of terms known by their (L, L, H, W) Gram matrix (float64, the channel sums of their
     pairwise products) and (H, W) the norm of their sum; sign_agreement is None (it needs the terms)."""
-    count = gram.shape[0]
-    norms = gram.diagonal(dim1=0, dim2=1).movedim(-1, 0).clamp(min=0).sqrt()  # (L, H, W)
-    norm_sum = norms.sum(dim=0)
-    tiny = torch.finfo(torch.float64).tiny
-    cancellation = torch.where(norm_sum > 0, 1 - sum_norm / norm_sum.clamp(min=tiny),
-                               torch.zeros_like(norm_sum)).clamp(0, 1)
-    present = norms > 0
-    both = present.unsqueeze(0) & present.unsqueeze(1)
-    scale = (norms.unsqueeze(0) * norms.unsqueeze(1)).clamp(min=tiny)
-    cosine = torch.where(both, (gram / scale).clamp(-1, 1), torch.full_like(gram, math.nan))
-    maximum = norm_sum.max()
-    active = norm_sum > active_fraction * maximum if maximum > 0 else torch.zeros_like(norm_sum, dtype=torch.bool)
-    significant = norms >= significance * norms.max(dim=0).values.unsqueeze(0)
-    significant &= present
-    pair = significant.unsqueeze(0) & significant.unsqueeze(1)
-    pair &= ~torch.eye(count, dtype=torch.bool).view(count, count, 1, 1)
-    conflicting = (pair & (torch.nan_to_num(cosine, nan=1.0) < cosine_threshold)).flatten(0, 1).any(dim=0) & active
-    rate = float(conflicting.sum() / active.sum()) if active.any() else math.nan  # 0 of 0 is not 0 %
-    weight = torch.where(active, norm_sum, torch.zeros_like(norm_sum))
-    mean_cancellation = float((cancellation * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
-    return ConflictStatistics(norms.float().numpy(), cancellation.float().numpy(), cosine.float().numpy(),
-                              None, active.numpy(), conflicting.numpy(), rate, mean_cancellation)
+    return TermProducts(gram.unsqueeze(0), sum_norm.unsqueeze(0)).statistics(
+        significance, active_fraction, cosine_threshold)[0]
+
+
+@dataclass
+class TermProducts:
+    """What the conflict statistics of M sets of L terms (one image's gradient contributions of L target levels to
+    one source, each (C, H, W)) need, whatever the thresholds: gram (M, L, L, H, W) float64, the channel sums of
+    the terms' pairwise products; sum_norm (M, H, W) the norm of their sum; sign_agreement (M, L, L, H, W) float32
+    numpy, or None. Computed once for a batch of images, and measured at any thresholds (`statistics`)."""
+
+    gram: torch.Tensor
+    sum_norm: torch.Tensor
+    sign_agreement: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, terms: torch.Tensor, *, sign_agreement: bool = False) -> TermProducts:
+        """terms: (M, L, C, H, W) -> the products of each of the M sets."""
+        terms = terms.detach()
+        terms = terms if terms.dtype == torch.float64 else terms.float()
+        batch, count = terms.shape[:2]
+        flat = terms.flatten(3)  # (M, L, C, H * W)
+        # Every pairwise quantity is a sum over channels of a product of two terms: one pass per pair of levels, the
+        # sums in float64 (a product of float32 terms is rounded like the terms themselves are).
+        gram = _channel_products(flat, flat).view(batch, count, count, *terms.shape[3:])
+        summed = flat.sum(dim=1)  # exact to the terms' own rounding; |sum| taken from the gram would lose digits
+        sum_norm = (summed * summed).double().sum(dim=1).sqrt().view(batch, *terms.shape[3:])
+        products = cls(gram, sum_norm)
+        if sign_agreement:
+            # Signs s in {-1, 0, 1}: s_a * s_b is 1 where two channels agree, -1 where they disagree, 0 where either
+            # is zero, so (|s_a||s_b| + s_a s_b) / 2 counts agreeing channels among those where both are non-zero.
+            signs = torch.sign(flat)
+            nonzero = _channel_products(signs.abs(), signs.abs())
+            agree = (nonzero + _channel_products(signs, signs)) / 2
+            present = gram.diagonal(dim1=1, dim2=2).movedim(-1, 1) > 0  # as exact as the gram, unlike float32 norms
+            both = present.unsqueeze(1) & present.unsqueeze(2)
+            products.sign_agreement = torch.where(both, (agree / nonzero.clamp(min=1)).view_as(gram),
+                                                  torch.full_like(gram, math.nan)).float().numpy()
+        return products
+
+    def statistics(self, significance: float = 0.1, active_fraction: float = 1e-3, cosine_threshold: float = 0.0
+                   ) -> list[ConflictStatistics]:
+        """The M sets' `ConflictStatistics` at these thresholds (see `conflict_statistics`)."""
+        gram, sum_norm = self.gram, self.sum_norm
+        batch, count = gram.shape[:2]
+        norms = gram.diagonal(dim1=1, dim2=2).movedim(-1, 1).clamp(min=0).sqrt()  # (M, L, H, W)
+        norm_sum = norms.sum(dim=1)
+        tiny = torch.finfo(torch.float64).tiny
+        cancellation = torch.where(norm_sum > 0, 1 - sum_norm / norm_sum.clamp(min=tiny),
+                                   torch.zeros_like(norm_sum)).clamp(0, 1)
+        present = norms > 0
+        both = present.unsqueeze(1) & present.unsqueeze(2)
+        scale = (norms.unsqueeze(1) * norms.unsqueeze(2)).clamp(min=tiny)
+        cosine = torch.where(both, (gram / scale).clamp(-1, 1), torch.full_like(gram, math.nan))
+        maximum = norm_sum.flatten(1).max(dim=1).values.view(batch, 1, 1)  # NaN where a norm is NaN: none active
+        active = (norm_sum > active_fraction * maximum) & (maximum > 0)
+        significant = norms >= significance * norms.max(dim=1, keepdim=True).values
+        significant &= present
+        pair = significant.unsqueeze(1) & significant.unsqueeze(2)
+        pair &= ~torch.eye(count, dtype=torch.bool).view(1, count, count, 1, 1)
+        conflicting = (pair & (torch.nan_to_num(cosine, nan=1.0) < cosine_threshold)).flatten(1, 2).any(dim=1)
+        conflicting &= active
+        active_count = active.flatten(1).sum(dim=1)
+        rates = (conflicting.flatten(1).sum(dim=1) / active_count).tolist()  # 0 of 0 is not 0 %: NaN
+        weight = torch.where(active, norm_sum, torch.zeros_like(norm_sum)).flatten(1)
+        weight_sum = weight.sum(dim=1)
+        mean_cancellation = ((cancellation.flatten(1) * weight).sum(dim=1) / weight_sum).tolist()
+        arrays = [norms.float().numpy(), cancellation.float().numpy(), cosine.float().numpy(), active.numpy(),
+                  conflicting.numpy()]
+        return [ConflictStatistics(
+            *(array[m] for array in arrays[:3]),
+            None if self.sign_agreement is None else self.sign_agreement[m], *(array[m] for array in arrays[3:]),
+            rate=rates[m] if active_count[m] > 0 else math.nan,
+            mean_cancellation=mean_cancellation[m] if weight_sum[m] > 0 else 0.0) for m in range(batch)]
 
 
 def _channel_products(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """(L, C, N), (L, C, N) -> (L, L, N) float64: sum over channels of first[a] * second[b] (symmetric inputs: each
-    pair computed once)."""
-    count = first.shape[0]
-    result = first.new_empty(count, count, first.shape[2], dtype=torch.float64)
+    """(M, L, C, N), (M, L, C, N) -> (M, L, L, N) float64: sum over channels of first[:, a] * second[:, b]
+    (symmetric inputs: each pair computed once)."""
+    count = first.shape[1]
+    result = first.new_empty(first.shape[0], count, count, first.shape[3], dtype=torch.float64)
     for a in range(count):
         for b in range(a, count):
-            result[a, b] = (first[a] * second[b]).sum(dim=0, dtype=torch.float64)
+            # (Converted, then summed: the same sums as sum(dtype=float64), twice as fast.)
+            result[:, a, b] = (first[:, a] * second[:, b]).double().sum(dim=1)
             if b != a:
-                result[b, a] = (result[a, b] if first is second
-                                else (first[b] * second[a]).sum(dim=0, dtype=torch.float64))
+                result[:, b, a] = (result[:, a, b] if first is second
+                                   else (first[:, b] * second[:, a]).double().sum(dim=1))
     return result
 
 
@@ -353,10 +401,6 @@ class GradientFlow:
         return int((np.asarray(self.matrix).sum(axis=1) > 0).sum())
 
 
-def _norm_map(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().double().norm(dim=0).float().cpu().numpy()
-
-
 def gradient_flow(model: nn.Module, image_tensor: torch.Tensor, objective,
                   counterfactual: Counterfactual | str | None = None, *, ground_truth=None,
                   significance: float = 0.1, active_fraction: float = 1e-3, cosine_threshold: float = 0.0,
@@ -405,78 +449,125 @@ def gradient_flows(model: nn.Module, images: torch.Tensor, objectives, counterfa
         raise ValueError(f"controls need one control seed per image: got {control_seeds!r} for "
                          f"{images.shape[0]} image(s)")
     seeds = list(control_seeds) if controls else [None] * images.shape[0]
-    decompositions = decompose_gradient_batch(
+    batched = _decompose_batch(
         model, images, objectives, counterfactual, through_offsets=through_offsets,
         control_weights=(lambda weights: control_weight_maps(weights, seeds)) if controls else None)
     thresholds = {"significance": significance, "active_fraction": active_fraction,
                   "cosine_threshold": cosine_threshold, "sign_agreement": sign_agreement}
-    return [_flow_of(model, decomposition, objective, truth, int(images.shape[-1]), thresholds, controls=controls,
-                     control_seed=seed, sweep=sweep)
-            for decomposition, objective, truth, seed in zip(decompositions, objectives, ground_truths, seeds,
-                                                             strict=True)]
-
-
-def _flow_of(model: nn.Module, decomposition: GradientDecomposition, objective, ground_truth, size: int,
-             thresholds: dict, *, controls: bool, control_seed: ControlSeed | None, sweep: tuple) -> GradientFlow:
-    """The statistics of one image's decomposition (`gradient_flow`)."""
-    significance, active_fraction = thresholds["significance"], thresholds["active_fraction"]
-    cosine_threshold = thresholds["cosine_threshold"]
-    value_norm = np.array([[float(decomposition.value[l][k].double().norm()) for k in range(3)] for l in range(3)])
-    weight_norm = np.array([[float(decomposition.weight_branch[l][k].double().norm()) for k in range(3)]
-                            for l in range(3)])
-    agreement = thresholds["sign_agreement"]
-    conflict = [conflict_statistics(torch.stack([decomposition.value[l][k].cpu() for l in range(3)]),
-                                    significance, active_fraction, cosine_threshold, sign_agreement=agreement)
-                for k in range(3)]
-    overall = _overall_rate(conflict)
-    flow = GradientFlow(
-        objective=objective.describe() if hasattr(objective, "describe") else repr(objective),
-        objective_value=decomposition.objective_value,
-        counterfactual=decomposition.counterfactual.to_dict(),
-        matrix=value_norm, weight_branch_matrix=weight_norm,
-        maps=[[conflict[k].norms[l] for k in range(3)] for l in range(3)],  # = _norm_map of each value term
-        weight_branch_maps=[[_norm_map(decomposition.weight_branch[l][k]) for k in range(3)] for l in range(3)],
-        fusion_total_maps=[_norm_map(g) for g in decomposition.fusion_total],
-        neck_path_maps=[_norm_map(g) for g in decomposition.neck_path],
-        total_maps=[_norm_map(g) for g in decomposition.total],
-        fusion_total_norms=np.array([float(g.double().norm()) for g in decomposition.fusion_total]),
-        neck_path_norms=np.array([float(g.double().norm()) for g in decomposition.neck_path]),
-        total_norms=np.array([float(g.double().norm()) for g in decomposition.total]),
-        conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]), overall_conflict_rate=overall,
-        weights=[w.float().cpu().numpy() for w in decomposition.weights], strides=tuple(model.strides),
-    )
-    if ground_truth is None and isinstance(objective, TrainingLoss):
-        ground_truth = objective.batched_labels()[0].numpy()
-    if ground_truth is not None:
-        positives, background = ground_truth_cells(np.asarray(ground_truth, dtype=np.float64), model.config, size)
-        flow.positives, flow.background = positives, background
-        flow.positives_at_source, flow.background_at_source = [], []
-        for source in range(3):
-            shape = flow.maps[0][source].shape
-            on_source = np.stack([resample_mask(p, shape) for p in positives])
-            flow.positives_at_source.append(on_source)
-            flow.background_at_source.append(np.stack([resample_mask(b, shape) for b in background]))
-        flow.conflict_rate_at_objects = _rates_at_objects(conflict, flow.positives_at_source)
-    if controls:
-        flow.controls = _control_flows(flow, decomposition, significance, active_fraction, cosine_threshold,
-                                       control_seed, sign_agreement=agreement)
-        terms_of = {"learned": decomposition.value, **decomposition.controls}
-        for swept_significance, swept_cosine in sweep:
-            for name in SWEPT:
-                flow.sweep[(name, float(swept_significance), float(swept_cosine))] = _flow_with_terms(
-                    flow, terms_of[name], swept_significance, active_fraction, swept_cosine, sign_agreement=agreement)
-    return flow
+    return _flows_of(model, batched, objectives, ground_truths, int(images.shape[-1]), thresholds, controls=controls,
+                     control_seeds=seeds, sweep=sweep)
 
 
 SWEPT = ("learned", *CONTROLS)  # the weights a threshold sweep measures
 
 
-def _flow_with_terms(flow: GradientFlow, terms: list, significance: float, active_fraction: float,
-                     cosine_threshold: float, *, sign_agreement: bool = True) -> GradientFlow:
-    """`flow` with the conflict statistics of other value-path terms [l][k] at other thresholds."""
-    return _flow_with_conflict(flow, [conflict_statistics(torch.stack([terms[l][k].cpu() for l in range(3)]),
-                                                          significance, active_fraction, cosine_threshold,
-                                                          sign_agreement=sign_agreement) for k in range(3)])
+def _flows_of(model: nn.Module, batched: GradientDecomposition, objectives, ground_truths, size: int,
+              thresholds: dict, *, controls: bool, control_seeds: list, sweep: tuple) -> list[GradientFlow]:
+    """The statistics of a batch's decomposition (`_decompose_batch`), one `GradientFlow` per image.
+
+    Each statistic is computed for the whole batch at once (per source and set of weights, one set of channel
+    products, `TermProducts`, measured at every threshold asked for); every image's numbers are its own."""
+    significance, active_fraction = thresholds["significance"], thresholds["active_fraction"]
+    cosine_threshold, agreement = thresholds["cosine_threshold"], thresholds["sign_agreement"]
+    value = batched.value
+    terms_of = {"learned": value}
+    if controls:
+        terms_of.update(batched.controls)
+        terms_of["with_weight_branch"] = [[value[l][k] + batched.weight_branch[l][k] for k in range(3)]
+                                          for l in range(3)]
+    products = {name: [TermProducts.of(torch.stack([terms[l][k].cpu() for l in range(3)], dim=1),
+                                       sign_agreement=agreement) for k in range(3)]
+                for name, terms in terms_of.items()}
+
+    def conflicts(name: str, significance: float = significance, cosine: float = cosine_threshold) -> list:
+        """Per image, the 3 sources' ConflictStatistics of the terms `name`."""
+        return _per_image([p.statistics(significance, active_fraction, cosine) for p in products[name]])
+
+    value_norm, weight_norm = _frobenius_norms(value), _frobenius_norms(batched.weight_branch)
+    weight_branch_maps = [[_norm_maps(batched.weight_branch[l][k]) for k in range(3)] for l in range(3)]
+    paths = {name: ([_norm_maps(g) for g in getattr(batched, name)], _frobenius_norms([getattr(batched, name)])[:, 0])
+             for name in ("fusion_total", "neck_path", "total")}
+    weights = [w.float().cpu().numpy() for w in batched.weights]
+    flows = []
+    for i, (objective, ground_truth, conflict) in enumerate(zip(objectives, ground_truths, conflicts("learned"),
+                                                                strict=True)):
+        flow = GradientFlow(
+            objective=objective.describe() if hasattr(objective, "describe") else repr(objective),
+            objective_value=float(batched.objective_value[i]),
+            counterfactual=batched.counterfactual.to_dict(),
+            matrix=value_norm[i], weight_branch_matrix=weight_norm[i],
+            maps=[[conflict[k].norms[l] for k in range(3)] for l in range(3)],  # = channel norms of the terms
+            weight_branch_maps=[[maps[i] for maps in row] for row in weight_branch_maps],
+            fusion_total_maps=[maps[i] for maps in paths["fusion_total"][0]],
+            neck_path_maps=[maps[i] for maps in paths["neck_path"][0]],
+            total_maps=[maps[i] for maps in paths["total"][0]],
+            fusion_total_norms=paths["fusion_total"][1][i], neck_path_norms=paths["neck_path"][1][i],
+            total_norms=paths["total"][1][i],
+            conflict=conflict, conflict_rate=np.array([c.rate for c in conflict]),
+            overall_conflict_rate=_overall_rate(conflict),
+            weights=[w[i] for w in weights], strides=tuple(model.strides),
+        )
+        if ground_truth is None and isinstance(objective, TrainingLoss):
+            ground_truth = objective.batched_labels()[0].numpy()
+        if ground_truth is not None:
+            positives, background = ground_truth_cells(np.asarray(ground_truth, dtype=np.float64), model.config, size)
+            flow.positives, flow.background = positives, background
+            flow.positives_at_source, flow.background_at_source = [], []
+            for source in range(3):
+                shape = flow.maps[0][source].shape
+                flow.positives_at_source.append(np.stack([resample_mask(p, shape) for p in positives]))
+                flow.background_at_source.append(np.stack([resample_mask(b, shape) for b in background]))
+            flow.conflict_rate_at_objects = _rates_at_objects(conflict, flow.positives_at_source)
+        flows.append(flow)
+    if not controls:
+        return flows
+    # The controls (see `ALL_CONTROLS`): each the learned flow with the control's conflict statistics, at the
+    # learned thresholds, so that each difference is the weights' alone.
+    control_conflicts = {name: conflicts(name) for name in (*batched.controls, "with_weight_branch")}
+    control_conflicts["random"] = _random_direction_conflicts(
+        flows, [term.shape[1] for term in value[0]], control_seeds, significance, active_fraction, cosine_threshold)
+    for i, flow in enumerate(flows):
+        flow.controls = {name: _flow_with_conflict(flow, control_conflicts[name][i]) for name in ALL_CONTROLS}
+    for swept_significance, swept_cosine in sweep:
+        for name in SWEPT:
+            swept = conflicts(name, swept_significance, swept_cosine)
+            for flow, conflict in zip(flows, swept, strict=True):
+                flow.sweep[(name, float(swept_significance), float(swept_cosine))] = _flow_with_conflict(flow, conflict)
+    return flows
+
+
+def _per_image(per_source: list) -> list:
+    """[source][image] -> [image][source]."""
+    return [list(statistics) for statistics in zip(*per_source, strict=True)]
+
+
+def _frobenius_norms(terms: list) -> np.ndarray:
+    """[l][k] tensors (B, ...) -> (B, rows, columns) float64 norm of each image's term."""
+    return np.stack([[[float(term[i].double().norm()) for term in row] for row in terms]
+                     for i in range(len(terms[0][0]))])
+
+
+def _norm_maps(tensor: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) -> (B, H, W) float32 norm over channels, per location."""
+    return tensor.detach().double().norm(dim=1).float().cpu().numpy()
+
+
+def _random_direction_conflicts(flows: list, channels: list, control_seeds: list, significance: float,
+                                active_fraction: float, cosine_threshold: float) -> list:
+    """Per image, the 3 sources' conflict statistics of the "random" control: the learned terms' norms, in
+    uniformly random directions of each source's `channels`, drawn from the image's own generator (the same draws
+    in any batch)."""
+    grams = []
+    for flow, seed in zip(flows, control_seeds, strict=True):
+        generator = control_generator(seed, "random")
+        grams.append([random_direction_gram(torch.from_numpy(flow.conflict[source].norms),
+                                            channels[source], generator) for source in range(3)])
+    per_source = []
+    for source in range(3):
+        gram = torch.stack([image_grams[source] for image_grams in grams])
+        per_source.append(TermProducts(gram, gram.sum(dim=(1, 2)).clamp(min=0).sqrt()).statistics(
+            significance, active_fraction, cosine_threshold))
+    return _per_image(per_source)
 
 
 def _overall_rate(conflict: list) -> float:
@@ -503,28 +594,6 @@ def _rates_at_objects(conflict: list, positives_at_source: list) -> np.ndarray:
         objects = np.asarray(positives_at_source[source]).any(axis=0) & statistics.active
         rates.append(float((statistics.conflicting & objects).sum() / objects.sum()) if objects.any() else math.nan)
     return np.array(rates)
-
-
-def _control_flows(flow: GradientFlow, decomposition: GradientDecomposition, significance: float,
-                   active_fraction: float, cosine_threshold: float, seed: ControlSeed, *, sign_agreement: bool = True
-                   ) -> dict:
-    """name -> GradientFlow of each control: the learned flow with the control's value terms, maps and conflict
-    statistics (the thresholds are the learned ones, so each difference is the weights' alone)."""
-    learned = decomposition.value
-    terms_of = {**decomposition.controls,
-                "with_weight_branch": [[learned[l][k] + decomposition.weight_branch[l][k] for k in range(3)]
-                                       for l in range(3)]}
-    flows = {name: _flow_with_terms(flow, terms, significance, active_fraction, cosine_threshold,
-                                    sign_agreement=sign_agreement) for name, terms in terms_of.items()}
-    generator = control_generator(seed, "random")  # the image's own: the same draws in any batch
-    random = []
-    for source in range(3):
-        gram = random_direction_gram(torch.from_numpy(flow.conflict[source].norms), learned[0][source].shape[0],
-                                     generator)
-        sum_norm = gram.sum(dim=(0, 1)).clamp(min=0).sqrt()
-        random.append(conflict_statistics_from_gram(gram, sum_norm, significance, active_fraction, cosine_threshold))
-    flows["random"] = _flow_with_conflict(flow, random)
-    return {name: flows[name] for name in ALL_CONTROLS}
 
 
 def compare_with_uniform(model: nn.Module, image_tensor: torch.Tensor, objective, **kwargs
