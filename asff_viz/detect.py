@@ -31,6 +31,7 @@ from .figures.palette import class_rgb
 from .inference.detector import DetectionResult, Detector
 from .inference.postprocess import DISPLAY_CONF_THRESHOLD, NMS_THRESHOLD
 from .inference.transforms import IMAGE_SUFFIXES, ImageError, read_image
+from .utils.allocator import keep_freed_memory
 from .utils.argtypes import describe_os_error, device, input_size, output_folder, unit_interval
 from .utils.fileio import atomic_write_text
 
@@ -184,6 +185,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run detection; returns the exit status (0 when at least one image or video was processed)."""
     args = parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     source, out_dir = Path(args.source), Path(args.out)
     if not source.exists():

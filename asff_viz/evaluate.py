@@ -26,6 +26,7 @@ from .data.loading import default_workers
 from .inference.coco_eval import evaluate_coco, write_evaluation
 from .inference.fast import optimize_for_inference
 from .inference.postprocess import EVAL_CONF_THRESHOLD, NMS_THRESHOLD
+from .utils.allocator import keep_freed_memory
 from .utils.argtypes import (
     default_device,
     describe_os_error,
@@ -65,6 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the evaluation; returns the metrics dict (also written to OUT/metrics.json)."""
     args = parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         model = load_model(args.weights, device=args.device)

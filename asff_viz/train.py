@@ -35,6 +35,7 @@ import torch.distributed as dist
 from .training.config import TrainingError, build_parser, parse_args
 from .training.distributed import init_distributed
 from .training.run import train
+from .utils.allocator import keep_freed_memory
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -42,6 +43,7 @@ __all__ = ["build_parser", "main", "parse_args"]
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train; returns a summary (last epoch's losses, best and last metrics, checkpoint path)."""
     config = parse_args(argv)
+    keep_freed_memory()
     context = init_distributed(config.run.device)
     logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -18,6 +18,7 @@ from ..checkpoint import CheckpointError
 from ..data.errors import DatasetError
 from ..inference.transforms import ImageError
 from ..introspection.trace import TraceError
+from ..utils.allocator import keep_freed_memory
 from ..utils.argtypes import describe_os_error
 from . import compare, evolution, figure3, gradflow, replot, scale_stats
 from .sources import AnalysisError
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None):
         dpi = argv[argv.index("--png-dpi"):argv.index("--png-dpi") + 2] if "--png-dpi" in argv else []
         argv = ["replot", argv[position + 1], *dpi]
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     # Our own progress lines at INFO; other libraries (fontTools subsetting fonts into PDFs) stay quiet.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("asff_viz").setLevel(logging.INFO)

@@ -11,6 +11,7 @@ import streamlit as st
 from ..checkpoint import CheckpointError
 from ..inference.transforms import ImageError
 from ..introspection.capture import has_fusion_weights
+from ..utils.allocator import keep_freed_memory
 from . import cached
 from .inputs import InputError, device_ui, image_ui, settings_ui, weights_ui
 from .views.dataset import dataset_ui
@@ -82,6 +83,7 @@ def sidebar() -> tuple:
 
 
 def main() -> None:
+    keep_freed_memory()  # once per process
     st.set_page_config(page_title=TITLE, page_icon=":material/stacked_line_chart:", layout="wide",
                        initial_sidebar_state="expanded")
     st.html("<style>[data-testid='stMainBlockContainer'] {padding-top: 2.2rem; padding-bottom: 2rem}</style>")

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from ..models.config import ModelConfig
+from ..utils.allocator import keep_freed_memory
 from ..utils.argtypes import input_size, non_negative_int, output_file, positive_int
 from ..utils.fileio import atomic_write_text
 from ..utils.timing import CLOCKS
@@ -173,6 +174,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()  # as the commands do: what users get
     settings = resolve_settings(args)
     started = time.perf_counter()
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.allocator import allocator_configured_elsewhere, keep_freed_memory
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
@@ -54,6 +56,8 @@ def environment(device: torch.device) -> dict:
         "cpu_flags": cpu_flags(), "onednn": torch.backends.mkldnn.is_available(),
         "bf16_supported": bf16_supported(device),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # Whether glibc keeps freed memory for reuse (`asff_viz.utils.allocator`), and why not where it does not.
+        "freed_memory_kept": keep_freed_memory(), "allocator_note": allocator_configured_elsewhere(),
     }
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..inference.fast import InPlaceResidual, optimize_for_inference, weight_packing_available
 from ..models.blocks import Bottleneck
+from ..utils.allocator import keep_freed_memory
 from ..utils.timing import median, paired_ratio, run_interleaved
 
 
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the commands do
     if any(size < 32 or size % 32 for size in args.sizes):
         parser.error(f"--sizes must be positive multiples of 32, got {args.sizes}")
     if any(batch < 1 for batch in args.batches) or args.repeats < 1:

@@ -144,6 +144,15 @@ def _dataset_lines(results: dict) -> list[str]:
     return lines
 
 
+def _allocator(env: dict) -> str:
+    """How memory was allocated: glibc keeping freed memory (the commands' setting), or why not."""
+    if env.get("freed_memory_kept"):
+        return "freed memory kept for reuse (glibc thresholds 1 GiB)"
+    if "freed_memory_kept" not in env:  # results written before the setting existed
+        return "glibc's default allocator settings"
+    return f"allocator as configured ({env.get('allocator_note') or 'not glibc'})"
+
+
 def format_table(results: dict) -> str:
     """The results as Markdown tables (what docs/performance.md shows)."""
     env = results["environment"]
@@ -151,7 +160,8 @@ def format_table(results: dict) -> str:
              f"device {env['device']}, CPU flags {', '.join(env['cpu_flags']) or 'n/a'}, load average at start "
              f"{_number((env.get('load_average') or [math.nan])[0], 1)}; mode {results['settings']['mode']}, "
              f"{results['settings']['repeats']} repeats (medians), "
-             f"{'thread CPU time' if results['settings'].get('clock') == 'cpu' else 'wall-clock time'}.", ""]
+             f"{'thread CPU time' if results['settings'].get('clock') == 'cpu' else 'wall-clock time'}; "
+             f"{_allocator(env)}.", ""]
     lines += ["| ceiling conv (fastest 3x3 tried) | dtype | ms | GFLOP/s | other shapes, GFLOP/s |",
               "|---|---|---|---|---|"]
     for ceiling in results["ceilings"].values():
