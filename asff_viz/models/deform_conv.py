@@ -155,7 +155,7 @@ class _CornerWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_columns: torch.Tensor):
         table, index = ctx.saved_tensors
-        grad_weights = grad_columns.new_empty(index.shape)
+        grad_weights = grad_columns.new_empty(index.shape, dtype=torch.promote_types(table.dtype, grad_columns.dtype))
         for rows in _backward_chunks(grad_columns):  # as `_SampleColumns.backward`
             for corner in range(index.shape[1]):
                 grad_weights[rows, corner] = (table.index_select(0, index[rows, corner])
