@@ -58,3 +58,29 @@ def test_other_allocator_settings_are_respected():
     assert "LD_PRELOAD" in allocator_configured_elsewhere({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"})
     assert "=0" in allocator_configured_elsewhere({"ASFF_VIZ_KEEP_FREED_MEMORY": "0"})
     assert allocator_configured_elsewhere({"ASFF_VIZ_KEEP_FREED_MEMORY": "1"}) is None
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("asff_viz.analyze.cli", ["replot", "{tmp}/no_such_run"]),
+    ("asff_viz.evaluate", ["--annotations", "{tmp}/missing.json", "--images", "{tmp}", "--out", "{tmp}/eval"]),
+    ("asff_viz.detect", ["--source", "{tmp}/missing.jpg", "--out", "{tmp}/detect"]),
+    ("asff_viz.train", None),
+])
+def test_commands_keep_freed_memory_before_any_work(module, argv, tmp_path, monkeypatch):
+    # Each command sets the allocator first (here its input is missing, so it stops right after).
+    import importlib
+
+    command = importlib.import_module(module)
+    calls = []
+    monkeypatch.setattr(command, "keep_freed_memory", lambda: calls.append(1) or False)
+    if argv is None:  # train checks its flags and data first; here it stops where the work would start
+        from types import SimpleNamespace
+
+        monkeypatch.setattr(command, "parse_args", lambda argv: SimpleNamespace(run=SimpleNamespace(device="cpu")))
+        monkeypatch.setattr(command, "init_distributed", lambda device: (_ for _ in ()).throw(SystemExit(0)))
+        argv = []
+    try:
+        command.main([word.format(tmp=tmp_path) for word in argv])
+    except SystemExit:
+        pass
+    assert calls == [1]
