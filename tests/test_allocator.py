@@ -84,3 +84,13 @@ def test_commands_keep_freed_memory_before_any_work(module, argv, tmp_path, monk
     except SystemExit:
         pass
     assert calls == [1]
+
+
+def test_the_bench_reports_the_allocator_without_setting_it():
+    # Reporting is not configuring: environment() says what the caller (the bench's main) set.
+    result = subprocess.run([sys.executable, "-c", (
+        "import torch; from asff_viz.bench.environment import environment; "
+        "from asff_viz.utils import allocator; "
+        "before = environment(torch.device('cpu'))['freed_memory_kept']; "
+        "print(before, allocator._applied is None)")], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.split() == ["False", "True"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils.allocator import allocator_configured_elsewhere, keep_freed_memory
+from ..utils.allocator import allocator_configured_elsewhere, freed_memory_kept
 
 
 def peak_rss_mb() -> float:
@@ -56,8 +56,9 @@ def environment(device: torch.device) -> dict:
         "cpu_flags": cpu_flags(), "onednn": torch.backends.mkldnn.is_available(),
         "bf16_supported": bf16_supported(device),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        # Whether glibc keeps freed memory for reuse (`asff_viz.utils.allocator`), and why not where it does not.
-        "freed_memory_kept": keep_freed_memory(), "allocator_note": allocator_configured_elsewhere(),
+        # Whether glibc keeps freed memory for reuse (set by the caller, `asff_viz.utils.allocator`), and why not
+        # where the environment configures the allocator otherwise.
+        "freed_memory_kept": freed_memory_kept(), "allocator_note": allocator_configured_elsewhere(),
     }
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)

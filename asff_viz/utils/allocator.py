@@ -60,4 +60,9 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-__all__ = ["THRESHOLD_BYTES", "allocator_configured_elsewhere", "keep_freed_memory"]
+def freed_memory_kept() -> bool:
+    """Whether `keep_freed_memory` has set the thresholds in this process (it is not called here)."""
+    return bool(_applied)
+
+
+__all__ = ["THRESHOLD_BYTES", "allocator_configured_elsewhere", "freed_memory_kept", "keep_freed_memory"]
